@@ -1,0 +1,19 @@
+"""chatmask: fine-tune chat LLMs with the loss on the assistant's tokens only."""
+
+from .errors import ChatmaskError, ConfigError, ConversationError, TemplateError
+from .labels import IGNORE, Example, check_template, encode, encode_turns
+from .templates import add_template_tokens
+
+__all__ = [
+    "IGNORE",
+    "ChatmaskError",
+    "ConfigError",
+    "ConversationError",
+    "Example",
+    "TemplateError",
+    "add_template_tokens",
+    "check_template",
+    "encode",
+    "encode_turns",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,105 @@
+"""See what you train: an Example's tokens, ids and labels as the post's table.
+
+`rows(example, tokenizer)` gives plain data; `print_table` writes it to a terminal (ANSI colours in a
+terminal, plain text when piped) and `html_page` makes a self-contained HTML page. Trained tokens are
+highlighted, special tokens marked, token boundaries visible. Reads an Example, never feeds back.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+from .labels import IGNORE
+
+
+@dataclass
+class TokenRow:
+    index: int
+    text: str  # the token's text with whitespace made visible
+    id: int
+    label: int
+    special: bool
+
+    @property
+    def trained(self) -> bool:
+        return self.label != IGNORE
+
+
+def visible(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
+def rows(example, tokenizer) -> list[TokenRow]:
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    dec = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials |= {i for i, t in dec.items() if getattr(t, "special", False)}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        texts = backend.decode_batch([[i] for i in example.input_ids], skip_special_tokens=False)
+    else:
+        texts = [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in example.input_ids]
+    return [
+        TokenRow(k, visible(t), i, lab, i in specials)
+        for k, (t, i, lab) in enumerate(zip(texts, example.input_ids, example.labels))
+    ]
+
+
+def summary_line(example) -> str:
+    n, t = len(example.input_ids), example.num_trained
+    pp = "" if example.prefix_preserving else "; template rewrites earlier turns (see encode_turns)"
+    return f"{example.source or 'example'}: {n} tokens, {t} trained ({t / max(n, 1):.1%}){pp}"
+
+
+def print_table(example, tokenizer, console=None) -> None:
+    """The token / id / label table; trained rows green, special tokens bold magenta."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=summary_line(example), show_lines=False, header_style="bold")
+    for col, just in (("#", "right"), ("token", "left"), ("id", "right"), ("label", "right")):
+        table.add_column(col, justify=just)
+    for r in rows(example, tokenizer):
+        token = f"[{r.text}]"  # brackets make token boundaries and leading spaces visible
+        style = "bold green" if r.trained else "dim" if not r.special else ""
+        if r.special:
+            token += " ★"
+        table.add_row(str(r.index), token, str(r.id), str(r.label), style=style or None)
+    console.print(table, markup=False, highlight=False)
+    console.print("green = trained (label = input id), ★ = special token, -100 = not trained", highlight=False)
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.2em} .sum{color:#555;margin-bottom:1em}
+.flow{font-family:ui-monospace,monospace;line-height:2.1;white-space:pre-wrap;word-break:break-all;border:1px solid #ccc;padding:.6em}
+.t{border:1px solid #bbb;border-radius:3px;padding:1px 2px;margin:0 1px;background:#f4f4f4}
+.t.tr{background:#b9f6b9;border-color:#2a8a2a;font-weight:600} .t.sp{color:#8a2be2}
+table{border-collapse:collapse;font-family:ui-monospace,monospace;font-size:.9em;margin-top:1em}
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} td.tok{text-align:left}
+tr.tr td{background:#b9f6b9} tr.sp td.tok{color:#8a2be2;font-weight:600}
+.legend span{margin-right:1.5em}
+"""
+
+
+def html_page(examples, tokenizer, title: str = "chatmask: what is trained") -> str:
+    """A self-contained HTML page (no scripts, no external files) for one or more Examples."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             "<div class='legend'><span class='t tr'>trained</span><span class='t'>not trained (-100)</span>"
+             "<span class='t sp'>special token</span></div>"]
+    for ex in examples if isinstance(examples, (list, tuple)) else [examples]:
+        rs = rows(ex, tokenizer)
+        parts.append(f"<h2 class='sum'>{html.escape(summary_line(ex))}</h2><div class='flow'>")
+        for r in rs:
+            cls = "t" + (" tr" if r.trained else "") + (" sp" if r.special else "")
+            parts.append(f"<span class='{cls}' title='#{r.index} id {r.id} label {r.label}'>{html.escape(r.text)}</span>")
+        parts.append("</div><table><tr><th>#</th><th>token</th><th>id</th><th>label</th></tr>")
+        for r in rs:
+            cls = ("tr " if r.trained else "") + ("sp" if r.special else "")
+            parts.append(f"<tr class='{cls.strip()}'><td>{r.index}</td><td class='tok'>{html.escape(r.text)}</td>"
+                         f"<td>{r.id}</td><td>{r.label}</td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "".join(parts)

@@ -1,0 +1,82 @@
+"""Offline fixtures: tokenizers built in-process in milliseconds, tiny random models."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from chatmask import templates  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+UNINER = SHARED / "data" / "uniner"
+
+CORPUS = [
+    "Text: Q:\n\nHow can I restore my Unity? I've read this text.",
+    "What describes software in the text? [\"Unity\"] The quick brown fox jumps over the lazy dog.",
+    "Hello! How are you today? I am fine, thank you. Ünïcödé ☃ 日本語 🙂 tabs\tand\nnewlines.",
+    "def f(x):\n    return x + 1  # code, JSON {\"a\": [1, 2]} and <html> tags",
+]
+
+ALL_SPECIALS = sorted({s for t in templates.BUILTIN.values() for s in t.special_tokens} | {"<s>", "</s>", "<unk>", "<pad>"})
+
+
+def make_bpe_tokenizer(chat_template="chatml"):
+    """A byte-level BPE (any text encodes) trained on a few sentences, with every built-in template's
+    special tokens, bos `<s>`, eos `</s>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=ALL_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=[s for s in ALL_SPECIALS if s not in ("<s>", "</s>", "<unk>", "<pad>")],
+    )
+    fast.chat_template = templates.get(chat_template).jinja if chat_template else None
+    return fast
+
+
+# The post's table (Gemma ids): a word-level tokenizer with exactly those tokens, hand-checkable.
+POST_VOCAB = {
+    "<eos>": 1, "<bos>": 2, "<|im_start|>": 256000, "<|im_end|>": 256001, "user": 1645, "assistant": 105776,
+    "\n": 108, "\n\n": 109, "Text": 1637, ":": 235292, " Q": 1274, "How": 2299, " can": 798, " I": 590,
+    " restore": 9825, " my": 970, " Unity": 11823, "?": 235336, "I": 235285, "'": 235303, "ve": 524,
+    " read": 1682, " this": 736, " text": 2793, ".": 235265, "What": 1841, " describes": 19306,
+    " software": 6815, " in": 575, " the": 573, '["': 3681, "Unity": 45737, '"]': 4437, "<unk>": 3,
+}
+
+
+def make_post_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab=POST_VOCAB, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+| ?[^\sA-Za-z]+|\s+"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    # ChatML with the <bos>/<eos> that the post's Gemma tokenizer added around the rendered text
+    fast.chat_template = "{{ bos_token }}" + templates.get("chatml").jinja + "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}"
+    return fast
+
+
+@pytest.fixture(scope="session")
+def bpe_tok():
+    return make_bpe_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def post_tok():
+    return make_post_tokenizer()
