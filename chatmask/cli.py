@@ -56,6 +56,139 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _data_config(args):
+    from . import config
+    from .config import DataConfig
+
+    tok_name = args.tokenizer or args.model
+    return config.from_args(DataConfig, args, tokenizer=tok_name)
+
+
+def cmd_prepare(args) -> int:
+    """Label a dataset once and write it as a `datasets` folder (with stats.json and config.json)."""
+    from .prepare import drop_summary, prepare
+
+    cfg = _data_config(args)
+    tok = _tokenizer(args)
+    p = prepare(args.data, cfg, args.out, tokenizer=tok, progress=not args.quiet, log=None)
+    s = p.stats
+    if p.cached:
+        print(f"{args.out}: up to date (same data, tokenizer, template and options); nothing to do")
+    msg = drop_summary(s)
+    if msg:
+        print(msg)
+    if s.get("salvaged"):
+        print(s["salvaged"])
+    print(f"{args.out}: {s['rows_kept']:,} rows, {s['tokens']:,} tokens, {s['trained_tokens']:,} trained "
+          f"({s['trained_fraction']:.1%}); load with datasets.load_from_disk({str(args.out)!r})")
+    return 0
+
+
+def _load_rows(args, n_rows):
+    """Conversations n_rows of DATA: a raw data file/folder/hub name, or a prepared folder."""
+    from . import conversations
+
+    out = []
+    wanted = set(n_rows)
+    for k, conv in enumerate(conversations.load(args.data, format=args.format, salvage=args.salvage,
+                                                 skip_invalid=True)):
+        if k in wanted:
+            out.append(conv)
+        if k >= max(wanted):
+            break
+    if not out:
+        raise ChatmaskError(f"{args.data}: no row {', '.join(map(str, sorted(wanted)))} (the data has fewer valid rows)")
+    return out
+
+
+def cmd_view(args) -> int:
+    """Show which tokens of a row are trained: the token / id / label table (terminal or HTML)."""
+    import json
+    from pathlib import Path
+
+    from .labels import Example, encode
+    from .view import html_page, print_table
+
+    rows = list(range(args.row, args.row + args.rows))
+    prepared = Path(args.data) / "config.json"
+    if prepared.exists() and Path(args.data, "state.json").exists():
+        import datasets
+
+        from .models import load_tokenizer
+
+        conf = json.loads(prepared.read_text())
+        tok = load_tokenizer(args.tokenizer or args.model or conf.get("tokenizer") or "smollm2")
+        ds = datasets.load_from_disk(args.data)
+        if args.row >= len(ds):
+            raise ChatmaskError(f"{args.data}: no row {args.row}; it has {len(ds)} rows")
+        exs = [Example(r["input_ids"], r["labels"], r["source"]) for r in ds.select(range(args.row, min(len(ds), args.row + args.rows)))]
+    else:
+        tok = _tokenizer(args)
+        exs = [encode(c.messages, tok, template=args.template, train_on=args.train_on, source=c.source)
+               for c in _load_rows(args, rows)]
+    for ex in exs:
+        print_table(ex, tok)
+    if args.html:
+        _write(args.html, html_page(exs, tok, title=f"chatmask view: {args.data}"))
+        print(f"wrote {args.html}")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    """Dataset-wide audit: rows kept/dropped, tokens by role, trained fraction, lengths; --fail-if for CI."""
+    import json
+
+    from .models import cache_dir
+    from .prepare import cache_key, drop_summary, prepare, role_tokens
+
+    cfg = _data_config(args)
+    from . import config
+
+    cfg = config.replace(cfg, skip_invalid=True)
+    tok = _tokenizer(args)
+    out = cache_dir() / "prepared" / cache_key(args.data, cfg, tok)[:24]
+    s = dict(prepare(args.data, cfg, out, tokenizer=tok, progress=not args.quiet, log=None).stats)
+    roles = role_tokens(args.data, cfg, tok, max_rows=args.role_rows)
+    s["tokens_by_role"] = {k: roles[k] for k in ("system", "user", "assistant", "tool", "template")}
+    s["tokens_by_role_rows"] = roles["rows"]
+    s["user_to_assistant"] = roles["user_to_assistant"]
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        print(f"rows: {s['rows_kept']:,} kept of {s['rows_read']:,} read")
+        if s["rows_dropped"]:
+            print("  " + drop_summary(s))
+        print(f"tokens: {s['tokens']:,}, trained {s['trained_tokens']:,} ({s['trained_fraction']:.2%})")
+        tr = s["tokens_by_role"]
+        total = sum(tr.values()) or 1
+        print(f"tokens by role (first {s['tokens_by_role_rows']:,} rows): " +
+              ", ".join(f"{k} {v:,} ({v / total:.1%})" for k, v in tr.items()))
+        ua = s["user_to_assistant"]
+        print(f"user:assistant tokens = {ua:.2f} : 1" if ua is not None else "user:assistant: no assistant tokens")
+        print(f"truncated rows: {s['truncated_rows']:,}; rows whose final end-of-turn is not trained: "
+              f"{s['rows_final_eot_untrained']:,}")
+        print("lengths: " + ", ".join(f"{k}: {v:,}" for k, v in s["length_histogram"].items()))
+    failed = [e for e in args.fail_if or [] if _check_expr(e, s)]
+    for e in failed:
+        print(f"chatmask stats: --fail-if {e!r} holds", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _check_expr(expr: str, stats: dict) -> bool:
+    import operator
+    import re
+
+    m = re.fullmatch(r"\s*([a-z_]+)\s*(<=|>=|==|!=|<|>)\s*(-?[0-9.eE+-]+)\s*", expr)
+    numeric = sorted(k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    if not m:
+        raise ChatmaskError(f"--fail-if {expr!r}: expected NAME OP NUMBER, e.g. 'trained_fraction<0.02'")
+    name, op, value = m.groups()
+    if name not in numeric:
+        raise ChatmaskError(f"--fail-if {expr!r}: unknown statistic {name!r}; known: {', '.join(numeric)}")
+    ops = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
+    return ops[op](stats[name], float(value))
+
+
 def _write(path: str, text: str) -> None:
     try:
         with open(path, "w", encoding="utf-8") as f:
@@ -87,6 +220,38 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_check)
 
+    from . import config
+    from .config import DataConfig
+
+    p = sub.add_parser("prepare", help=cmd_prepare.__doc__)
+    p.add_argument("data", help="JSON / JSONL / Parquet file, a datasets folder, or a hub dataset name")
+    p.add_argument("--out", required=True, help="folder to write (a datasets folder; reruns with the same inputs are instant)")
+    _common(p)
+    config.add_arguments(p, DataConfig, skip=("tokenizer", "template"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("view", help=cmd_view.__doc__)
+    p.add_argument("data", help="a data file (as for prepare) or a folder written by prepare")
+    _common(p)
+    p.add_argument("--row", type=int, default=0, help="which row (0-based) (default: 0)")
+    p.add_argument("--rows", type=int, default=1, help="how many rows from --row (default: 1)")
+    p.add_argument("--html", help="also write a self-contained HTML page")
+    p.add_argument("--train-on", default="assistant", choices=("assistant", "all", "last_assistant"))
+    p.add_argument("--format", default="auto", choices=("auto", "openai", "sharegpt", "alpaca", "prompt_completion"))
+    p.add_argument("--salvage", action="store_true", help="read the complete records of a cut-off JSON array")
+    p.set_defaults(func=cmd_view)
+
+    p = sub.add_parser("stats", help=cmd_stats.__doc__)
+    p.add_argument("data", help="JSON / JSONL / Parquet file, a datasets folder, or a hub dataset name")
+    _common(p)
+    config.add_arguments(p, DataConfig, skip=("tokenizer", "template", "skip_invalid"))
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--fail-if", action="append", metavar="EXPR",
+                   help="exit 1 if e.g. 'trained_fraction<0.02' holds (repeatable; any numeric statistic)")
+    p.add_argument("--role-rows", type=int, default=20000, help="rows read for tokens by role (default: 20000)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_stats)
     return ap
 
 

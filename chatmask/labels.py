@@ -15,7 +15,7 @@ import re
 import weakref
 from dataclasses import dataclass, field
 
-from .errors import ConversationError, TemplateError, short
+from .errors import ChatmaskError, ConfigError, ConversationError, TemplateError, short
 from . import templates
 
 IGNORE = -100
@@ -27,6 +27,7 @@ TRUNCATION = ("turns", "right", "drop")
 _S0, _S1 = "\ue000", "\ue001"
 _PAD = " \n "  # around a sentinel, tells whether the template strips a message's content
 _SENTINEL_RE = re.compile(_S0 + r"(\d+)" + _S1)
+_MEMO_CHARS = 8_000_000  # text a Renderer keeps token ids for (~100 MB at most), then starts again
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Example:
     prefix_preserving: bool = True
     """False when the template rewrites earlier turns, so each turn's prompt in this example is not
     exactly what the model saw at inference for it (use `encode_turns` for the faithful form)."""
+    truncated: int = 0
+    """tokens cut off by the truncation policy"""
 
     @property
     def num_trained(self) -> int:
@@ -146,7 +149,31 @@ class Renderer:
         specials |= {t.content for t in dec.values() if getattr(t, "special", False)}
         self.specials = sorted((s for s in specials if s), key=len, reverse=True)
         self._skeletons: dict[tuple, _Skeleton | None] = {}
+        self._srenders: dict[tuple, str | None] = {}
+        self._seg_ids: dict[str, list[int]] = {}
+        self._memo_chars = 0
+        self.verified: set[str] = set()
         self.marker, self.gen_prompt_empty, self.notes = self._analyse()
+
+    # -- tokenizing: a segment's tokens depend on its text alone, and prompts repeat across rows (the same
+    # passage asked about several entity types, the same template text), so each distinct segment is
+    # tokenized and verified once. Bounded: cleared when it holds _MEMO_CHARS of text.
+    def tokenize(self, tokenizer, texts: list[str]) -> list[list[int]]:
+        memo = self._seg_ids
+        todo = [t for t in dict.fromkeys(texts) if t not in memo]
+        if not todo:
+            return [memo[t] for t in texts]
+        memo.update(zip(todo, _encode_texts(tokenizer, todo)))
+        out = [memo[t] for t in texts]
+        self._memo_chars += sum(map(len, todo))
+        if self._memo_chars > _MEMO_CHARS:
+            memo.clear()
+            self.verified.clear()
+            self._memo_chars = 0
+        return out
+
+    def remember_verified(self, text: str) -> None:
+        self.verified.add(text)
 
     # -- rendering
     def render(self, messages, add_generation_prompt=False, source="") -> str:
@@ -209,8 +236,9 @@ class Renderer:
         return sk
 
     def _build_skeleton(self, roles) -> _Skeleton | None:
-        msgs = [{"role": r, "content": f"{_PAD}{_S0}{j}{_S1}{_PAD}"} for j, r in enumerate(roles)]
-        S = self.render(msgs)
+        S = self._sentinel_render(roles, False)
+        if S is None:
+            return None
         pieces, starts, pos, seen, region = [], [], 0, {}, {}
         for m in _SENTINEL_RE.finditer(S):
             j = int(m.group(1))
@@ -232,7 +260,7 @@ class Renderer:
             if seen.get(i) != 1:
                 return None  # the template drops or repeats an answer: row-by-row path decides
             start, end = region[i]
-            h, preserving = self._answer_start(msgs, i, S, start)
+            h, preserving = self._answer_start(self._sentinel_render(roles[:i], True), S, start)
             g = start - h  # end of the generation prompt in S: inside a template piece, or no fast path
             k = next((k for k, p0 in enumerate(sk.piece_starts) if p0 <= g and (k == len(pieces) or g <= p0 + len(pieces[k][0]))), None)
             if k is None:
@@ -241,16 +269,32 @@ class Renderer:
             sk.marker[i] = len(self.marker) if self.marker and S.startswith(self.marker, end) else 0
             if preserving:
                 e = end + sk.marker[i]
-                preserving = self.render(msgs[: i + 1]).startswith(S[:e])
+                preserving = self._sentinel_render(roles[: i + 1], False).startswith(S[:e])
             sk.preserving[i] = preserving
         return sk
 
-    def _answer_start(self, msgs, i, R, content_start) -> tuple[int, bool]:
-        """Chars of template text between the end of turn i's generation prompt and its content, and
-        whether the generation prompt is a prefix of the rendering (else the answer starts at the content)."""
+    def _sentinel_render(self, roles: tuple, gen: bool) -> str | None:
+        """The rendering of a conversation of this shape with padded sentinel contents (memoized: shapes
+        share prefixes, so each prefix is rendered once). None where the template raises."""
+        key = (roles, gen)
+        if key not in self._srenders:
+            msgs = [{"role": r, "content": f"{_PAD}{_S0}{j}{_S1}{_PAD}"} for j, r in enumerate(roles)]
+            try:
+                self._srenders[key] = self.render(msgs, gen)
+            except TemplateError:
+                self._srenders[key] = None
+        return self._srenders[key]
+
+    def _generation_prompt(self, msgs, i, source=""):
         try:
-            G = self.render(msgs[:i], True)
+            return self.render(msgs[:i], True, source=source)
         except TemplateError:
+            return None
+
+    def _answer_start(self, G, R, content_start) -> tuple[int, bool]:
+        """Chars of template text between the end of a turn's generation prompt `G` and its content, and
+        whether the generation prompt is a prefix of the rendering (else the answer starts at the content)."""
+        if G is None:
             return 0, False
         if not (len(G) <= content_start and R.startswith(G)):
             return 0, False
@@ -319,6 +363,19 @@ class _Turn:
 
 def _turns_fast(r: Renderer, msgs, R) -> list[_Turn] | None:
     """Answer regions from the cached skeleton of this shape; None if the row is not explained by it."""
+    found = _match_skeleton(r, msgs, R)
+    if found is None:
+        return None
+    sk, spans, starts = found
+    return [
+        _Turn(i, spans[i][0] if h is None else starts[h[0]] + h[1], spans[i][1] + sk.marker[i], sk.preserving[i])
+        for i, h in sk.head.items()
+    ]
+
+
+def _match_skeleton(r: Renderer, msgs, R):
+    """(skeleton, content span of each message, start of each template piece) when the row's rendering is
+    exactly its shape's skeleton with the contents filled in; else None."""
     roles = []
     for m in msgs:
         if len(m) != 2 or "content" not in m:
@@ -345,10 +402,50 @@ def _turns_fast(r: Renderer, msgs, R) -> list[_Turn] | None:
     if len(R) - pos != len(sk.tail) or not R.startswith(sk.tail, pos):
         return None
     starts.append(pos)
-    return [
-        _Turn(i, spans[i][0] if h is None else starts[h[0]] + h[1], spans[i][1] + sk.marker[i], sk.preserving[i])
-        for i, h in sk.head.items()
-    ]
+    return sk, spans, starts
+
+
+def _diff_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
+    """Where message i's content (and whatever the template renders from the rest of that message) lies in
+    R: render with the message replaced by a plain sentinel message and take what differs."""
+    tag = f"{_S0}{i}{_S1}"
+    alt = list(msgs)
+    alt[i] = {"role": msgs[i]["role"], "content": tag}
+    A = r.render(alt, source=source)
+    if A.count(tag) != 1:
+        raise TemplateError(
+            f"{source}: message {i}: the template renders a {msgs[i]['role']} message "
+            f"{'more than once' if A.count(tag) > 1 else 'nowhere'}; chatmask cannot label it",
+            reason="template error",
+        )
+    p = len(os.path.commonprefix([R, A]))
+    limit = min(len(R), len(A)) - p
+    q = 0
+    while q < limit and R[-1 - q] == A[-1 - q]:
+        q += 1
+    k = A.index(tag)
+    if not (p <= k and k + len(tag) <= len(A) - q):
+        raise TemplateError(f"{source}: message {i}: cannot locate it in the rendering", reason="template error")
+    return p, len(R) - q
+
+
+def content_spans(messages, tokenizer, template=None, source="") -> tuple[str, dict[int, tuple[int, int]]]:
+    """The rendering and the character span of each rendered message content in it (for audits: which
+    role each token came from). Messages a template does not render have no span."""
+    r = renderer(tokenizer, template)
+    msgs = normalize_messages(messages, source)
+    R = r.render(msgs, source=source)
+    found = _match_skeleton(r, msgs, R)
+    if found is not None:
+        return R, found[1]
+    spans = {}
+    for i in range(len(msgs)):
+        try:
+            spans[i] = _diff_span(r, msgs, R, i, source or "conversation")
+        except TemplateError:
+            if msgs[i]["role"] == "assistant":
+                raise
+    return R, spans
 
 
 def _turns_slow(r: Renderer, msgs, R, source) -> list[_Turn]:
@@ -357,26 +454,8 @@ def _turns_slow(r: Renderer, msgs, R, source) -> list[_Turn]:
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        tag = f"{_S0}{i}{_S1}"
-        alt = list(msgs)
-        alt[i] = {"role": "assistant", "content": tag}
-        A = r.render(alt, source=source)
-        if A.count(tag) != 1:
-            raise TemplateError(
-                f"{source}: message {i}: the template renders an assistant message "
-                f"{'more than once' if A.count(tag) > 1 else 'nowhere'}; chatmask cannot label it",
-                reason="template error",
-            )
-        p = len(os.path.commonprefix([R, A]))
-        limit = min(len(R), len(A)) - p
-        q = 0
-        while q < limit and R[-1 - q] == A[-1 - q]:
-            q += 1
-        k = A.index(tag)
-        if not (p <= k and k + len(tag) <= len(A) - q):
-            raise TemplateError(f"{source}: message {i}: cannot locate the answer in the rendering", reason="template error")
-        cstart, cend = p, len(R) - q
-        head, preserving = r._answer_start(msgs, i, R, cstart)
+        cstart, cend = _diff_span(r, msgs, R, i, source)
+        head, preserving = r._answer_start(r._generation_prompt(msgs, i, source), R, cstart)
         end = cend + (len(r.marker) if r.marker and R.startswith(r.marker, cend) else 0)
         if preserving:
             preserving = r.render(msgs[: i + 1], source=source).startswith(R[:end])
@@ -432,42 +511,112 @@ def _trained_turns(msgs, weights, turns: list[_Turn], train_on, source) -> set[i
     return chosen
 
 
-def _build(tokenizer, R, turns, trained: set[int], train_on, source, max_length, truncation) -> Example:
-    cuts, flags = [], []
-    pos = 0
+@dataclass
+class _Plan:
+    """A row rendered and cut at its answer boundaries, waiting for its segments' token ids."""
+
+    source: str
+    texts: list[str]  # non-empty segments of the rendering, in order
+    turn: list[int | None]  # message index of each answer segment, None for the text between answers
+    trained: set[int]
+    train_on: str
+    preserving: bool
+
+
+def _plan(R, turns, trained, train_on, source) -> _Plan:
+    texts, owner, pos = [], [], 0
     for t in turns:
-        cuts += [(pos, t.start), (t.start, t.end)]
-        flags += [None, t.index]
+        for a, b, who in ((pos, t.start, None), (t.start, t.end, t.index)):
+            if b > a:
+                texts.append(R[a:b])
+                owner.append(who)
         pos = t.end
-    cuts.append((pos, len(R)))
-    flags.append(None)
-    keep = [k for k, (a, b) in enumerate(cuts) if b > a]
-    texts = [R[cuts[k][0] : cuts[k][1]] for k in keep]
-    ids = _encode_texts(tokenizer, texts)
-    input_ids, labels, ends = [], [], []
-    check_ids, check_texts, check_turn = [], [], []
-    for k, seg_ids, text in zip(keep, ids, texts):
-        idx = flags[k]
+    if len(R) > pos:
+        texts.append(R[pos:])
+        owner.append(None)
+    return _Plan(source, texts, owner, trained, train_on, all(t.preserving for t in turns))
+
+
+def _assemble(plan: _Plan, ids: list[list[int]]):
+    """input_ids and labels built in one loop; also the answer runs to verify and where turns end."""
+    input_ids, labels, ends, checks = [], [], [], []
+    for seg_ids, text, idx in zip(ids, plan.texts, plan.turn):
         input_ids += seg_ids
-        train = train_on == "all" or idx in trained
+        train = plan.train_on == "all" or idx in plan.trained
         labels += seg_ids if train else [IGNORE] * len(seg_ids)
         if idx is not None:
-            ends.append((len(input_ids), idx in trained or train_on == "all"))
-            if idx in trained:
-                check_ids.append(seg_ids)
-                check_texts.append(text)
-                check_turn.append(idx)
-    for got, want, i in zip(_decode_texts(tokenizer, check_ids), check_texts, check_turn):
-        if got != want:
-            raise TemplateError(
-                f"{source}: message {i}: trained tokens decode to {short(got)} but the answer is {short(want)}; "
+            ends.append((len(input_ids), train))
+            if idx in plan.trained:
+                checks.append((seg_ids, text, idx))
+    return Example(input_ids, labels, plan.source, plan.preserving), ends, checks
+
+
+def encode_many(rows, tokenizer, *, train_on="assistant", max_length=None, template=None, truncation="turns"):
+    """`encode` over many `(messages, source)` rows with one tokenizer call and one decode call for all
+    of them (the fast-tokenizer batch APIs use every core). Returns, per row, an Example or the
+    ChatmaskError that row raised."""
+    _check_options(train_on, truncation)
+    r = renderer(tokenizer, template)
+    plans, texts = [], []
+    for messages, source in rows:
+        try:
+            plan = _plan_row(r, messages, source, train_on)
+        except ChatmaskError as e:
+            plans.append(e)
+            continue
+        plans.append(plan)
+        texts += plan.texts
+    ids = r.tokenize(tokenizer, texts)
+    out, checks, k = [], [], 0
+    for plan in plans:
+        if isinstance(plan, ChatmaskError):
+            out.append(plan)
+            continue
+        n = len(plan.texts)
+        ex, ends, chk = _assemble(plan, ids[k : k + n])
+        k += n
+        out.append((ex, ends))
+        checks += [(len(out) - 1, *c) for c in chk]
+    checks = [c for c in checks if c[2] not in r.verified]
+    decoded = _decode_texts(tokenizer, [c[1] for c in checks]) if checks else []
+    for (row, _ids, want, i), got in zip(checks, decoded):
+        if got == want:
+            r.remember_verified(want)
+        if got != want and not isinstance(out[row], ChatmaskError):
+            src = out[row][0].source or "conversation"
+            out[row] = TemplateError(
+                f"{src}: message {i}: trained tokens decode to {short(got)} but the answer is {short(want)}; "
                 "the tokenizer does not round-trip this text segment by segment",
                 reason="decode mismatch",
             )
-    ex = Example(input_ids, labels, source, all(t.preserving for t in turns))
-    if max_length is not None and len(input_ids) > max_length:
-        ex = truncate(ex, max_length, truncation, ends)
-    return ex
+    for j, item in enumerate(out):
+        if isinstance(item, tuple):
+            ex, ends = item
+            try:
+                if max_length is not None and len(ex.input_ids) > max_length:
+                    ex = truncate(ex, max_length, truncation, ends)
+                out[j] = ex
+            except ChatmaskError as e:
+                out[j] = e
+    return out
+
+
+def _check_options(train_on, truncation):
+    if train_on not in TRAIN_ON:
+        raise ConfigError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
+    if truncation not in TRUNCATION:
+        raise ConfigError(f"truncation must be one of {', '.join(TRUNCATION)}, not {truncation!r}")
+
+
+def _plan_row(r: Renderer, messages, source, train_on) -> _Plan:
+    where = source or "conversation"
+    msgs = normalize_messages(messages, source)
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise ConversationError(f"{where}: no assistant turn", reason="no assistant turn")
+    R = r.render(msgs, source=source)
+    turns = answer_regions(r, msgs, R, where)
+    trained = _trained_turns(msgs, _weights(messages), turns, train_on, where)
+    return _plan(R, turns, trained, train_on, source)
 
 
 def truncate(ex: Example, max_length: int, policy: str, turn_ends) -> Example:
@@ -489,8 +638,8 @@ def truncate(ex: Example, max_length: int, policy: str, turn_ends) -> Example:
     elif policy == "right":
         cut = max_length
     else:
-        raise ValueError(f"truncation must be one of {', '.join(TRUNCATION)}, not {policy!r}")
-    out = Example(ex.input_ids[:cut], ex.labels[:cut], ex.source, ex.prefix_preserving)
+        raise ConfigError(f"truncation must be one of {', '.join(TRUNCATION)}, not {policy!r}")
+    out = Example(ex.input_ids[:cut], ex.labels[:cut], ex.source, ex.prefix_preserving, n - cut)
     if out.num_trained == 0:
         raise ConversationError(f"{where}no trained token left after cutting to {max_length}", reason="too long")
     return out
@@ -516,18 +665,11 @@ def encode(
     >>> tok.decode([t for t in ex.labels if t != -100])
     'Hello!<|im_end|>'
     """
-    if train_on not in TRAIN_ON:
-        raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
-    if truncation not in TRUNCATION:
-        raise ValueError(f"truncation must be one of {', '.join(TRUNCATION)}, not {truncation!r}")
-    msgs = normalize_messages(messages, source)
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise ConversationError(f"{source + ': ' if source else ''}no assistant turn", reason="no assistant turn")
-    r = renderer(tokenizer, template)
-    R = r.render(msgs, source=source)
-    turns = answer_regions(r, msgs, R, source or "conversation")
-    trained = _trained_turns(msgs, _weights(messages), turns, train_on, source or "conversation")
-    return _build(tokenizer, R, turns, trained, train_on, source, max_length, truncation)
+    out = encode_many([(messages, source)], tokenizer, train_on=train_on, max_length=max_length,
+                      template=template, truncation=truncation)[0]
+    if isinstance(out, ChatmaskError):
+        raise out
+    return out
 
 
 def encode_turns(

@@ -1,0 +1,150 @@
+"""Run configuration: frozen dataclasses per concern, whose field docstrings are also the CLI's --help.
+
+`add_arguments(parser, cls)` turns a dataclass into flags (`max_length` -> `--max-length`);
+`from_args(cls, args)` builds it back and `check(cfg)` reports every cross-field problem at once.
+`load_yaml(path, overrides)` reads a YAML file with `section.key=value` overrides.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal, get_args, get_origin, get_type_hints
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What becomes training data and how."""
+
+    tokenizer: str | None = None
+    """tokenizer: hub name, local folder, .gguf file, or 'smollm2' (the embedded default)"""
+    template: str | None = None
+    """chat template: a built-in name (chatml, llama3, ...) or Jinja text; default: the tokenizer's own"""
+    train_on: Literal["assistant", "all", "last_assistant"] = "assistant"
+    """which tokens get labels: every assistant answer, everything (the unmasked baseline), or the last answer"""
+    max_length: int | None = 2048
+    """longest example in tokens (none: no limit)"""
+    truncation: Literal["turns", "right", "drop"] = "turns"
+    """rows over --max-length: keep whole leading turns, cut at the limit, or drop the row"""
+    format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    """row format of the data; auto: detected from the first row of each file"""
+    split: str = "train"
+    """split of a hub dataset or a saved DatasetDict"""
+    skip_invalid: bool = False
+    """drop rows that cannot become examples, and count them by reason, instead of stopping at the first"""
+    salvage: bool = False
+    """read the complete records of a JSON array that is cut off mid-record"""
+    limit: int | None = None
+    """use only the first N conversations of the data"""
+    num_proc: int = 1
+    """processes that label rows (output identical for any number)"""
+
+
+def _docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source)."""
+    out = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
+                    and isinstance(getattr(b, "value", None), ast.Constant) and isinstance(b.value.value, str):
+                out[a.target.id] = b.value.value.strip()
+    return out
+
+
+@lru_cache
+def field_docs(cls) -> dict[str, str]:
+    return _docs(cls)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _kind(tp):
+    """(python type, choices) for a field annotation."""
+    origin = get_origin(tp)
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if origin is Literal:
+        return str, list(get_args(tp))
+    if args and origin is not None:  # X | None
+        return _kind(args[0])
+    return tp, None
+
+
+def add_arguments(parser, cls, *, skip=(), defaults_none=False) -> None:
+    """Add one flag per field of dataclass `cls`, with its docstring as help."""
+    docs = field_docs(cls)
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp, choices = _kind(hints[f.name])
+        default = None if defaults_none else f.default
+        help_ = f"{docs.get(f.name, '')} (default: {f.default})"
+        if tp is bool:
+            parser.add_argument(flag(f.name), action="store_true", default=default, help=help_)
+        else:
+            parser.add_argument(flag(f.name), type=tp if tp in (int, float, str) else str, choices=choices,
+                                default=default, help=help_, metavar=None if choices else f.name.upper())
+
+
+def from_args(cls, args, **extra):
+    """Build `cls` from parsed args (fields not given keep their defaults)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        v = extra.get(f.name, getattr(args, f.name, None))
+        if v is not None:
+            values[f.name] = v
+    return check(cls(**values))
+
+
+def replace(cfg, **changes):
+    return check(dataclasses.replace(cfg, **changes))
+
+
+def check(cfg):
+    """Validate one config across fields; every problem reported together, naming the flags."""
+    problems = []
+    hints = get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        tp, choices = _kind(hints[f.name])
+        if v is None:
+            continue
+        if choices and v not in choices:
+            problems.append(f"{flag(f.name)} must be one of {', '.join(map(str, choices))}, not {v!r}")
+        elif tp in (int, float) and not isinstance(v, (int, float)) or tp is int and isinstance(v, float):
+            problems.append(f"{flag(f.name)} must be a number, not {v!r}")
+    for name in ("max_length", "num_proc", "limit"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, (int, float)) and v < 1:
+            problems.append(f"{flag(name)} must be at least 1, not {v}")
+    extra = getattr(cfg, "_problems", None)
+    if callable(extra):
+        problems += extra()
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: dict):
+    """Build `cls` from a mapping; unknown keys are an error listing the valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(sorted(names))}")
+    return check(cls(**d))

@@ -1,0 +1,393 @@
+"""A whole dataset into training-ready rows: `prepare(data_path, cfg, out) -> Prepared`.
+
+Conversations stream from `conversations.load`, are labelled in batches by `labels.encode_many` (in
+N processes with `num_proc`, output identical for any N), and are written as a `datasets` folder
+(Arrow shards + `stats.json` + `config.json`) into a temporary folder renamed at the end. The folder
+is also a cache: its key covers the data's bytes, the tokenizer, the template, every option and
+FORMAT_VERSION, and a rerun with the same key returns at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config as cfgmod
+from . import conversations, labels
+from .config import DataConfig
+from .errors import ChatmaskError, ConfigError
+
+FORMAT_VERSION = 1
+BATCH = 512  # conversations labelled per tokenizer call
+SHARD_ROWS = 50_000  # rows per Arrow file: bounded memory whatever the input size
+_FEATURES = None
+
+
+def features():
+    global _FEATURES
+    if _FEATURES is None:
+        import datasets
+
+        _FEATURES = datasets.Features({
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "labels": datasets.List(datasets.Value("int32")),
+            "source": datasets.Value("string"),
+        })
+    return _FEATURES
+
+
+@dataclass
+class Prepared:
+    path: Path
+    stats: dict
+    cached: bool
+
+    def dataset(self):
+        import datasets
+
+        return datasets.load_from_disk(str(self.path))
+
+
+# ---------------------------------------------------------------- cache key
+
+
+def _hash_source(path: str, h) -> None:
+    p = Path(path)
+    if p.is_dir():
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            h.update(str(f.relative_to(p)).encode())
+            _hash_file(f, h)
+    elif p.is_file():
+        _hash_file(p, h)
+    else:  # a hub name: the name (and split) is all we know before loading
+        h.update(f"hub:{path}".encode())
+
+
+def _hash_file(path: Path, h) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+
+
+def tokenizer_fingerprint(tok) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))).encode())
+    h.update(json.dumps(getattr(tok, "special_tokens_map", {}), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cache_key(data: str, cfg: DataConfig, tok) -> str:
+    h = hashlib.sha256()
+    _hash_source(data, h)
+    h.update(tokenizer_fingerprint(tok).encode())
+    h.update(labels.resolve_template(tok, cfg.template).encode())
+    opts = {k: v for k, v in cfgmod.to_dict(cfg).items() if k not in ("num_proc", "tokenizer")}
+    h.update(json.dumps(opts, sort_keys=True).encode())
+    h.update(f"format={FORMAT_VERSION}".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- labelling in workers
+
+_worker_tok = None
+
+
+def _init_worker(tok):
+    global _worker_tok
+    _worker_tok = tok
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+
+
+def _label_batch(batch, cfg: DataConfig, tok=None):
+    """[(messages, source)] -> [(input_ids, labels, source, truncated) | (reason, message)]."""
+    tok = tok or _worker_tok
+    out = []
+    for r in labels.encode_many(batch, tok, train_on=cfg.train_on, max_length=cfg.max_length,
+                                template=cfg.template, truncation=cfg.truncation):
+        if isinstance(r, ChatmaskError):
+            out.append((r.reason, str(r)))
+        else:
+            out.append((r.input_ids, r.labels, r.source, r.truncated))
+    return out
+
+
+def _batches(data: str, cfg: DataConfig, report):
+    batch = []
+    n = 0
+    for conv in conversations.load(data, format=cfg.format, salvage=cfg.salvage, skip_invalid=cfg.skip_invalid,
+                                   split=cfg.split, report=report):
+        if cfg.limit is not None and n >= cfg.limit:
+            break
+        batch.append((conv.messages, conv.source))
+        n += 1
+        if len(batch) == BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _labelled(data, cfg, tok, report):
+    """Labelled batches in input order; with num_proc > 1 at most 2*num_proc batches are in flight."""
+    if cfg.num_proc <= 1:
+        for b in _batches(data, cfg, report):
+            yield _label_batch(b, cfg, tok)
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(cfg.num_proc, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(tok,)) as pool:
+        window = collections.deque()
+        for b in _batches(data, cfg, report):
+            window.append(pool.submit(_label_batch, b, cfg))
+            if len(window) >= 2 * cfg.num_proc:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+# ---------------------------------------------------------------- statistics
+
+
+class _Stats:
+    def __init__(self, marker_ids):
+        self.kept = 0
+        self.dropped = collections.Counter()
+        self.first = {}
+        self.tokens = 0
+        self.trained = 0
+        self.truncated_rows = 0
+        self.final_eot_untrained = 0
+        self.lengths = collections.Counter()
+        self.marker_ids = marker_ids
+
+    def add(self, row):
+        if len(row) == 2:
+            reason, msg = row
+            self.dropped[reason] += 1
+            self.first.setdefault(reason, msg)
+            return
+        ids, labs, _, truncated = row
+        self.kept += 1
+        self.tokens += len(ids)
+        t = sum(1 for x in labs if x != labels.IGNORE)
+        self.trained += t
+        self.truncated_rows += bool(truncated)
+        self.lengths[min(len(ids) // 256, 32)] += 1
+        m = self.marker_ids
+        if m:
+            last = max(i for i, x in enumerate(labs) if x != labels.IGNORE)
+            if labs[last - len(m) + 1: last + 1] != m:
+                self.final_eot_untrained += 1
+
+    def as_dict(self, report) -> dict:
+        read = self.kept + sum(self.dropped.values())
+        dropped = collections.Counter(report.dropped) + self.dropped
+        first = {**report.first, **self.first}
+        return {
+            "rows_read": report.rows_read,
+            "rows_kept": self.kept,
+            "rows_dropped": sum(dropped.values()),
+            "dropped_by_reason": dict(dropped.most_common()),
+            "first_dropped": first,
+            "salvaged": report.salvaged_from,
+            "tokens": self.tokens,
+            "trained_tokens": self.trained,
+            "trained_fraction": self.trained / self.tokens if self.tokens else 0.0,
+            "truncated_rows": self.truncated_rows,
+            "rows_final_eot_untrained": self.final_eot_untrained,
+            "length_histogram": {f"{k * 256}-{k * 256 + 255}" if k < 32 else f"{32 * 256}+": v
+                                 for k, v in sorted(self.lengths.items())},
+            "rows_labelled": read,
+        }
+
+
+def drop_summary(stats: dict) -> str:
+    n = stats["rows_dropped"]
+    if not n:
+        return ""
+    parts = ", ".join(f"{c} {r}" for r, c in stats["dropped_by_reason"].items())
+    first = next(iter(stats["first_dropped"].values()), "")
+    return f"dropped {n:,} of {stats['rows_read']:,} rows: {parts}; first: {first}"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_shards(tmp: Path, rows_iter, stats: _Stats, progress, skip_invalid: bool) -> int:
+    from datasets.arrow_writer import ArrowWriter
+
+    shard, n_shards, writer, in_shard = 0, 0, None, 0
+    cols = {"input_ids": [], "labels": [], "source": []}
+
+    def flush():
+        if cols["source"]:
+            writer.write_batch(cols)
+            for v in cols.values():
+                v.clear()
+
+    for batch in rows_iter:
+        for row in batch:
+            stats.add(row)
+            if len(row) == 2:
+                if not skip_invalid:
+                    raise ChatmaskError(f"{row[1]}\n  Fix the row, or pass --skip-invalid to drop such rows and count them.",
+                                        reason=row[0])
+                continue
+            if writer is None:
+                writer = ArrowWriter(features=features(), path=str(tmp / f"shard-{shard:05d}.arrow"))
+                n_shards += 1
+            cols["input_ids"].append(row[0])
+            cols["labels"].append(row[1])
+            cols["source"].append(row[2])
+            in_shard += 1
+            if len(cols["source"]) >= 1000:
+                flush()
+            if in_shard >= SHARD_ROWS:
+                flush()
+                writer.finalize()
+                writer, in_shard, shard = None, 0, shard + 1
+        if progress is not None:
+            progress.update(len(batch))
+    if writer is not None:
+        flush()
+        writer.finalize()
+    return n_shards
+
+
+def _finish_layout(tmp: Path, n_shards: int, key: str) -> None:
+    """Name the shards and write the two JSON files `datasets.load_from_disk` reads."""
+    import datasets
+
+    if n_shards == 0:
+        raise ConfigError("no row became an example (every row was dropped); see the counts above")
+    names = []
+    for k in range(n_shards):
+        name = f"data-{k:05d}-of-{n_shards:05d}.arrow"
+        os.replace(tmp / f"shard-{k:05d}.arrow", tmp / name)
+        names.append({"filename": name})
+    state = {"_data_files": names, "_fingerprint": key[:16], "_format_columns": None, "_format_kwargs": {},
+             "_format_type": None, "_output_all_columns": False, "_split": None}
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    datasets.DatasetInfo(features=features()).write_to_directory(str(tmp))
+
+
+def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=None, progress: bool = True,
+            log=print) -> Prepared:
+    """Label every conversation of `data` and write a `datasets` folder at `out` (a cache: the same
+    inputs return at once). Bad rows raise ConversationError unless `cfg.skip_invalid`."""
+    from .models import DEFAULT_MODEL, load_tokenizer
+
+    tok = tokenizer or load_tokenizer(cfg.tokenizer or DEFAULT_MODEL)
+    labels.renderer(tok, cfg.template)  # a missing or broken template fails here, before any work
+    out = Path(out)
+    key = cache_key(data, cfg, tok)
+    done = _cached(out, key)
+    if done is not None:
+        return done
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    except OSError as e:
+        raise ConfigError(f"cannot write the output folder {out}: {e.strerror}") from None
+    try:
+        report = conversations.LoadReport()
+        r = labels.renderer(tok, cfg.template)
+        marker_ids = labels._encode_texts(tok, [r.marker])[0] if r.marker.strip() else []
+        stats = _Stats(marker_ids)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="labelling", unit=" conv", disable=None, total=cfg.limit)
+        t0 = time.perf_counter()
+        try:
+            n_shards = _write_shards(tmp, _labelled(data, cfg, tok, report), stats, bar, cfg.skip_invalid)
+        finally:
+            if bar is not None:
+                bar.close()
+        s = stats.as_dict(report)
+        s["seconds"] = round(time.perf_counter() - t0, 3)
+        _finish_layout(tmp, n_shards, key)
+        resolved = {"data": str(data), "cache_key": key, "format_version": FORMAT_VERSION,
+                    "tokenizer_fingerprint": tokenizer_fingerprint(tok), "end_of_turn_marker": r.marker,
+                    "template": r.text, **cfgmod.to_dict(cfg)}
+        (tmp / "config.json").write_text(json.dumps(resolved, indent=2))
+        (tmp / "stats.json").write_text(json.dumps(s, indent=2))
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if s["rows_dropped"] and log:
+        log(drop_summary(s))
+    if s["salvaged"] and log:
+        log(s["salvaged"])
+    return Prepared(out, s, False)
+
+
+def _cached(out: Path, key: str) -> Prepared | None:
+    try:
+        conf = json.loads((out / "config.json").read_text())
+        stats = json.loads((out / "stats.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if conf.get("cache_key") == key and (out / "state.json").exists():
+        return Prepared(out, stats, True)
+    return None
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace `out` by the finished `tmp` folder; a kill at any moment leaves either the old complete
+    folder, or none (and a hidden .tmp folder that the next run ignores), never a half-written one."""
+    if out.exists():
+        if not (out / "config.json").exists() and any(out.iterdir()):
+            raise ConfigError(f"{out} exists and is not a chatmask prepared folder; choose another --out")
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / "x")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+# ---------------------------------------------------------------- audit
+
+
+def role_tokens(data: str, cfg: DataConfig, tok, *, max_rows: int | None = None) -> dict:
+    """Tokens by role (system, user, assistant, tool, template) over the rows of `data` that label
+    cleanly: each token of the whole rendering goes to the message content its first character is in,
+    else to the template."""
+    import bisect
+
+    counts = collections.Counter()
+    report = conversations.LoadReport()
+    n = 0
+    for conv in conversations.load(data, format=cfg.format, salvage=cfg.salvage, skip_invalid=True,
+                                   split=cfg.split, report=report):
+        if (max_rows is not None and n >= max_rows) or (cfg.limit is not None and n >= cfg.limit):
+            break
+        try:
+            R, spans = labels.content_spans(conv.messages, tok, cfg.template, conv.source)
+        except ChatmaskError:
+            continue
+        n += 1
+        order = sorted((a, b, conv.messages[i]["role"]) for i, (a, b) in spans.items())
+        starts = [a for a, _, _ in order]
+        enc = tok.backend_tokenizer.encode(R, add_special_tokens=False) if hasattr(tok, "backend_tokenizer") else None
+        offsets = enc.offsets if enc is not None else tok(R, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        for a, _b in offsets:
+            k = bisect.bisect_right(starts, a) - 1
+            counts[order[k][2] if k >= 0 and a < order[k][1] else "template"] += 1
+    out = {r: counts.get(r, 0) for r in ("system", "user", "assistant", "tool", "template")}
+    out["rows"] = n
+    a = out["assistant"]
+    out["user_to_assistant"] = out["user"] / a if a else None
+    return out

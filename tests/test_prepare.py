@@ -1,0 +1,217 @@
+"""Whole datasets: prepare writes a datasets folder that caches, counts what it drops, and trains
+unchanged under transformers.Trainer and TRL's SFTTrainer; the CLI around it; the HTML view."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import chatmask
+from chatmask import IGNORE, cli
+from chatmask.config import DataConfig
+from chatmask.prepare import prepare
+
+ROWS = [
+    {"messages": [{"role": "user", "content": f"What is {k}+{k}?"}, {"role": "assistant", "content": f"It is {2 * k}."},
+                  {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You're welcome."}]}
+    for k in range(40)
+]
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, bpe_tok):
+    d = tmp_path_factory.mktemp("tok")
+    bpe_tok.save_pretrained(d)
+    return str(d)
+
+
+def folder_hash(path):
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    return hashlib.sha256(json.dumps([list(ds["input_ids"]), list(ds["labels"]), list(ds["source"])]).encode()).hexdigest()
+
+
+def test_prepare_writes_a_datasets_folder_equal_to_encode(tmp_path, bpe_tok):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    p = prepare(data, DataConfig(), tmp_path / "out", tokenizer=bpe_tok, progress=False)
+    ds = p.dataset()
+    assert len(ds) == len(ROWS) and ds.column_names == ["input_ids", "labels", "source"]
+    for k in (0, 17, 39):
+        ex = chatmask.encode(ROWS[k]["messages"], bpe_tok, source=f"d.jsonl:{k + 1}")
+        assert ds[k]["input_ids"] == ex.input_ids and ds[k]["labels"] == ex.labels and ds[k]["source"] == "d.jsonl:" + str(k + 1)
+    s = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert s["rows_kept"] == 40 and s["trained_tokens"] == sum(sum(1 for x in r if x != IGNORE) for r in ds["labels"])
+    conf = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert conf["train_on"] == "assistant" and conf["end_of_turn_marker"] == "<|im_end|>"
+
+
+def test_cache_hit_and_invalidation(tmp_path, bpe_tok):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    out = tmp_path / "out"
+    assert not prepare(data, DataConfig(), out, tokenizer=bpe_tok, progress=False).cached
+    h = folder_hash(out)
+    assert prepare(data, DataConfig(), out, tokenizer=bpe_tok, progress=False).cached
+    assert not prepare(data, DataConfig(train_on="all"), out, tokenizer=bpe_tok, progress=False).cached
+    assert folder_hash(out) != h
+    assert not prepare(data, DataConfig(), out, tokenizer=bpe_tok, progress=False).cached
+    assert folder_hash(out) == h  # back to the same bytes
+    write_jsonl(tmp_path / "d.jsonl", ROWS[:-1])
+    assert not prepare(data, DataConfig(), out, tokenizer=bpe_tok, progress=False).cached
+    assert not prepare(data, DataConfig(template="llama3"), out, tokenizer=bpe_tok, progress=False).cached
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # no temporary folders left
+
+
+def test_skip_invalid_counts_by_reason(tmp_path, bpe_tok):
+    bad = [json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
+           "{not json",
+           json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y" * 400}]})]
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS[:5], bad)
+    with pytest.raises(chatmask.ConversationError, match=r"d\.jsonl:6"):
+        prepare(data, DataConfig(), tmp_path / "o", tokenizer=bpe_tok, progress=False)
+    p = prepare(data, DataConfig(skip_invalid=True, max_length=64), tmp_path / "o", tokenizer=bpe_tok, progress=False)
+    s = p.stats
+    assert s["rows_kept"] == 5 and s["rows_dropped"] == 3
+    assert s["dropped_by_reason"] == {"no assistant turn": 1, "invalid JSON": 1, "first answer too long": 1}
+    assert "d.jsonl:8" in s["first_dropped"]["first answer too long"]
+
+
+def test_truncation_keeps_whole_turns_and_counts(tmp_path, bpe_tok):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS[:3])
+    full = chatmask.encode(ROWS[0]["messages"], bpe_tok)
+    first_end = next(i for i in range(len(full.labels) - 1) if full.labels[i] != IGNORE and full.labels[i + 1] == IGNORE) + 1
+    p = prepare(data, DataConfig(max_length=first_end + 2), tmp_path / "o", tokenizer=bpe_tok, progress=False)
+    ds = p.dataset()
+    assert ds[0]["input_ids"] == full.input_ids[:first_end]
+    assert p.stats["truncated_rows"] == 3 and p.stats["rows_final_eot_untrained"] == 0
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, bpe_tok):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS[:2])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(chatmask.ChatmaskError, match="cannot write the output folder"):
+        prepare(data, DataConfig(), blocker / "out", tokenizer=bpe_tok, progress=False)
+
+
+def test_num_proc_output_identical(tmp_path, bpe_tok, monkeypatch):
+    from chatmask import prepare as prep
+
+    monkeypatch.setattr(prep, "BATCH", 7)
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    prepare(data, DataConfig(), tmp_path / "one", tokenizer=bpe_tok, progress=False)
+    prepare(data, DataConfig(num_proc=2), tmp_path / "two", tokenizer=bpe_tok, progress=False)
+    assert folder_hash(tmp_path / "one") == folder_hash(tmp_path / "two")
+
+
+def _tiny_model(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg)
+
+
+def test_folder_trains_under_transformers_trainer(tmp_path, bpe_tok):
+    import datasets
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS[:8])
+    prepare(data, DataConfig(), tmp_path / "o", tokenizer=bpe_tok, progress=False)
+    ds = datasets.load_from_disk(str(tmp_path / "o"))
+    model = _tiny_model(bpe_tok)
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", logging_steps=1)
+    tr = Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorForSeq2Seq(bpe_tok, padding=True))
+    out = tr.train()
+    assert out.global_step == 2 and out.training_loss > 0
+
+
+def test_folder_trains_under_trl_sfttrainer(tmp_path, bpe_tok):
+    trl = pytest.importorskip("trl")
+    import datasets
+
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS[:8])
+    prepare(data, DataConfig(), tmp_path / "o", tokenizer=bpe_tok, progress=False)
+    ds = datasets.load_from_disk(str(tmp_path / "o"))
+    cfg = trl.SFTConfig(output_dir=str(tmp_path / "t"), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                        use_cpu=True, save_strategy="no", max_length=None)
+    tr = trl.SFTTrainer(model=_tiny_model(bpe_tok), args=cfg, train_dataset=ds, processing_class=bpe_tok)
+    batch = tr.data_collator([ds[0], ds[1]])
+    n = len(ds[0]["labels"])
+    assert batch["labels"][0, :n].tolist() == ds[0]["labels"]  # our labels, untouched
+    assert tr.train().global_step == 2
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "chatmask", *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prepare_view_stats(tmp_path, tok_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS[:6])
+    out = tmp_path / "o"
+    assert cli.main(["prepare", data, "--tokenizer", tok_dir, "--out", str(out), "--quiet"]) == 0
+    assert "6 rows" in capsys.readouterr().out
+    assert cli.main(["prepare", data, "--tokenizer", tok_dir, "--out", str(out), "--quiet"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    html = tmp_path / "v.html"
+    assert cli.main(["view", data, "--tokenizer", tok_dir, "--row", "2", "--html", str(html)]) == 0
+    text = capsys.readouterr().out
+    assert "d.jsonl:3" in text and "-100" in text and "<|im_end|>" in text
+    assert "class='t tr'" in html.read_text()
+    assert cli.main(["view", str(out), "--row", "1"]) == 0
+    assert "d.jsonl:2" in capsys.readouterr().out
+    assert cli.main(["stats", data, "--tokenizer", tok_dir, "--json", "--quiet"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["rows_kept"] == 6 and s["tokens_by_role"]["user"] > 0 and s["user_to_assistant"] > 0
+    assert cli.main(["stats", data, "--tokenizer", tok_dir, "--quiet", "--fail-if", "trained_fraction<0.99"]) == 1
+    assert cli.main(["stats", data, "--tokenizer", tok_dir, "--quiet", "--fail-if", "trained_fraction<0.01"]) == 0
+    assert cli.main(["stats", data, "--tokenizer", tok_dir, "--quiet", "--fail-if", "nonsense<1"]) == 2
+
+
+def test_cli_errors_have_no_traceback(tmp_path, tok_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"messages": [{"role": "gpt", "content": "x"}]}) + "\n")
+    r = run_cli("prepare", str(bad), "--tokenizer", tok_dir, "--out", str(tmp_path / "o"), "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "bad.jsonl:2" in r.stderr and "message 0" in r.stderr and "--skip-invalid" in r.stderr
+    r = run_cli("prepare", str(tmp_path / "missing.jsonl"), "--tokenizer", tok_dir, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_html_view_in_a_real_browser(tmp_path, bpe_tok):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("no chromium (.ci/run installs Debian's chromium)")
+    from chatmask.view import html_page
+
+    ex = chatmask.encode(ROWS[0]["messages"], bpe_tok, source="d.jsonl:1")
+    page = tmp_path / "v.html"
+    page.write_text(html_page([ex], bpe_tok))
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={tmp_path / 'ud'}",
+                    "--window-size=900,700", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=60)
+    from PIL import Image
+
+    img = Image.open(shot).convert("RGB")
+    colours = img.getcolors(maxcolors=1 << 20)
+    green = sum(n for n, (r, g, b) in colours if (r, g, b) == (0xB9, 0xF6, 0xB9))  # trained tokens' background
+    assert green > 500, "trained tokens are not highlighted in the rendered page"
