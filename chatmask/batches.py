@@ -1,0 +1,96 @@
+"""Rows to tensors: `collate` pads a batch, `pack` concatenates rows into token-budget rows.
+
+Labels stay unshifted (the loss shifts once). `apply_train_on` turns assistant labels into the labels
+of another arm (`all`: every token; `last_assistant`: the last trained run) so every arm trains on the
+same prepared rows. Packed rows carry position ids that restart per example and a block-diagonal
+attention mask, so no token attends to, or is labelled from, another example.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .labels import IGNORE
+
+
+def apply_train_on(input_ids: list[int], labels: list[int], train_on: str) -> list[int]:
+    if train_on == "assistant":
+        return labels
+    if train_on == "all":
+        return list(input_ids)
+    if train_on == "last_assistant":
+        end = max((i for i, x in enumerate(labels) if x != IGNORE), default=-1)
+        start = end
+        while start > 0 and labels[start - 1] != IGNORE:
+            start -= 1
+        return [x if start <= i <= end else IGNORE for i, x in enumerate(labels)]
+    raise ValueError(f"unknown train_on {train_on!r}")
+
+
+def collate(rows: list[dict], pad_id: int, train_on: str = "assistant") -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (-100 on padding)."""
+    T = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
+    att = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+    lab = torch.full((len(rows), T), IGNORE, dtype=torch.long)  # (B, T)
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[b, :n] = torch.tensor(r["input_ids"])
+        att[b, :n] = 1
+        lab[b, :n] = torch.tensor(apply_train_on(r["input_ids"], r["labels"], train_on))
+    return {"input_ids": ids, "attention_mask": att, "labels": lab}
+
+
+def pack(rows: list[dict], pad_id: int, train_on: str = "assistant", max_tokens: int | None = None,
+         dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Rows concatenated into one row per `max_tokens` budget (first-fit in order), with position ids
+    restarting per example and a 4D block-diagonal causal mask (additive, `dtype`), which sdpa and eager
+    attention honour on every device (position ids alone do not isolate examples on CPU)."""
+    budget = max_tokens or sum(len(r["input_ids"]) for r in rows)
+    bins: list[list[dict]] = []
+    used: list[int] = []
+    for r in rows:
+        n = len(r["input_ids"])
+        for k in range(len(bins)):
+            if used[k] + n <= budget:
+                bins[k].append(r)
+                used[k] += n
+                break
+        else:
+            bins.append([r])
+            used.append(n)
+    T = max(used)
+    B = len(bins)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
+    lab = torch.full((B, T), IGNORE, dtype=torch.long)  # (B, T)
+    pos = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+    seg = torch.full((B, T), -1, dtype=torch.long)  # (B, T) example index within its packed row, -1 = padding
+    for b, group in enumerate(bins):
+        o = 0
+        for k, r in enumerate(group):
+            n = len(r["input_ids"])
+            ids[b, o:o + n] = torch.tensor(r["input_ids"])
+            lab[b, o:o + n] = torch.tensor(apply_train_on(r["input_ids"], r["labels"], train_on))
+            # the first token of an example is never a target of the previous example's last position
+            pos[b, o:o + n] = torch.arange(n)
+            seg[b, o:o + n] = k
+            o += n
+    same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+    allowed = same & causal & (seg[:, :, None] >= 0)
+    allowed |= torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves: no NaN from an empty softmax
+    mask = torch.zeros((B, 1, T, T), dtype=dtype)  # (B, 1, T, T)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    lab = _cut_cross_example_targets(lab, seg)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": lab}
+
+
+def _cut_cross_example_targets(lab: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """The loss shifts labels left by one; an example's first label would then be predicted from the
+    previous example's last position. Those labels are never trained in an unpacked row either (a row's
+    first token has no prediction), so drop them."""
+    first = torch.zeros_like(seg, dtype=torch.bool)
+    first[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    lab = lab.clone()
+    lab[first] = IGNORE
+    return lab

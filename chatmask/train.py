@@ -1,0 +1,499 @@
+"""The training loop: `train(data, data_cfg, train_cfg, out) -> dict`, on accelerate.
+
+Loss = sum of token losses / number of trained tokens of the whole optimizer step (accumulation window
+and every process), so arms and batch shapes are comparable. The LM head runs only where a label is
+trained (`logits_to_keep` as a boolean mask). Evaluation always scores the assistant tokens of one
+held-out split, whatever `train_on` is. Checkpoints hold weights, optimizer, scheduler and RNG states;
+the data order is a pure function of (seed, step), so `resume` continues exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from . import batches, config
+from .config import DataConfig
+from .errors import ConfigError
+from .labels import IGNORE
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to fine-tune."""
+
+    model: str = "smollm2"
+    """causal LM: hub name, local folder, .gguf file, or 'smollm2' (the embedded default)"""
+    finetune: Literal["lora", "full"] = "lora"
+    """LoRA adapters (peft) or full fine-tuning"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA alpha (scale = alpha / r)"""
+    lora_dropout: float = 0.05
+    """dropout on the LoRA path"""
+    lora_targets: str = "all-linear"
+    """modules that get adapters: 'all-linear' or comma-separated names (q_proj,v_proj)"""
+    merge_lora: bool = False
+    """save the final model with the adapters merged into the weights"""
+    lr: float | None = None
+    """peak learning rate (default: 2e-4 for LoRA, 5e-5 for full fine-tuning)"""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """learning-rate schedule after warm-up"""
+    warmup: float = 0.1
+    """warm-up, as a fraction of the steps"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0: none)"""
+    steps: int = 100
+    """optimizer steps"""
+    batch_size: int = 4
+    """rows per micro-batch per process"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
+    packing: bool = False
+    """pack rows into --pack-tokens rows (position ids restart per example, attention kept inside it)"""
+    pack_tokens: int = 2048
+    """token budget of a packed row"""
+    sparse_loss: bool = True
+    """apply the LM head only at trained positions (same loss and gradients, less time and memory)"""
+    seed: int = 0
+    """seed of the data order, LoRA init and dropout"""
+    val_split: float = 0.02
+    """fraction of the rows held out for validation (seeded by --split-seed, the same for every arm)"""
+    split_seed: int = 0
+    """seed of the validation split"""
+    val_data: str | None = None
+    """validation data instead of a split (any form `prepare` takes)"""
+    val_rows: int | None = 200
+    """at most this many validation rows"""
+    eval_every: int = 20
+    """evaluate every N steps (and at the end)"""
+    eval_batch_size: int = 8
+    """rows per evaluation batch"""
+    save_every: int = 50
+    """checkpoint every N steps (and at the end); --resume continues from the last one"""
+    keep_checkpoints: int = 2
+    """checkpoints kept on disk"""
+    resume: bool = False
+    """continue from the last checkpoint in --out"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """weights' dtype"""
+    tensorboard: bool = True
+    """write TensorBoard logs under OUT/tb"""
+    trust_remote_code: bool = False
+    """allow a model's own code from the hub (off: untrusted code never runs)"""
+
+    def _problems(self):
+        p = []
+        if not 0 <= self.val_split < 1:
+            p.append(f"--val-split must be in [0, 1), not {self.val_split}")
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "eval_batch_size", "pack_tokens"):
+            if getattr(self, name) < 1:
+                p.append(f"{config.flag(name)} must be at least 1")
+        if self.val_split == 0 and not self.val_data:
+            p.append("--val-split 0 needs --val-data (evaluation needs held-out rows)")
+        return p
+
+
+# ---------------------------------------------------------------- loss
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    m = model
+    while True:
+        nxt = getattr(m, "module", None) or (m.get_base_model() if hasattr(m, "get_base_model") else None)
+        if nxt is None or nxt is m:
+            break
+        m = nxt
+    return "logits_to_keep" in inspect.signature(m.forward).parameters
+
+
+def token_loss_sum(model, batch: dict, sparse: bool = True) -> tuple[torch.Tensor, int]:
+    """(sum of cross-entropy over trained targets, their number). Labels are shifted here, once."""
+    ids, labels = batch["input_ids"], batch["labels"]  # (B, T)
+    target = torch.full_like(labels, IGNORE)  # (B, T): the token each position must predict
+    target[:, :-1] = labels[:, 1:]
+    keep = target != IGNORE  # (B, T)
+    n = int(keep.sum())
+    kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    if sparse and n:
+        logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False, **kwargs).logits  # (N, V)
+        y = target[keep]  # (N,)
+    else:
+        logits = model(input_ids=ids, use_cache=False, **kwargs).logits  # (B, T, V)
+        logits, y = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    loss = torch.nn.functional.cross_entropy(logits.float(), y, ignore_index=IGNORE, reduction="sum")
+    return loss, n
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class Split:
+    train: object  # datasets.Dataset with input_ids / labels (assistant labels)
+    val: object
+    val_tokens: int
+    val_sha256: str
+
+
+def split_rows(ds, cfg: TrainConfig, val_ds=None) -> Split:
+    """Hold out validation rows: a seeded choice independent of the training seed, or `val_ds`."""
+    if val_ds is None:
+        g = torch.Generator().manual_seed(cfg.split_seed)
+        perm = torch.randperm(len(ds), generator=g).tolist()
+        k = max(1, round(cfg.val_split * len(ds)))
+        if cfg.val_rows:
+            k = min(k, cfg.val_rows)
+        if k >= len(ds):
+            raise ConfigError(f"{len(ds)} rows are too few to hold out {k} for validation")
+        val_ds, ds = ds.select(sorted(perm[:k])), ds.select(sorted(perm[k:]))
+    elif cfg.val_rows and len(val_ds) > cfg.val_rows:
+        val_ds = val_ds.select(range(cfg.val_rows))
+    h = hashlib.sha256()
+    n = 0
+    for ids, labs in zip(val_ds["input_ids"], val_ds["labels"]):
+        kept = [(i, t) for i, t in enumerate(labs) if t != IGNORE and i > 0]
+        n += len(kept)
+        h.update(json.dumps([list(ids), kept]).encode())
+    if n == 0:
+        raise ConfigError("the validation rows have no assistant token to score")
+    return Split(ds, val_ds, n, h.hexdigest())
+
+
+def global_batch(n_rows: int, cfg: TrainConfig, step: int, world: int) -> list[int]:
+    """Row indices of optimizer step `step` (0-based): epochs of seeded permutations, consumed in order."""
+    G = cfg.batch_size * cfg.grad_accum * world
+    out, start = [], step * G
+    while len(out) < G:
+        epoch, pos = divmod(start + len(out), n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
+        out += perm[pos:pos + G - len(out)]
+    return out
+
+
+def micro_batches(ds, rows: list[int], cfg: TrainConfig, rank: int, world: int, pad_id: int, train_on: str, dtype):
+    """This process's micro-batches of one optimizer step as (batch, real tokens), and the step's
+    trained-target count over all processes (every process computes it from the same rows)."""
+    data = ds.select(rows)
+    items = [{"input_ids": i, "labels": lab} for i, lab in zip(data["input_ids"], data["labels"])]
+    bs = cfg.batch_size
+    out, total = [], 0
+    for m in range(cfg.grad_accum):
+        for r in range(world):
+            chunk = items[(m * world + r) * bs:(m * world + r + 1) * bs]
+            b = (batches.pack(chunk, pad_id, train_on, cfg.pack_tokens, dtype) if cfg.packing
+                 else batches.collate(chunk, pad_id, train_on))
+            total += int((b["labels"][:, 1:] != IGNORE).sum())
+            if r == rank:
+                out.append((b, sum(len(x["input_ids"]) for x in chunk)))
+    return out, total
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, val, pad_id: int, batch_size: int, acc=None, sparse=True) -> float:
+    """Mean cross-entropy over the assistant tokens of `val` (labels as prepared: assistant only)."""
+    was = model.training
+    model.eval()
+    order = sorted(range(len(val)), key=lambda i: len(val[i]["input_ids"]))
+    rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
+    total = torch.zeros(2, dtype=torch.float64)
+    device = acc.device if acc else next(model.parameters()).device
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in chunks[rank::world]:
+        rows = val.select(chunk)
+        b = batches.collate([{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])],
+                            pad_id, "assistant")
+        b = {k: v.to(device) for k, v in b.items()}
+        s, n = token_loss_sum(model, b, sparse)
+        total += torch.tensor([float(s), n], dtype=torch.float64)
+    if acc and world > 1:
+        total = acc.reduce(total.to(device), "sum").cpu()
+    model.train(was)
+    return float(total[0] / total[1])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out: Path, step: int, model, opt, sched, state: dict, keep: int) -> Path:
+    """Write OUT/checkpoints/step-N atomically (a temporary folder renamed when complete)."""
+    from safetensors.torch import save_file
+
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_trainable(model), str(tmp / "weights.safetensors"))
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    torch.save(sched.state_dict(), tmp / "scheduler.pt")
+    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "python_random": random.getstate()}, default=list))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    root = out / "checkpoints"
+    found = sorted(p for p in root.glob("step-*") if (p / "state.json").exists()) if root.exists() else []
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, opt, sched) -> dict:
+    """Restore weights, optimizer, scheduler and RNG; torch files are read with weights_only=True."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "weights.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise ConfigError(f"{path}: checkpoint does not fit this model (e.g. {missing[0]}); was it made with other options?")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    state = json.loads((path / "state.json").read_text())
+    pr = state.pop("python_random")
+    random.setstate((pr[0], tuple(pr[1]), pr[2]))
+    return state
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _prepared(data, data_cfg: DataConfig, tok, log):
+    """A prepared folder as is (it must hold assistant labels), or prepare `data` into the cache."""
+    import datasets
+
+    from .models import cache_dir
+    from .prepare import cache_key, prepare
+
+    p = Path(str(data))
+    if (p / "state.json").exists() and (p / "config.json").exists():
+        conf = json.loads((p / "config.json").read_text())
+        if conf.get("train_on") != "assistant":
+            raise ConfigError(f"{data} was prepared with --train-on {conf.get('train_on')}; training needs the "
+                              "assistant labels (for validation): prepare it with --train-on assistant and pass "
+                              "--train-on to train instead")
+        return datasets.load_from_disk(str(p))
+    cfg = config.replace(data_cfg, train_on="assistant")
+    folder = cache_dir() / "prepared" / cache_key(str(data), cfg, tok)[:24]
+    return prepare(str(data), cfg, folder, tokenizer=tok, log=log).dataset()
+
+
+def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, model=None, log=print,
+          progress: bool = True, stop_after: int | None = None) -> dict:
+    """Fine-tune `cfg.model` on `data` with `data_cfg.train_on` labels; evaluate on assistant tokens.
+
+    Writes OUT/config.json, OUT/log.jsonl, OUT/result.json, OUT/checkpoints/, OUT/model/ (and OUT/tb/).
+    `stop_after`: stop (as if killed) after that many steps of this call; for tests of --resume.
+    """
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    from .models import add_lora, load_model, load_tokenizer
+
+    acc = Accelerator()
+    out = Path(out)
+    say = (log or (lambda *a: None)) if acc.is_main_process else (lambda *a: None)
+    world, rank = acc.num_processes, acc.process_index
+    tok = tokenizer or load_tokenizer(data_cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with acc.main_process_first():
+        ds = _prepared(data, data_cfg, tok, log if acc.is_main_process else None)
+        val_ds = _prepared(cfg.val_data, data_cfg, tok, None) if cfg.val_data else None
+    split = split_rows(ds, cfg, val_ds)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = {"data": str(data), "data_config": config.to_dict(data_cfg), "train_config": config.to_dict(cfg),
+                    "processes": world, "val_tokens": split.val_tokens, "val_tokens_sha256": split.val_sha256}
+        (out / "config.json").write_text(json.dumps(resolved, indent=2))
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    if model is None:
+        model = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.finetune == "lora":
+        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+        model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets)
+    model.config.use_cache = False
+    sparse = cfg.sparse_loss and _accepts_logits_to_keep(model)
+    if cfg.sparse_loss and not sparse:
+        say(f"note: {type(model).__name__} takes no logits_to_keep; computing full logits")
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.lr or (2e-4 if cfg.finetune == "lora" else 5e-5)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=math.ceil(cfg.warmup * cfg.steps),
+                          num_training_steps=cfg.steps)
+    model, opt = acc.prepare(model, opt)
+
+    state = {"step": 0, "history": [], "evals": [], "trained_tokens": 0, "input_tokens": 0, "seconds": 0.0}
+    ck = latest_checkpoint(out) if cfg.resume else None
+    if ck is not None:
+        state = load_checkpoint(ck, acc.unwrap_model(model), opt, sched)
+        say(f"resumed from {ck} (step {state['step']})")
+    elif cfg.resume:
+        say(f"no checkpoint in {out}/checkpoints; starting from step 0")
+
+    writer = _tensorboard(out, cfg, acc)
+    bar = None
+    if progress and acc.is_main_process:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train ({data_cfg.train_on})", unit="step", disable=None)
+    mask_dtype = dtype
+    model.train()
+    done_here = 0
+    while state["step"] < cfg.steps:
+        step = state["step"]
+        t0 = time.perf_counter()
+        rows = global_batch(len(split.train), cfg, step, world)
+        mbs, n_total = micro_batches(split.train, rows, cfg, rank, world, pad_id, data_cfg.train_on, mask_dtype)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        tokens = 0
+        for k, (mb, n_tok) in enumerate(mbs):
+            mb = {key: v.to(acc.device) for key, v in mb.items()}
+            tokens += n_tok
+            sync = acc.no_sync(model) if k < len(mbs) - 1 else _nullcontext()
+            with sync:
+                s, _ = token_loss_sum(model, mb, sparse)
+                # every process divides by the step's global count; DDP averages gradients over processes
+                acc.backward(s * world / max(n_total, 1))
+            loss_sum += s.detach().double().cpu()
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if world > 1:
+            loss_sum = acc.reduce(loss_sum.to(acc.device), "sum").cpu()
+            tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum"))
+        train_loss = float(loss_sum / max(n_total, 1))
+        dt = time.perf_counter() - t0
+        state["step"] = step + 1
+        state["trained_tokens"] += n_total
+        state["input_tokens"] += tokens
+        state["seconds"] += dt
+        rec = {"step": step + 1, "train_loss": train_loss, "lr": sched.get_last_lr()[0], "trained_tokens": n_total,
+               "tokens_per_s": tokens / dt if dt else 0.0}
+        state["history"].append(rec)
+        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
+            t1 = time.perf_counter()
+            v = evaluate(model, split.val, pad_id, cfg.eval_batch_size, acc, sparse)
+            state["evals"].append({"step": state["step"], "val_loss": v, "seconds": time.perf_counter() - t1})
+            rec["val_loss"] = v
+        if acc.is_main_process:
+            _log_step(out, rec, writer)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                **({"val": f"{rec['val_loss']:.4f}"} if "val_loss" in rec else {}))
+        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_checkpoint(out, state["step"], acc.unwrap_model(model), opt, sched, state, cfg.keep_checkpoints)
+            acc.wait_for_everyone()
+        done_here += 1
+        if stop_after is not None and done_here >= stop_after and state["step"] < cfg.steps:
+            if bar is not None:
+                bar.close()
+            return {"stopped_at": state["step"]}
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+    result = _result(state, split, data_cfg)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        _save_final(out, acc.unwrap_model(model), tok, cfg)
+        (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _tensorboard(out: Path, cfg: TrainConfig, acc):
+    if not (cfg.tensorboard and acc.is_main_process):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def _log_step(out: Path, rec: dict, writer) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if writer is not None:
+        for k in ("train_loss", "val_loss", "lr", "tokens_per_s"):
+            if k in rec:
+                writer.add_scalar(k, rec[k], rec["step"])
+
+
+def _result(state: dict, split: Split, data_cfg: DataConfig) -> dict:
+    evals = state["evals"]
+    return {
+        "train_on": data_cfg.train_on,
+        "steps": state["step"],
+        "final_val_loss": evals[-1]["val_loss"] if evals else None,
+        "best_val_loss": min(e["val_loss"] for e in evals) if evals else None,
+        "evals": evals,
+        "train_losses": [h["train_loss"] for h in state["history"]],
+        "trained_tokens": state["trained_tokens"],
+        "input_tokens": state["input_tokens"],
+        "train_seconds": state["seconds"],
+        "val_tokens": split.val_tokens,
+        "val_tokens_sha256": split.val_sha256,
+        "train_rows": len(split.train),
+        "val_rows": len(split.val),
+    }
+
+
+def _save_final(out: Path, model, tok, cfg: TrainConfig) -> None:
+    from .models import _atomic_dir
+
+    def write(tmp: Path):
+        m = model
+        if cfg.finetune == "lora" and cfg.merge_lora:
+            m = m.merge_and_unload()
+        m.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    dest = out / "model"
+    shutil.rmtree(dest, ignore_errors=True)
+    _atomic_dir(dest, write)

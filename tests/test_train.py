@@ -1,0 +1,158 @@
+"""Training: the label-sparse loss equals the full one, packing equals padding, normalisation over the
+accumulation window, the same validation tokens for every arm, and exact resume."""
+
+import json
+
+import pytest
+import torch
+
+from chatmask import IGNORE, batches
+from chatmask.config import DataConfig
+from chatmask.train import TrainConfig, global_batch, token_loss_sum, train
+
+ROWS = [{"messages": [{"role": "user", "content": f"What is {k} plus {k}? Tell me please."},
+                      {"role": "assistant", "content": f"It is {2 * k}."},
+                      {"role": "user", "content": "And twice that?"},
+                      {"role": "assistant", "content": f"{4 * k}."}]} for k in range(48)]
+
+
+def tiny(tok, seed=0, layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=2, num_key_value_heads=2, attn_implementation="sdpa"))
+
+
+@pytest.fixture()
+def data(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATMASK_CACHE", str(tmp_path / "cache"))
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in ROWS))
+    return str(p)
+
+
+def encoded(tok, k=3):
+    import chatmask
+
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in
+            (chatmask.encode(r["messages"], tok) for r in ROWS[:k])]
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sparse_loss_equals_full_loss_and_gradients(bpe_tok, lora):
+    model = tiny(bpe_tok)
+    if lora:
+        from chatmask.models import add_lora
+
+        model = add_lora(model, r=4, alpha=8, dropout=0.0)
+    b = batches.collate(encoded(bpe_tok), bpe_tok.pad_token_id)
+    out = {}
+    for sparse in (False, True):
+        model.zero_grad()
+        s, n = token_loss_sum(model, b, sparse)
+        (s / n).backward()
+        out[sparse] = (float(s / n), grads(model))
+    assert out[True][0] == pytest.approx(out[False][0], abs=1e-5)
+    # and equals transformers' own loss (mean over shifted labels)
+    ref = model(**{k: b[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+    assert out[True][0] == pytest.approx(float(ref), abs=1e-5)
+    for name, g in out[False][1].items():
+        assert torch.allclose(out[True][1][name], g, atol=1e-5), name
+
+
+def test_packed_loss_equals_unpacked_and_no_cross_attention(bpe_tok):
+    model = tiny(bpe_tok)
+    rows = encoded(bpe_tok, 4)
+    pad = batches.collate(rows, bpe_tok.pad_token_id)
+    packed = batches.pack(rows, bpe_tok.pad_token_id, max_tokens=10_000)
+    assert packed["input_ids"].shape[0] == 1
+    s1, n1 = token_loss_sum(model, pad)
+    s2, n2 = token_loss_sum(model, packed)
+    assert n1 == n2 and float(s1 / n1) == pytest.approx(float(s2 / n2), abs=1e-5)
+    # change the first example's tokens: the logits of the later examples must not move
+    altered = [dict(rows[0], input_ids=[(t + 7) % len(bpe_tok) for t in rows[0]["input_ids"]])] + rows[1:]
+    p2 = batches.pack(altered, bpe_tok.pad_token_id, max_tokens=10_000)
+    n0 = len(rows[0]["input_ids"])
+    with torch.no_grad():
+        a = model(**{k: packed[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits[0, n0:]
+        b = model(**{k: p2[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits[0, n0:]
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_pack_respects_budget_and_cuts_first_labels(bpe_tok):
+    rows = encoded(bpe_tok, 6)
+    n = max(len(r["input_ids"]) for r in rows)
+    p = batches.pack(rows, bpe_tok.pad_token_id, max_tokens=n + 5)
+    assert p["input_ids"].shape[1] <= n + 5 and p["input_ids"].shape[0] >= 3
+    starts = (p["position_ids"] == 0)
+    assert (p["labels"][starts] == IGNORE).all()
+
+
+def test_apply_train_on():
+    ids = [1, 2, 3, 4, 5, 6, 7]
+    lab = [IGNORE, 2, 3, IGNORE, IGNORE, 6, IGNORE]
+    assert batches.apply_train_on(ids, lab, "assistant") == lab
+    assert batches.apply_train_on(ids, lab, "all") == ids
+    assert batches.apply_train_on(ids, lab, "last_assistant") == [IGNORE] * 5 + [6, IGNORE]
+
+
+def test_global_batches_cover_epochs_in_seeded_order():
+    cfg = TrainConfig(batch_size=3, grad_accum=2)
+    seen = [i for s in range(4) for i in global_batch(12, cfg, s, 1)]
+    assert sorted(seen[:12]) == list(range(12)) and sorted(seen[12:]) == list(range(12))
+    assert global_batch(12, cfg, 1, 1) == global_batch(12, cfg, 1, 1)
+    assert global_batch(12, TrainConfig(batch_size=3, grad_accum=2, seed=1), 0, 1) != global_batch(12, cfg, 0, 1)
+
+
+def _run(data, tok, out, **kw):
+    cfg = TrainConfig(**{"steps": 6, "eval_every": 3, "save_every": 2, "val_split": 0.1, "batch_size": 4,
+                         "finetune": "full", "lr": 1e-2, "tensorboard": False, **kw})
+    return train(data, DataConfig(), cfg, out, tokenizer=tok, model=tiny(tok), progress=False, log=None)
+
+
+def test_training_lowers_loss_and_saves(data, bpe_tok, tmp_path):
+    r = _run(data, bpe_tok, tmp_path / "o", steps=12, eval_every=6)
+    assert r["evals"][-1]["val_loss"] < r["evals"][0]["val_loss"] or r["train_losses"][-1] < r["train_losses"][0]
+    assert (tmp_path / "o" / "model" / "config.json").exists()
+    lines = (tmp_path / "o" / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and "val_loss" in json.loads(lines[5])
+
+
+def test_accumulation_window_normalisation(data, bpe_tok, tmp_path):
+    a = _run(data, bpe_tok, tmp_path / "a", steps=2, batch_size=4, grad_accum=1, max_grad_norm=0)
+    b = _run(data, bpe_tok, tmp_path / "b", steps=2, batch_size=2, grad_accum=2, max_grad_norm=0)
+    assert a["train_losses"] == pytest.approx(b["train_losses"], abs=1e-6)
+    assert a["final_val_loss"] == pytest.approx(b["final_val_loss"], abs=1e-6)
+
+
+def test_every_arm_scores_the_same_validation_tokens(data, bpe_tok, tmp_path):
+    res = {}
+    for arm in ("assistant", "all"):
+        cfg = TrainConfig(steps=2, eval_every=2, save_every=2, val_split=0.1, finetune="full", tensorboard=False)
+        res[arm] = train(data, DataConfig(train_on=arm), cfg, tmp_path / arm, tokenizer=bpe_tok, model=tiny(bpe_tok),
+                         progress=False, log=None)
+    assert res["assistant"]["val_tokens"] == res["all"]["val_tokens"] > 0
+    assert res["assistant"]["val_tokens_sha256"] == res["all"]["val_tokens_sha256"]
+    assert res["all"]["trained_tokens"] > 2 * res["assistant"]["trained_tokens"]
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_resume_is_exact(data, bpe_tok, tmp_path, finetune):
+    kw = dict(steps=6, save_every=2, finetune=finetune, lora_r=4, lora_dropout=0.1)
+    whole = _run(data, bpe_tok, tmp_path / "whole", **kw)
+    cfg = TrainConfig(**{"eval_every": 3, "val_split": 0.1, "batch_size": 4, "lr": 1e-2, "tensorboard": False, **kw})
+    part = train(data, DataConfig(), cfg, tmp_path / "part", tokenizer=bpe_tok, model=tiny(bpe_tok), progress=False,
+                 log=None, stop_after=3)
+    assert part == {"stopped_at": 3}  # checkpoint at step 2; step 3 is lost as in a kill
+    cfg = TrainConfig(**{**cfg.__dict__, "resume": True})
+    # full: every weight comes from the checkpoint, so start from other random weights; LoRA: the same base
+    resumed = train(data, DataConfig(), cfg, tmp_path / "part", tokenizer=bpe_tok,
+                    model=tiny(bpe_tok, seed=5 if finetune == "full" else 0),
+                    progress=False, log=None)
+    assert resumed["train_losses"] == pytest.approx(whole["train_losses"], abs=1e-6)
+    assert resumed["final_val_loss"] == pytest.approx(whole["final_val_loss"], abs=1e-6)
