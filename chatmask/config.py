@@ -92,7 +92,9 @@ def add_arguments(parser, cls, *, skip=(), defaults_none=False) -> None:
         default = None if defaults_none else f.default
         help_ = f"{docs.get(f.name, '')} (default: {f.default})"
         if tp is bool:
-            parser.add_argument(flag(f.name), action="store_true", default=default, help=help_)
+            import argparse
+
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_)
         else:
             parser.add_argument(flag(f.name), type=tp if tp in (int, float, str) else str, choices=choices,
                                 default=default, help=help_, metavar=None if choices else f.name.upper())
@@ -148,3 +150,47 @@ def from_dict(cls, d: dict):
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(sorted(names))}")
     return check(cls(**d))
+
+
+def load_yaml(path: str | None, overrides=()) -> dict[str, dict]:
+    """Sections of a YAML run file ({data: {...}, train: {...}, compare: {...}}) with `section.key=value`
+    overrides applied (values parsed as YAML scalars)."""
+    import yaml
+
+    doc = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
+            raise ConfigError(f"{path}: expected sections data:, train:, compare: holding key: value pairs")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.steps=50")
+        doc.setdefault(section, {})[name.replace("-", "_")] = yaml.safe_load(value)
+    return doc
+
+
+def build(cls, section: dict | None, args=None, **extra):
+    """`cls` from defaults < YAML section < command-line flags actually given < `extra`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = dict(section or {})
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(sorted(names))}")
+    if args is not None:
+        for n in names:
+            v = getattr(args, n, None)
+            if v is not None:
+                values[n] = v
+    values.update({k: v for k, v in extra.items() if v is not None})
+    try:
+        return check(cls(**values))
+    except TypeError as e:
+        raise ConfigError(f"{cls.__name__}: {e}") from None

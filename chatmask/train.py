@@ -309,11 +309,13 @@ def _prepared(data, data_cfg: DataConfig, tok, log):
 
 
 def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, model=None, log=print,
-          progress: bool = True, stop_after: int | None = None) -> dict:
+          progress: bool = True, stop_after: int | None = None, on_end=None) -> dict:
     """Fine-tune `cfg.model` on `data` with `data_cfg.train_on` labels; evaluate on assistant tokens.
 
     Writes OUT/config.json, OUT/log.jsonl, OUT/result.json, OUT/checkpoints/, OUT/model/ (and OUT/tb/).
     `stop_after`: stop (as if killed) after that many steps of this call; for tests of --resume.
+    `on_end(model, split) -> dict`: run on the main process after training (a task metric); stored as
+    result["metric"].
     """
     from accelerate import Accelerator
     from transformers import get_scheduler
@@ -432,6 +434,8 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
         writer.close()
     result = _result(state, split, data_cfg)
     acc.wait_for_everyone()
+    if acc.is_main_process and on_end is not None:
+        result["metric"] = on_end(acc.unwrap_model(model), split)
     if acc.is_main_process:
         _save_final(out, acc.unwrap_model(model), tok, cfg)
         (out / "result.json").write_text(json.dumps(result, indent=2))

@@ -126,8 +126,11 @@ def test_training_lowers_loss_and_saves(data, bpe_tok, tmp_path):
 def test_accumulation_window_normalisation(data, bpe_tok, tmp_path):
     a = _run(data, bpe_tok, tmp_path / "a", steps=2, batch_size=4, grad_accum=1, max_grad_norm=0)
     b = _run(data, bpe_tok, tmp_path / "b", steps=2, batch_size=2, grad_accum=2, max_grad_norm=0)
-    assert a["train_losses"] == pytest.approx(b["train_losses"], abs=1e-6)
-    assert a["final_val_loss"] == pytest.approx(b["final_val_loss"], abs=1e-6)
+    # same weights at step 1: the loss of 4 rows = the loss of 2 x 2 rows (sum / all trained targets)
+    assert a["train_losses"][0] == pytest.approx(b["train_losses"][0], abs=1e-6)
+    # a mean of per-micro-batch means would differ: the micro-batches hold different numbers of targets
+    # later steps agree up to float summation order, which AdamW's first steps amplify
+    assert a["final_val_loss"] == pytest.approx(b["final_val_loss"], rel=1e-4)
 
 
 def test_every_arm_scores_the_same_validation_tokens(data, bpe_tok, tmp_path):

@@ -1,0 +1,171 @@
+"""Task metrics by generation: entity F1 on UniversalNER-style questions, `ner_f1(model, tokenizer, convs)`.
+
+Each `What describes <type> in the text?` turn whose answer is a JSON list of entities becomes one question;
+the model answers it greedily from the conversation so far, exactly as rendered at inference, and its answer
+is scored against the gold list by micro precision / recall / F1 over normalised entity strings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from .errors import ChatmaskError
+from .labels import normalize_messages, renderer
+
+QUESTION = re.compile(r"^What describes (.+) in the text\?$")
+_DECODER = json.JSONDecoder()
+_EDGE = " \t\n\"'`.,;:!?"  # quotes and sentence punctuation around an entity, not part of it
+
+
+def ner_questions(conversations) -> list[tuple[list[dict], str, list[str]]]:
+    """`(prompt messages, entity type, gold entities)` for every assistant turn that answers a
+    `What describes <type> in the text?` question with a JSON list of strings; other turns are skipped.
+    `conversations`: message lists, or `conversations.Conversation`s."""
+    out = []
+    for conv in conversations:
+        msgs = getattr(conv, "messages", conv)
+        for i in range(1, len(msgs)):
+            prev, m = msgs[i - 1], msgs[i]
+            if not (isinstance(prev, dict) and isinstance(m, dict)):
+                continue
+            if prev.get("role") != "user" or m.get("role") != "assistant":
+                continue
+            q, a = prev.get("content"), m.get("content")
+            match = QUESTION.match(q.strip()) if isinstance(q, str) else None
+            if match is None or not isinstance(a, str):
+                continue
+            try:
+                gold = json.loads(a)
+            except ValueError:
+                continue
+            if isinstance(gold, list) and all(isinstance(e, str) for e in gold):
+                out.append((list(msgs[:i]), match.group(1), gold))
+    return out
+
+
+def parse_entities(text: str, marker: str = "") -> list[str]:
+    """The string items of the first JSON list in a model's answer; `[]` when there is none (the
+    UniversalNER convention: unparseable output predicts nothing).
+
+    >>> parse_entities('["Unity", 3, "Godot"]<|im_end|>')
+    ['Unity', 'Godot']
+    """
+    if not isinstance(text, str):
+        return []
+    text = text.strip()
+    if marker and marker.strip():
+        text = text.split(marker.strip(), 1)[0].strip()  # the answer ends at its first end-of-turn
+    for k in (k for k, c in enumerate(text) if c == "["):
+        try:
+            value, _ = _DECODER.raw_decode(text, k)
+        except ValueError:
+            continue
+        if isinstance(value, list):
+            return [e for e in value if isinstance(e, str)]
+    return []
+
+
+def normalize(entity: str) -> str:
+    """Lowercase, collapse whitespace, strip surrounding quotes and punctuation: `' "Gaussian  Model".'`
+    -> `'gaussian model'`."""
+    return " ".join(entity.lower().split()).strip(_EDGE)
+
+
+def _counts(pred: set, gold: set) -> dict:
+    return {"tp": len(pred & gold), "fp": len(pred - gold), "fn": len(gold - pred)}
+
+
+def _prf(c: dict) -> dict:
+    tp, fp, fn = c["tp"], c["fp"], c["fn"]
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return {"precision": p, "recall": r, "f1": f, **c}
+
+
+def score(pred: list[list[str]], gold: list[list[str]], types: list[str] | None = None) -> dict:
+    """Micro precision / recall / F1 over (question, normalised entity) pairs: each question's entities
+    are a set (duplicates count once, empty strings not at all). 0/0 is 0.0. With `types` (one per
+    question) also `per_type`: {type: the same keys}."""
+    if len(pred) != len(gold) or (types is not None and len(types) != len(gold)):
+        lens = f"{len(pred)} predictions, {len(gold)} gold lists" + (f", {len(types)} types" if types is not None else "")
+        raise ChatmaskError(f"score needs one prediction (and type) per gold list; found {lens}")
+    total = {"tp": 0, "fp": 0, "fn": 0, "questions": 0}
+    by_type: dict[str, dict] = {}
+    for i, (p, g) in enumerate(zip(pred, gold)):
+        c = _counts({normalize(e) for e in p} - {""}, {normalize(e) for e in g} - {""})
+        accs = [total] if types is None else [total, by_type.setdefault(types[i], dict.fromkeys(total, 0))]
+        for acc in accs:
+            acc["questions"] += 1
+            for k in c:
+                acc[k] += c[k]
+    out = _prf(total)
+    if types is not None:
+        out["per_type"] = {t: _prf(c) for t, c in by_type.items()}
+    return out
+
+
+def _stop_ids(tokenizer, marker: str) -> list[int]:
+    """The eos id and, when it is one token, the template's end-of-turn marker (`<|im_end|>`, `<|eot_id|>`)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if marker.strip():
+        m = tokenizer(marker.strip(), add_special_tokens=False)["input_ids"]
+        if len(m) == 1 and m[0] not in ids:
+            ids.append(m[0])
+    if not ids:
+        raise ChatmaskError("the tokenizer has no eos_token and the template no single-token end-of-turn marker; "
+                            "generation would never stop: set tokenizer.eos_token")
+    return ids
+
+
+def generate_answers(model, tokenizer, prompts: list[list[dict]], *, template=None, max_new_tokens=64,
+                     batch_size=8) -> list[str]:
+    """Greedy answers to `prompts` (message lists ending with a user turn), rendered as at inference and
+    stopped at eos or the template's end-of-turn token; only the new text, special tokens skipped."""
+    import torch
+
+    r = renderer(tokenizer, template)
+    texts = [r.render(normalize_messages(p), add_generation_prompt=True) for p in prompts]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # the template writes BOS
+    stops = _stop_ids(tokenizer, r.marker)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda k: len(ids[k]))  # similar lengths together: less padding
+    out: list[str] = [""] * len(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, len(order), batch_size):
+                chunk = order[s : s + batch_size]
+                T = max(len(ids[k]) for k in chunk)
+                # left padding: every prompt ends at column T, where generation starts
+                input_ids = torch.tensor([[pad] * (T - len(ids[k])) + ids[k] for k in chunk], device=device)  # (B, T)
+                mask = torch.tensor([[0] * (T - len(ids[k])) + [1] * len(ids[k]) for k in chunk], device=device)  # (B, T)
+                gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad)  # (B, T + new)
+                for k, text in zip(chunk, tokenizer.batch_decode(gen[:, T:], skip_special_tokens=True)):
+                    out[k] = text
+    finally:
+        model.train(was_training)
+    return out
+
+
+def ner_f1(model, tokenizer, conversations, *, template=None, max_questions=None, max_new_tokens=64,
+           batch_size=8) -> dict:
+    """Entity F1 of `model` on the NER questions of `conversations` (see `score` for the keys, with
+    `per_type`), plus `examples`: the first 5 questions as {type, gold, predicted, raw}.
+
+    >>> res = ner_f1(model, tok, conversations.load("CrossNER_AI.json"), max_questions=200)
+    >>> print(f"{res['f1']:.3f} over {res['questions']} questions; {res['examples'][0]}")
+    """
+    qs = ner_questions(conversations)[:max_questions]
+    raw = generate_answers(model, tokenizer, [p for p, _, _ in qs], template=template,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+    marker = renderer(tokenizer, template).marker
+    pred = [parse_entities(a, marker) for a in raw]
+    out = score(pred, [g for _, _, g in qs], [t for _, t, _ in qs])
+    out["examples"] = [{"type": t, "gold": g, "predicted": p, "raw": a}
+                       for (_, t, g), p, a in list(zip(qs, pred, raw))[:5]]
+    return out

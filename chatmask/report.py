@@ -1,0 +1,107 @@
+"""The comparison report as Markdown and as one self-contained HTML page (plot inlined as SVG).
+
+`report_markdown(result, arms)` / `report_html(result, arms, svg)` read the dict `compare` writes to
+metrics.json; every number shown comes from it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+
+
+def _f(x, d=4):
+    return "—" if x is None else f"{x:.{d}f}"
+
+
+def _pm(m, s, d=4):
+    return "—" if m is None else f"{m:.{d}f} ± {s:.{d}f}"
+
+
+def _rows(result, arms):
+    out = []
+    for arm in arms:
+        a = result[arm]
+        out.append([
+            arm, a["train_on"], str(a["seeds"]), f"{a['trained_tokens']:,.0f}", f"{a['trained_fraction']:.1%}",
+            _pm(a["final_val_loss_mean"], a["final_val_loss_std"]), _pm(a["best_val_loss_mean"], a["best_val_loss_std"]),
+            _pm(a["f1_mean"], a["f1_std"], 3), f"{a['wall_seconds_mean']:.0f}",
+        ])
+    return out
+
+
+HEAD = ["arm", "train_on", "seeds", "trained tokens / run", "trained fraction", "final val loss (mean ± std)",
+        "best val loss (mean ± std)", "entity F1 (mean ± std)", "wall s / run"]
+
+
+def _stats_lines(result):
+    s = result["data_stats"]
+    total = sum(s[k] for k in ("system", "user", "assistant", "tool", "template")) or 1
+    ua = s.get("user_to_assistant")
+    lines = [
+        f"data: `{result['data']}` (tokens by role over its first {s['rows']:,} rows)",
+        "tokens by role: " + ", ".join(f"{k} {s[k]:,} ({s[k] / total:.1%})" for k in ("system", "user", "assistant", "tool", "template")),
+        f"user : assistant tokens = {ua:.2f} : 1" if ua is not None else "user : assistant: no assistant tokens",
+    ]
+    first = result[next(a for a in ("masked", "unmasked") if a in result)]
+    lines.append(f"validation: {first['val_tokens']:,} assistant tokens, the same for every run "
+                 f"(sha256 {first['val_tokens_sha256'][:16]}…)")
+    return lines
+
+
+def _verdict(result, arms):
+    if not {"masked", "unmasked"} <= set(arms):
+        return "Only one arm was run; nothing to compare."
+    m, u = result["masked"], result["unmasked"]
+    dm, du = m["final_val_loss_mean"], u["final_val_loss_mean"]
+    diff = du - dm
+    spread = max(m["final_val_loss_std"], u["final_val_loss_std"])
+    seeds = m["seeds"]
+    if seeds < 2:
+        strength = "one seed per arm, so there is no estimate of run-to-run noise"
+    elif abs(diff) > 2 * spread:
+        strength = f"larger than twice the larger seed std ({spread:.4f}) over {seeds} seeds"
+    else:
+        strength = f"within twice the larger seed std ({spread:.4f}) over {seeds} seeds: not distinguishable from noise"
+    better = "masked" if diff > 0 else "unmasked"
+    text = (f"Final assistant-only validation loss: masked {dm:.4f}, unmasked {du:.4f}; {better} is lower by "
+            f"{abs(diff):.4f} ({strength}).")
+    if m["f1_mean"] is not None and u["f1_mean"] is not None:
+        text += f" Entity F1: masked {m['f1_mean']:.3f}, unmasked {u['f1_mean']:.3f}."
+    text += (" This is one dataset, one model and one training budget; it does not show the effect at other "
+             "sizes, budgets or data.")
+    return text
+
+
+def report_markdown(result: dict, arms) -> str:
+    lines = ["# chatmask compare: masked vs unmasked", "", "![validation loss](loss.png)", ""]
+    lines += [f"- {x}" for x in _stats_lines(result)]
+    lines += ["", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(result, arms)]
+    lines += ["", _verdict(result, arms), "", "## Per seed", ""]
+    for arm in arms:
+        for s in result[arm]["per_seed"]:
+            f1 = (s.get("metric") or {}).get("f1")
+            lines.append(f"- {arm} seed {s['seed']}: final {_f(s['final_val_loss'])}, best {_f(s['best_val_loss'])}"
+                         + (f", F1 {f1:.3f}" if f1 is not None else ""))
+    lines += ["", "## How it was made", "", "```", result["command"], "```", "", "```json",
+              json.dumps({k: result[k] for k in ("data_config", "train_config", "compare_config")}, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def report_html(result: dict, arms, svg: str) -> str:
+    e = html.escape
+    rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in _rows(result, arms))
+    stats = "".join(f"<li>{e(x)}</li>" for x in _stats_lines(result))
+    svg = svg[svg.find("<svg"):]
+    conf = e(json.dumps({k: result[k] for k in ("data_config", "train_config", "compare_config")}, indent=2))
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>chatmask compare</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1000px;color:#222}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}th{background:#f4f4f4}"
+        "pre{background:#f6f6f6;padding:1em;overflow:auto}svg{max-width:100%;height:auto}</style></head><body>"
+        f"<h1>chatmask compare: masked vs unmasked</h1>{svg}<ul>{stats}</ul>"
+        "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEAD) + f"</tr>{rows}</table>"
+        f"<p>{e(_verdict(result, arms))}</p><h2>How it was made</h2><pre>{e(result['command'])}</pre><pre>{conf}</pre>"
+        "</body></html>"
+    )

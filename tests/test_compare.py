@@ -1,0 +1,121 @@
+"""compare end to end on a tiny model: both arms, the same validation tokens, report files, metric,
+finished runs reused; the CLI train/compare with a YAML run file; kill -9 and --resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from chatmask.compare import CompareConfig, compare
+from chatmask.config import DataConfig
+from chatmask.train import TrainConfig
+
+NER = [{"conversations": [
+    {"from": "human", "value": f"Text: The band Alpha{k} played in Paris with Beta{k}."},
+    {"from": "gpt", "value": "I've read this text."},
+    {"from": "human", "value": "What describes band in the text?"},
+    {"from": "gpt", "value": json.dumps([f"Alpha{k}", f"Beta{k}"])},
+    {"from": "human", "value": "What describes location in the text?"},
+    {"from": "gpt", "value": json.dumps(["Paris"])},
+]} for k in range(30)]
+
+
+def tiny_factory(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=2))
+    return make
+
+
+@pytest.fixture()
+def ner_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATMASK_CACHE", str(tmp_path / "cache"))
+    p = tmp_path / "ner.json"
+    p.write_text(json.dumps(NER))
+    return str(p)
+
+
+def test_compare_writes_report_with_same_validation_tokens(ner_file, bpe_tok, tmp_path):
+    tc = TrainConfig(finetune="full", lr=5e-3, steps=4, eval_every=2, save_every=2, val_split=0.2, batch_size=4,
+                     tensorboard=False)
+    cc = CompareConfig(seeds=2, metric="ner-f1", metric_questions=4)
+    out = tmp_path / "cmp"
+    res = compare(ner_file, DataConfig(), tc, cc, out, tokenizer=bpe_tok, model_factory=tiny_factory(bpe_tok), log=None,
+                  command="chatmask compare ner.json")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m == json.loads(json.dumps(res))
+    for arm in ("masked", "unmasked"):
+        assert m[arm]["val_tokens"] > 0 and len(m[arm]["per_seed"]) == 2
+        assert m[arm]["final_val_loss_mean"] > 0 and m[arm]["f1_mean"] is not None
+    assert m["masked"]["val_tokens_sha256"] == m["unmasked"]["val_tokens_sha256"]
+    assert m["masked"]["val_tokens"] == m["unmasked"]["val_tokens"]
+    assert m["unmasked"]["trained_tokens"] > m["masked"]["trained_tokens"]
+    assert m["data_stats"]["user_to_assistant"] > 1
+    for f in ("loss.png", "loss.svg", "report.md", "report.html"):
+        assert (out / f).stat().st_size > 500, f
+    md = (out / "report.md").read_text()
+    assert "masked" in md and "chatmask compare ner.json" in md and f"{m['masked']['final_val_loss_mean']:.4f}" in md
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and "src=" not in html  # self-contained
+    # finished runs are reused, not retrained
+    t = time.perf_counter()
+    again = compare(ner_file, DataConfig(), tc, cc, out, tokenizer=bpe_tok, model_factory=None, log=None)
+    assert again["masked"]["final_val_loss_mean"] == m["masked"]["final_val_loss_mean"]
+    assert time.perf_counter() - t < 10
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, bpe_tok):
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_factory(bpe_tok)().save_pretrained(d)
+    bpe_tok.save_pretrained(d)
+    return str(d)
+
+
+def cli(*argv, env=None):
+    return subprocess.run([sys.executable, "-m", "chatmask", *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_compare_with_run_file(ner_file, model_dir, tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("train:\n  finetune: full\n  steps: 2\n  eval_every: 1\n  val_split: 0.2\n  tensorboard: false\n"
+                   "compare:\n  seeds: 1\n")
+    r = cli("compare", ner_file, "--model", model_dir, "--config", str(run), "--set", "train.batch_size=2",
+            "--out", str(tmp_path / "c"), env={"CHATMASK_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert m["train_config"]["batch_size"] == 2 and m["train_config"]["steps"] == 2
+    r = cli("compare", ner_file, "--model", model_dir, "--set", "train.nope=1", "--out", str(tmp_path / "d"))
+    assert r.returncode == 2 and "unknown key(s) nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kill_9_then_resume_matches_uninterrupted(ner_file, model_dir, tmp_path):
+    env = {"CHATMASK_CACHE": str(tmp_path / "cache")}
+    common = ["--model", model_dir, "--finetune", "full", "--lr", "0.005", "--steps", "40", "--eval-every", "40",
+              "--save-every", "4", "--val-split", "0.2", "--batch-size", "2", "--no-tensorboard"]
+    whole = cli("train", ner_file, *common, "--out", str(tmp_path / "whole"), env=env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    p = subprocess.Popen([sys.executable, "-m", "chatmask", "train", ner_file, *common, "--out", str(tmp_path / "k")],
+                         env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "k" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 10):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "k" / "result.json").exists(), "the run finished before it was killed"
+    r = cli("train", ner_file, *common, "--resume", "--out", str(tmp_path / "k"), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = json.loads((tmp_path / "whole" / "result.json").read_text())
+    b = json.loads((tmp_path / "k" / "result.json").read_text())
+    assert b["train_losses"] == pytest.approx(a["train_losses"], abs=1e-6)
+    assert b["final_val_loss"] == pytest.approx(a["final_val_loss"], abs=1e-6)
