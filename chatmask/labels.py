@@ -10,23 +10,20 @@ trained run is decoded and compared with the text it must equal.
 
 from __future__ import annotations
 
-import os
-import re
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import ChatmaskError, ConfigError, ConversationError, TemplateError, short
-from . import templates
+from .spans import Renderer, _Turn, _decode_texts, _encode_texts, answer_regions, content_spans, renderer, resolve_template
+
+__all__ = ["IGNORE", "Example", "check_template", "content_spans", "encode", "encode_many", "encode_turns",
+           "normalize_messages", "renderer", "resolve_template", "truncate"]
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
 TRAIN_ON = ("assistant", "all", "last_assistant")
 TRUNCATION = ("turns", "right", "drop")
 
-# Private-use characters: a sentinel never meets real text and is never tokenized.
-_S0, _S1 = "\ue000", "\ue001"
-_PAD = " \n "  # around a sentinel, tells whether the template strips a message's content
-_SENTINEL_RE = re.compile(_S0 + r"(\d+)" + _S1)
 _MEMO_CHARS = 8_000_000  # text a Renderer keeps token ids for (~100 MB at most), then starts again
 
 
@@ -116,383 +113,44 @@ def _weights(messages) -> list[int]:
     return [int(m.get("weight", 1)) if isinstance(m, dict) else 1 for m in messages]
 
 
-# ---------------------------------------------------------------- rendering
-
-
-@dataclass
-class _Skeleton:
-    """What a template renders around the contents of one conversation shape (sentinel contents)."""
-
-    pieces: list[tuple[str, int, bool, bool]]  # (template text before, message index, keeps left/right ws)
-    tail: str
-    piece_starts: list[int] = field(default_factory=list)  # where each piece (then the tail) starts in S
-    head: dict[int, tuple[int, int] | None] = field(default_factory=dict)  # assistant -> (piece, offset) where its
-    # answer starts (the end of its generation prompt), None: at its content
-    marker: dict[int, int] = field(default_factory=dict)  # assistant index -> marker length after content
-    preserving: dict[int, bool] = field(default_factory=dict)
-
-
-class Renderer:
-    """A compiled template bound to a tokenizer's special tokens, with its analysis and skeleton cache."""
-
-    def __init__(self, template_text: str, tokenizer):
-        from transformers.utils.chat_template_utils import _compile_jinja_template  # sandboxed, as transformers
-
-        self.text = template_text
-        try:
-            self.compiled = _compile_jinja_template(template_text)
-        except Exception as e:  # jinja2.TemplateSyntaxError and friends
-            raise TemplateError(f"chat template does not compile: {e}") from None
-        self.kwargs = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
-        specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
-        dec = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-        specials |= {t.content for t in dec.values() if getattr(t, "special", False)}
-        self.specials = sorted((s for s in specials if s), key=len, reverse=True)
-        self._skeletons: dict[tuple, _Skeleton | None] = {}
-        self._srenders: dict[tuple, str | None] = {}
-        self._seg_ids: dict[str, list[int]] = {}
-        self._memo_chars = 0
-        self.verified: set[str] = set()
-        self.marker, self.gen_prompt_empty, self.notes = self._analyse()
-
-    # -- tokenizing: a segment's tokens depend on its text alone, and prompts repeat across rows (the same
-    # passage asked about several entity types, the same template text), so each distinct segment is
-    # tokenized and verified once. Bounded: cleared when it holds _MEMO_CHARS of text.
-    def tokenize(self, tokenizer, texts: list[str]) -> list[list[int]]:
-        memo = self._seg_ids
-        todo = [t for t in dict.fromkeys(texts) if t not in memo]
-        if not todo:
-            return [memo[t] for t in texts]
-        memo.update(zip(todo, _encode_texts(tokenizer, todo)))
-        out = [memo[t] for t in texts]
-        self._memo_chars += sum(map(len, todo))
-        if self._memo_chars > _MEMO_CHARS:
-            memo.clear()
-            self.verified.clear()
-            self._memo_chars = 0
-        return out
-
-    def remember_verified(self, text: str) -> None:
-        self.verified.add(text)
-
-    # -- rendering
-    def render(self, messages, add_generation_prompt=False, source="") -> str:
-        try:
-            return self.compiled.render(
-                messages=messages, tools=None, documents=None,
-                add_generation_prompt=add_generation_prompt, **self.kwargs,
-            )
-        except Exception as e:  # the template's raise_exception, SecurityError, UndefinedError, ...
-            where = f"{source}: " if source else ""
-            raise TemplateError(
-                f"{where}the chat template raised {type(e).__name__}: {e}",
-                reason="template error",
-            ) from None
-
-    # -- template-level analysis, done once
-    def _probe(self, roles):
-        msgs = [{"role": r, "content": f"{_S0}{j}{_S1}"} for j, r in enumerate(roles)]
-        return msgs, self.render(msgs)
-
-    def _analyse(self):
-        notes = []
-        marker = ""
-        gen_empty = False
-        probe = None
-        for roles in (("user", "assistant", "user", "assistant"), ("system", "user", "assistant", "user", "assistant")):
-            try:
-                probe = (roles, self._probe(roles)[1], self._probe(roles[: roles.index("assistant") + 1])[1])
-                break
-            except TemplateError as e:
-                notes.append(f"probe {'/'.join(roles)}: {e}")
-        if probe is None:
-            notes.append("no end-of-turn marker could be found: the template fails on a plain user/assistant conversation")
-            return "", gen_empty, notes
-        roles, full, short_ = probe
-        a = roles.index("assistant")
-        tag = f"{_S0}{a}{_S1}"
-        if full.count(tag) == 1 and short_.count(tag) == 1:
-            after_full = full.split(tag, 1)[1]
-            after_full = after_full.split(_S0, 1)[0]
-            after_short = short_.split(tag, 1)[1]
-            cp = os.path.commonprefix([after_full, after_short])
-            marker = _cut_marker(cp, self.specials)
-        try:
-            msgs = [{"role": r, "content": f"{_S0}{j}{_S1}"} for j, r in enumerate(roles[:a])]
-            gen_empty = self.render(msgs, True) == self.render(msgs, False)
-        except TemplateError:
-            pass
-        return marker, gen_empty, notes
-
-    # -- per shape
-    def skeleton(self, roles: tuple) -> _Skeleton | None:
-        if roles in self._skeletons:
-            return self._skeletons[roles]
-        try:
-            sk = self._build_skeleton(roles)
-        except TemplateError:
-            sk = None
-        self._skeletons[roles] = sk
-        return sk
-
-    def _build_skeleton(self, roles) -> _Skeleton | None:
-        S = self._sentinel_render(roles, False)
-        if S is None:
-            return None
-        pieces, starts, pos, seen, region = [], [], 0, {}, {}
-        for m in _SENTINEL_RE.finditer(S):
-            j = int(m.group(1))
-            if j >= len(roles):
-                return None
-            lkeep = S.startswith(_PAD, m.start() - len(_PAD)) and m.start() - len(_PAD) >= pos
-            rkeep = S.startswith(_PAD, m.end())
-            start = m.start() - len(_PAD) if lkeep else m.start()
-            end = m.end() + len(_PAD) if rkeep else m.end()
-            pieces.append((S[pos:start], j, lkeep, rkeep))
-            starts.append(pos)
-            seen[j] = seen.get(j, 0) + 1
-            region[j] = (start, end)
-            pos = end
-        sk = _Skeleton(pieces, S[pos:], starts + [pos])
-        for i, r in enumerate(roles):
-            if r != "assistant":
-                continue
-            if seen.get(i) != 1:
-                return None  # the template drops or repeats an answer: row-by-row path decides
-            start, end = region[i]
-            h, preserving = self._answer_start(self._sentinel_render(roles[:i], True), S, start)
-            g = start - h  # end of the generation prompt in S: inside a template piece, or no fast path
-            k = next((k for k, p0 in enumerate(sk.piece_starts) if p0 <= g and (k == len(pieces) or g <= p0 + len(pieces[k][0]))), None)
-            if k is None:
-                return None
-            sk.head[i] = (k, g - sk.piece_starts[k]) if preserving else None
-            sk.marker[i] = len(self.marker) if self.marker and S.startswith(self.marker, end) else 0
-            if preserving:
-                e = end + sk.marker[i]
-                preserving = self._sentinel_render(roles[: i + 1], False).startswith(S[:e])
-            sk.preserving[i] = preserving
-        return sk
-
-    def _sentinel_render(self, roles: tuple, gen: bool) -> str | None:
-        """The rendering of a conversation of this shape with padded sentinel contents (memoized: shapes
-        share prefixes, so each prefix is rendered once). None where the template raises."""
-        key = (roles, gen)
-        if key not in self._srenders:
-            msgs = [{"role": r, "content": f"{_PAD}{_S0}{j}{_S1}{_PAD}"} for j, r in enumerate(roles)]
-            try:
-                self._srenders[key] = self.render(msgs, gen)
-            except TemplateError:
-                self._srenders[key] = None
-        return self._srenders[key]
-
-    def _generation_prompt(self, msgs, i, source=""):
-        try:
-            return self.render(msgs[:i], True, source=source)
-        except TemplateError:
-            return None
-
-    def _answer_start(self, G, R, content_start) -> tuple[int, bool]:
-        """Chars of template text between the end of a turn's generation prompt `G` and its content, and
-        whether the generation prompt is a prefix of the rendering (else the answer starts at the content)."""
-        if G is None:
-            return 0, False
-        if not (len(G) <= content_start and R.startswith(G)):
-            return 0, False
-        between = R[len(G) : content_start]
-        if self.gen_prompt_empty and (any(c.isalnum() for c in between) or any(s in between for s in self.specials)):
-            return 0, False  # no generation prompt: this is the assistant header, never trained
-        return len(between), True
-
-
-def _cut_marker(text: str, specials) -> str:
-    """The end-of-turn marker from the template text common to every assistant turn's end: through the
-    first special token if there is one, else that text without trailing whitespace."""
-    best = None
-    for s in specials:
-        k = text.find(s)
-        if k >= 0 and (best is None or k + len(s) < best):
-            best = k + len(s)
-    return text[:best] if best is not None else text.rstrip()
-
-
-_renderers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def resolve_template(tokenizer, template: str | None = None) -> str:
-    """The Jinja text to render with: a built-in name, Jinja text, or the tokenizer's own template."""
-    if template is None:
-        text = getattr(tokenizer, "chat_template", None)
-        if isinstance(text, dict):
-            text = text.get("default")
-        if not text:
-            raise TemplateError(
-                "the tokenizer has no chat template; pass template= (or --template) with a built-in name "
-                f"({', '.join(sorted(templates.BUILTIN))}) or Jinja text",
-                reason="no chat template",
-            )
-        return text
-    if not isinstance(template, str):
-        raise TemplateError(f"template must be a name or Jinja text, found {short(template)}")
-    return template if templates.is_jinja(template) else templates.get(template).jinja
-
-
-def renderer(tokenizer, template: str | None = None) -> Renderer:
-    """The cached Renderer for (tokenizer, template)."""
-    text = resolve_template(tokenizer, template)
-    try:
-        per_tok = _renderers.setdefault(tokenizer, {})
-    except TypeError:  # not weak-referenceable
-        per_tok = {}
-    key = (text, len(tokenizer))
-    r = per_tok.get(key)
-    if r is None:
-        r = per_tok[key] = Renderer(text, tokenizer)
-    return r
-
-
-# ---------------------------------------------------------------- spans
-
-
-@dataclass
-class _Turn:
-    index: int  # message index
-    start: int  # answer region in the rendered text: [start, end)
-    end: int
-    preserving: bool
-
-
-def _turns_fast(r: Renderer, msgs, R) -> list[_Turn] | None:
-    """Answer regions from the cached skeleton of this shape; None if the row is not explained by it."""
-    found = _match_skeleton(r, msgs, R)
-    if found is None:
-        return None
-    sk, spans, starts = found
-    return [
-        _Turn(i, spans[i][0] if h is None else starts[h[0]] + h[1], spans[i][1] + sk.marker[i], sk.preserving[i])
-        for i, h in sk.head.items()
-    ]
-
-
-def _match_skeleton(r: Renderer, msgs, R):
-    """(skeleton, content span of each message, start of each template piece) when the row's rendering is
-    exactly its shape's skeleton with the contents filled in; else None."""
-    roles = []
-    for m in msgs:
-        if len(m) != 2 or "content" not in m:
-            return None  # tool calls, names, reasoning: rendered from data, not from the shape
-        roles.append(m["role"])
-    sk = r.skeleton(tuple(roles))
-    if sk is None:
-        return None
-    pos, spans, starts = 0, {}, []
-    for piece, j, lkeep, rkeep in sk.pieces:
-        if not R.startswith(piece, pos):
-            return None
-        starts.append(pos)
-        pos += len(piece)
-        c = msgs[j]["content"]
-        if not lkeep:
-            c = c.lstrip()
-        if not rkeep:
-            c = c.rstrip()
-        if not R.startswith(c, pos):
-            return None
-        spans[j] = (pos, pos + len(c))
-        pos += len(c)
-    if len(R) - pos != len(sk.tail) or not R.startswith(sk.tail, pos):
-        return None
-    starts.append(pos)
-    return sk, spans, starts
-
-
-def _diff_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
-    """Where message i's content (and whatever the template renders from the rest of that message) lies in
-    R: render with the message replaced by a plain sentinel message and take what differs."""
-    tag = f"{_S0}{i}{_S1}"
-    alt = list(msgs)
-    alt[i] = {"role": msgs[i]["role"], "content": tag}
-    A = r.render(alt, source=source)
-    if A.count(tag) != 1:
-        raise TemplateError(
-            f"{source}: message {i}: the template renders a {msgs[i]['role']} message "
-            f"{'more than once' if A.count(tag) > 1 else 'nowhere'}; chatmask cannot label it",
-            reason="template error",
-        )
-    p = len(os.path.commonprefix([R, A]))
-    limit = min(len(R), len(A)) - p
-    q = 0
-    while q < limit and R[-1 - q] == A[-1 - q]:
-        q += 1
-    k = A.index(tag)
-    if not (p <= k and k + len(tag) <= len(A) - q):
-        raise TemplateError(f"{source}: message {i}: cannot locate it in the rendering", reason="template error")
-    return p, len(R) - q
-
-
-def content_spans(messages, tokenizer, template=None, source="") -> tuple[str, dict[int, tuple[int, int]]]:
-    """The rendering and the character span of each rendered message content in it (for audits: which
-    role each token came from). Messages a template does not render have no span."""
-    r = renderer(tokenizer, template)
-    msgs = normalize_messages(messages, source)
-    R = r.render(msgs, source=source)
-    found = _match_skeleton(r, msgs, R)
-    if found is not None:
-        return R, found[1]
-    spans = {}
-    for i in range(len(msgs)):
-        try:
-            spans[i] = _diff_span(r, msgs, R, i, source or "conversation")
-        except TemplateError:
-            if msgs[i]["role"] == "assistant":
-                raise
-    return R, spans
-
-
-def _turns_slow(r: Renderer, msgs, R, source) -> list[_Turn]:
-    """Answer regions found turn by turn: render with that answer replaced by a sentinel and diff."""
-    turns = []
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        cstart, cend = _diff_span(r, msgs, R, i, source)
-        head, preserving = r._answer_start(r._generation_prompt(msgs, i, source), R, cstart)
-        end = cend + (len(r.marker) if r.marker and R.startswith(r.marker, cend) else 0)
-        if preserving:
-            preserving = r.render(msgs[: i + 1], source=source).startswith(R[:end])
-        turns.append(_Turn(i, cstart - head, end, preserving))
-    return turns
-
-
-def answer_regions(r: Renderer, msgs, R, source="") -> list[_Turn]:
-    turns = _turns_fast(r, msgs, R)
-    if turns is None:
-        turns = _turns_slow(r, msgs, R, source)
-    prev = 0
-    for t in turns:
-        if t.start < prev or t.end < t.start:
-            raise TemplateError(
-                f"{source}: message {t.index}: answer regions overlap; the template reorders turns",
-                reason="template error",
-            )
-        prev = t.end
-    return turns
-
-
 # ---------------------------------------------------------------- tokenizing
 
-
-def _encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+_MEMO_CHARS = 8_000_000  # text whose token ids are kept per template (~100 MB at most), then started again
 
 
-def _decode_texts(tokenizer, ids: list[list[int]]) -> list[str]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return backend.decode_batch(ids, skip_special_tokens=False)
-    return [tokenizer.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False) for x in ids]
+class _SegmentMemo:
+    """A segment's tokens depend on its text alone, and prompts repeat across rows (the same passage asked
+    about several entity types, the same template text), so each distinct segment is tokenized and
+    verified once per (tokenizer, template). Bounded: cleared when it holds _MEMO_CHARS of text."""
+
+    def __init__(self):
+        self.ids: dict[str, list[int]] = {}
+        self.verified: set[str] = set()
+        self.chars = 0
+
+    def tokenize(self, tokenizer, texts: list[str]) -> list[list[int]]:
+        todo = [t for t in dict.fromkeys(texts) if t not in self.ids]
+        if not todo:
+            return [self.ids[t] for t in texts]
+        self.ids.update(zip(todo, _encode_texts(tokenizer, todo)))
+        out = [self.ids[t] for t in texts]
+        self.chars += sum(map(len, todo))
+        if self.chars > _MEMO_CHARS:
+            self.ids.clear()
+            self.verified.clear()
+            self.chars = 0
+        return out
+
+
+_memos: "weakref.WeakKeyDictionary[Renderer, _SegmentMemo]" = weakref.WeakKeyDictionary()
+
+
+def _memo(r: Renderer) -> _SegmentMemo:
+    m = _memos.get(r)
+    if m is None:
+        m = _memos[r] = _SegmentMemo()
+    return m
+
 
 
 def _trained_turns(msgs, weights, turns: list[_Turn], train_on, source) -> set[int]:
@@ -566,7 +224,8 @@ def encode_many(rows, tokenizer, *, train_on="assistant", max_length=None, templ
             continue
         plans.append(plan)
         texts += plan.texts
-    ids = r.tokenize(tokenizer, texts)
+    memo = _memo(r)
+    ids = memo.tokenize(tokenizer, texts)
     out, checks, k = [], [], 0
     for plan in plans:
         if isinstance(plan, ChatmaskError):
@@ -577,11 +236,11 @@ def encode_many(rows, tokenizer, *, train_on="assistant", max_length=None, templ
         k += n
         out.append((ex, ends))
         checks += [(len(out) - 1, *c) for c in chk]
-    checks = [c for c in checks if c[2] not in r.verified]
+    checks = [c for c in checks if c[2] not in memo.verified]
     decoded = _decode_texts(tokenizer, [c[1] for c in checks]) if checks else []
     for (row, _ids, want, i), got in zip(checks, decoded):
         if got == want:
-            r.remember_verified(want)
+            memo.verified.add(want)
         if got != want and not isinstance(out[row], ChatmaskError):
             src = out[row][0].source or "conversation"
             out[row] = TemplateError(
@@ -769,3 +428,11 @@ def check_template(tokenizer, template: str | None = None) -> list[str]:
             notes.append("has {% generation %} tags: chatmask does not need them (labels come from the rendering)")
             break
     return notes
+
+
+def clear_caches() -> None:
+    """Forget every compiled template, skeleton and segment memo (benchmarks start each repeat cold)."""
+    from . import spans
+
+    spans._renderers.clear()
+    _memos.clear()

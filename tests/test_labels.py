@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import chatmask
+import chatmask.spans
 from chatmask import IGNORE, ConversationError, TemplateError, templates
 from chatmask.labels import renderer
 
@@ -365,7 +366,7 @@ def test_row_by_row_path_agrees_with_cached_skeleton(bpe_tok, name, monkeypatch)
             fast[shape] = chatmask.encode(msgs, bpe_tok, template=name)
         except chatmask.ChatmaskError as e:
             fast[shape] = type(e)
-    monkeypatch.setattr(chatmask.labels, "_turns_fast", lambda *a: None)
+    monkeypatch.setattr(chatmask.spans, "_turns_fast", lambda *a: None)
     for shape, msgs in SHAPES.items():
         try:
             slow = chatmask.encode(msgs, bpe_tok, template=name)
