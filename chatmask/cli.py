@@ -354,10 +354,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (weight-loading bars, deprecation notices of transformers/peft internals) would
+    bury chatmask's own output."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ap = build_parser()
     args = ap.parse_args(argv)
+    if not args.debug:
+        _quiet_libraries()
     try:
         return args.func(args) or 0
     except ChatmaskError as e:
@@ -365,9 +383,21 @@ def main(argv=None) -> int:
             raise
         print(f"chatmask: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permission denied, ...: the user's environment, not a bug
+        if args.debug:
+            raise
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"chatmask: error:{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("chatmask: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: say so in one line; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"chatmask: internal error: {type(e).__name__}: {e}\n  rerun with --debug for the traceback, "
+              "and please report it", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

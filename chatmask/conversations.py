@@ -345,9 +345,11 @@ def _read_json(path: str, name: str):
 
 
 def _read_jsonl(path: str, name: str):
+    seen = False
     with open(path, "rb") as f:  # binary: split on b"\n" only; "\r" is JSON whitespace
         for n, b in enumerate(f, 1):
             src = f"{name}:{n}"
+            seen = seen or bool(b.strip())
             try:
                 text = b.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
@@ -363,6 +365,8 @@ def _read_jsonl(path: str, name: str):
                 hint = " (a JSON array? name the file .json)" if n == 1 and text.lstrip().startswith("[") else ""
                 yield src, ConversationError(f"{src}: invalid JSON: {e.msg} at column {e.colno}{hint}. {_FIX}",
                                              reason="invalid JSON")
+    if not seen:
+        raise ConversationError(f"{name}: file is empty; expected one JSON object (a row) per line", reason="empty file")
 
 
 def _read_library(target: str, path: str, name: str, split: str):

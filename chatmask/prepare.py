@@ -23,7 +23,7 @@ from pathlib import Path
 from . import config as cfgmod
 from . import conversations, labels, spans
 from .config import DataConfig
-from .errors import ChatmaskError, ConfigError
+from .errors import ChatmaskError, ConfigError, ConversationError
 
 FORMAT_VERSION = 1
 BATCH = 512  # conversations labelled per tokenizer call
@@ -212,12 +212,14 @@ class _Stats:
 
 
 def drop_summary(stats: dict) -> str:
+    """One line: 'dropped 3 of 1,000 rows: 2 no assistant turn, 1 role order; first: d.jsonl:17: ...'."""
     n = stats["rows_dropped"]
     if not n:
         return ""
-    parts = ", ".join(f"{c} {r}" for r, c in stats["dropped_by_reason"].items())
-    first = next(iter(stats["first_dropped"].values()), "")
-    return f"dropped {n:,} of {stats['rows_read']:,} rows: {parts}; first: {first}"
+    parts = ", ".join(f"{c:,} {r}" for r, c in stats["dropped_by_reason"].items())
+    top = next(iter(stats["dropped_by_reason"]))
+    first = stats["first_dropped"].get(top, "").split(" Fix the row")[0].split("\n")[0]
+    return f"dropped {n:,} of {stats['rows_read']:,} rows: {parts}; first {top}: {first}"
 
 
 # ---------------------------------------------------------------- writing
@@ -264,12 +266,12 @@ def _write_shards(tmp: Path, rows_iter, stats: _Stats, progress, skip_invalid: b
     return n_shards
 
 
-def _finish_layout(tmp: Path, n_shards: int, key: str) -> None:
+def _finish_layout(tmp: Path, n_shards: int, key: str, data: str) -> None:
     """Name the shards and write the two JSON files `datasets.load_from_disk` reads."""
     import datasets
 
     if n_shards == 0:
-        raise ConfigError("no row became an example (every row was dropped); see the counts above")
+        raise ConversationError(f"{data}: no row became an example (every row was dropped)", reason="no rows")
     names = []
     for k in range(n_shards):
         name = f"data-{k:05d}-of-{n_shards:05d}.arrow"
@@ -296,7 +298,8 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
         return done
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        _remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     except OSError as e:
         raise ConfigError(f"cannot write the output folder {out}: {e.strerror}") from None
     try:
@@ -317,7 +320,7 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
                 bar.close()
         s = stats.as_dict(report)
         s["seconds"] = round(time.perf_counter() - t0, 3)
-        _finish_layout(tmp, n_shards, key)
+        _finish_layout(tmp, n_shards, key, data)
         resolved = {"data": str(data), "cache_key": key, "format_version": FORMAT_VERSION,
                     "tokenizer_fingerprint": tokenizer_fingerprint(tok), "end_of_turn_marker": r.marker,
                     "template": r.text, **cfgmod.to_dict(cfg)}
@@ -331,6 +334,24 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
     if s["salvaged"] and log:
         log(s["salvaged"])
     return Prepared(out, s, False)
+
+
+def _remove_stale(out: Path) -> None:
+    """Temporary folders left by killed runs (their process is gone) are deleted; a live run's are kept."""
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = p.name[len(out.name) + 6:].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _cached(out: Path, key: str) -> Prepared | None:
