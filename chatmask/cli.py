@@ -246,7 +246,7 @@ def cmd_train(args) -> int:
 
     dc, tc, _ = _run_configs(args)
     r = train(args.data, dc, tc, args.out, tokenizer=_tokenizer(args) if (args.tokenizer or args.model) else None)
-    if "stopped_at" not in r:
+    if "stopped_at" not in r and int(os.environ.get("RANK", "0")) == 0:  # once, under torchrun / accelerate
         print(f"final validation loss (assistant tokens): {r['final_val_loss']:.4f}; model in {args.out}/model")
     return 0
 

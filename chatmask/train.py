@@ -216,13 +216,17 @@ def evaluate(model, val, pad_id: int, batch_size: int, acc=None, sparse=True) ->
     total = torch.zeros(2, dtype=torch.float64)
     device = acc.device if acc else next(model.parameters()).device
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for chunk in chunks[rank::world]:
-        rows = val.select(chunk)
+    # every process runs the same number of forward passes (a wrapped model may talk to the others in
+    # each one, e.g. DDP's buffer broadcast); a process out of chunks repeats one and does not count it
+    for k in range(-(-len(chunks) // world)):
+        idx = k * world + rank
+        rows = val.select(chunks[idx if idx < len(chunks) else 0])
         b = batches.collate([{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])],
                             pad_id, "assistant")
-        b = {k: v.to(device) for k, v in b.items()}
+        b = {key: v.to(device) for key, v in b.items()}
         s, n = token_loss_sum(model, b, sparse)
-        total += torch.tensor([float(s), n], dtype=torch.float64)
+        if idx < len(chunks):
+            total += torch.tensor([float(s), n], dtype=torch.float64)
     if acc and world > 1:
         total = acc.reduce(total.to(device), "sum").cpu()
     model.train(was)
@@ -256,6 +260,23 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, state: dict, keep: 
     for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _sharded(acc) -> bool:
+    return "FSDP" in str(acc.distributed_type) or "DEEPSPEED" in str(acc.distributed_type)
+
+
+def _save_sharded(acc, out: Path, state: dict, keep: int) -> None:
+    """FSDP / DeepSpeed: weights and optimizer are sharded across processes, so accelerate writes them
+    (every process takes part); the loop state goes beside them. Not exercised on CPU (accelerate runs
+    FSDP only on GPUs)."""
+    final = out / "checkpoints" / f"step-{state['step']:06d}"
+    acc.save_state(str(final / "accelerate"))
+    if acc.is_main_process:
+        (final / "state.json").write_text(json.dumps({**state, "python_random": random.getstate()}, default=list))
+        root = out / "checkpoints"
+        for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -322,7 +343,10 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
 
     from .models import add_lora, load_model, load_tokenizer
 
-    acc = Accelerator()
+    # with no accelerator, say so: accelerate only sets up multi-process CPU (gloo) under torchrun when told
+    no_device = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()) \
+        and not torch.backends.mps.is_available()
+    acc = Accelerator(cpu=no_device)
     out = Path(out)
     say = (log or (lambda *a: None)) if acc.is_main_process else (lambda *a: None)
     world, rank = acc.num_processes, acc.process_index
@@ -335,7 +359,8 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         resolved = {"data": str(data), "data_config": config.to_dict(data_cfg), "train_config": config.to_dict(cfg),
-                    "processes": world, "val_tokens": split.val_tokens, "val_tokens_sha256": split.val_sha256}
+                    "processes": world, "distributed_type": str(acc.distributed_type), "device": str(acc.device),
+                    "val_tokens": split.val_tokens, "val_tokens_sha256": split.val_sha256}
         (out / "config.json").write_text(json.dumps(resolved, indent=2))
 
     torch.manual_seed(cfg.seed)
@@ -356,11 +381,18 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=math.ceil(cfg.warmup * cfg.steps),
                           num_training_steps=cfg.steps)
     model, opt = acc.prepare(model, opt)
+    if _sharded(acc):
+        acc.register_for_checkpointing(sched)
 
     state = {"step": 0, "history": [], "evals": [], "trained_tokens": 0, "input_tokens": 0, "seconds": 0.0}
     ck = latest_checkpoint(out) if cfg.resume else None
     if ck is not None:
-        state = load_checkpoint(ck, acc.unwrap_model(model), opt, sched)
+        if _sharded(acc):
+            acc.load_state(str(ck / "accelerate"))  # sharded weights and optimizer: accelerate's own format
+            state = json.loads((ck / "state.json").read_text())
+            state.pop("python_random", None)
+        else:
+            state = load_checkpoint(ck, acc.unwrap_model(model), opt, sched)
         say(f"resumed from {ck} (step {state['step']})")
     elif cfg.resume:
         say(f"no checkpoint in {out}/checkpoints; starting from step 0")
@@ -420,7 +452,9 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
                                 **({"val": f"{rec['val_loss']:.4f}"} if "val_loss" in rec else {}))
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
             acc.wait_for_everyone()
-            if acc.is_main_process:
+            if _sharded(acc):
+                _save_sharded(acc, out, state, cfg.keep_checkpoints)
+            elif acc.is_main_process:
                 save_checkpoint(out, state["step"], acc.unwrap_model(model), opt, sched, state, cfg.keep_checkpoints)
             acc.wait_for_everyone()
         done_here += 1
