@@ -29,7 +29,7 @@ def _tokenizer(args):
 
 DEMO = {  # sized for about 10 minutes on 2 CPU cores
     "data": dict(salvage=True, skip_invalid=True, limit=400, max_length=384),
-    "train": dict(finetune="lora", lr=5e-4, steps=24, batch_size=4, eval_every=6, save_every=6, val_rows=24,
+    "train": dict(finetune="lora", lr=5e-4, steps=16, batch_size=4, eval_every=4, save_every=4, val_rows=16,
                   eval_batch_size=8, warmup=0.1),
 }
 

@@ -415,6 +415,14 @@ def _rows(target: str, split: str):
                                 "or a folder written by datasets' save_to_disk", reason="unsupported file")
     if not os.path.exists(path) and _looks_like_path(target):
         raise ConversationError(f"no such file: {target}", reason="no such file")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "dataset_info.json")) \
+            and not os.path.exists(os.path.join(path, "dataset_dict.json")):
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith((".json", ".jsonl", ".ndjson", ".parquet")))
+        if not files:
+            raise ConversationError(f"{target}: a folder with no .json/.jsonl/.parquet file and not a datasets folder",
+                                    reason="unreadable source")
+        # a folder of data files (e.g. several domains): their rows in file-name order, one format for all
+        return (row for f in files for row in _rows(os.path.join(path, f), split))
     return _read_library(target, path, name, split)
 
 

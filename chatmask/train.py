@@ -394,8 +394,6 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
         else:
             state = load_checkpoint(ck, acc.unwrap_model(model), opt, sched)
         say(f"resumed from {ck} (step {state['step']})")
-    elif cfg.resume:
-        say(f"no checkpoint in {out}/checkpoints; starting from step 0")
 
     writer = _tensorboard(out, cfg, acc)
     bar = None

@@ -419,3 +419,13 @@ def test_random_rows_load_or_raise_conversation_error(tmp_path, rows, fmt):
     report = LoadReport()
     kept = list(load(path, format=fmt, skip_invalid=True, report=report))  # every row is kept or counted
     assert report.rows_read == len(rows) == report.rows_kept + sum(report.dropped.values()) and len(kept) == report.rows_kept
+
+
+def test_folder_of_data_files_reads_them_in_name_order(tmp_path):
+    d = tmp_path / "domains"
+    d.mkdir()
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    (d / "b.jsonl").write_text(json.dumps(row) + "\n")
+    (d / "a.json").write_text(json.dumps([row, row]))
+    (d / "LICENSE").write_text("not data")
+    assert [c.source for c in load(str(d))] == ["a.json:1 (record 1)", "a.json:1 (record 2)", "b.jsonl:1"]

