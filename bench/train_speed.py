@@ -2,8 +2,8 @@
 
 (a) hf-standard: rows padded to the longest, `model(input_ids, attention_mask, labels)` (full logits at
     every position, labels -100 where not trained), AdamW step.
-(b) chatmask: the same rows packed into one token-budget row (position ids restart per example, a
-    block-diagonal mask), the LM head applied only at trained positions, AdamW step.
+(b) chatmask: the same rows packed first-fit into rows no longer than the longest one (position ids
+    restart per example, a block-diagonal mask), the LM head applied only at trained positions, AdamW.
 Both get identical rows per step (assistant-only labels from chatmask.encode). Tokens/s are measured
 alternately in one process (a b a b ...); peak memory of a step is measured in a fresh child process
 per variant (peak RSS during the steps minus RSS after setup; on a GPU, torch's peak allocation).
@@ -99,7 +99,7 @@ def step_fn(variant, model, opt, device):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
     torch.manual_seed(0)
     return run
 
@@ -113,7 +113,9 @@ def make_batches(rows, pad_id, bs, variant, dtype):
         if variant == "hf-standard":
             out.append(batches.collate(chunk, pad_id))
         else:
-            out.append(batches.pack(chunk, pad_id, max_tokens=sum(len(r["input_ids"]) for r in chunk), dtype=dtype))
+            # bins no longer than the batch's longest row: padding goes, attention stays as cheap as padded
+            # (one long packed row would cost O(T^2) attention without a varlen kernel, as on CPU)
+            out.append(batches.pack(chunk, pad_id, max_tokens=max(len(r["input_ids"]) for r in chunk), dtype=dtype))
     return out, [sum(len(r["input_ids"]) for r in rows[i:i + bs]) for i in range(0, len(rows) - bs + 1, bs)]
 
 
