@@ -115,7 +115,8 @@ def _weights(messages) -> list[int]:
 
 # ---------------------------------------------------------------- tokenizing
 
-_MEMO_CHARS = 8_000_000  # text whose token ids are kept per template (~100 MB at most), then started again
+_MEMO_CHARS = 4_000_000  # text whose token ids are kept per template (~50 MB at most), then started again
+_MEMO_LONGEST = 4096  # longer segments are not kept
 
 
 class _SegmentMemo:
@@ -132,9 +133,12 @@ class _SegmentMemo:
         todo = [t for t in dict.fromkeys(texts) if t not in self.ids]
         if not todo:
             return [self.ids[t] for t in texts]
-        self.ids.update(zip(todo, _encode_texts(tokenizer, todo)))
-        out = [self.ids[t] for t in texts]
-        self.chars += sum(map(len, todo))
+        new = dict(zip(todo, _encode_texts(tokenizer, todo)))
+        out = [self.ids.get(t) or new[t] for t in texts]
+        # long segments (whole chat answers) hardly ever repeat: keeping them would only cost memory
+        keep = {t: v for t, v in new.items() if len(t) <= _MEMO_LONGEST}
+        self.ids.update(keep)
+        self.chars += sum(map(len, keep))
         if self.chars > _MEMO_CHARS:
             self.ids.clear()
             self.verified.clear()

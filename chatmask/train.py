@@ -67,6 +67,8 @@ class TrainConfig:
     """pack rows into --pack-tokens rows (position ids restart per example, attention kept inside it)"""
     pack_tokens: int = 2048
     """token budget of a packed row"""
+    group_by_length: bool = False
+    """put rows of similar length in the same micro-batch (less padding; order still seeded)"""
     sparse_loss: bool = True
     """apply the LM head only at trained positions (same loss and gradients, less time and memory)"""
     seed: int = 0
@@ -174,14 +176,28 @@ def split_rows(ds, cfg: TrainConfig, val_ds=None) -> Split:
     return Split(ds, val_ds, n, h.hexdigest())
 
 
-def global_batch(n_rows: int, cfg: TrainConfig, step: int, world: int) -> list[int]:
-    """Row indices of optimizer step `step` (0-based): epochs of seeded permutations, consumed in order."""
+def global_batch(n_rows: int, cfg: TrainConfig, step: int, world: int, lengths=None) -> list[int]:
+    """Row indices of optimizer step `step` (0-based): epochs of seeded permutations, consumed in order.
+    With `lengths` (--group-by-length), each run of 64 steps' rows is sorted by length and cut into steps
+    whose order is shuffled again: rows of a micro-batch have similar lengths, so little padding."""
     G = cfg.batch_size * cfg.grad_accum * world
     out, start = [], step * G
     while len(out) < G:
         epoch, pos = divmod(start + len(out), n_rows)
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
-        out += perm[pos:pos + G - len(out)]
+        out += _epoch_order(n_rows, cfg.seed, epoch, G, lengths)[pos:pos + G - len(out)]
+    return out
+
+
+def _epoch_order(n_rows, seed, epoch, G, lengths):
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_rows, generator=g).tolist()
+    if lengths is None:
+        return perm
+    out, M = [], 64 * G
+    for i in range(0, n_rows, M):
+        chunk = sorted(perm[i:i + M], key=lambda r: -lengths[r])
+        groups = [chunk[k:k + G] for k in range(0, len(chunk), G)]
+        out += [r for j in torch.randperm(len(groups), generator=g).tolist() for r in groups[j]]
     return out
 
 
@@ -402,12 +418,13 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
 
         bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train ({data_cfg.train_on})", unit="step", disable=None)
     mask_dtype = dtype
+    lengths = [len(x) for x in split.train["input_ids"]] if cfg.group_by_length else None
     model.train()
     done_here = 0
     while state["step"] < cfg.steps:
         step = state["step"]
         t0 = time.perf_counter()
-        rows = global_batch(len(split.train), cfg, step, world)
+        rows = global_batch(len(split.train), cfg, step, world, lengths)
         mbs, n_total = micro_batches(split.train, rows, cfg, rank, world, pad_id, data_cfg.train_on, mask_dtype)
         loss_sum = torch.zeros((), dtype=torch.float64)
         tokens = 0

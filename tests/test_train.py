@@ -109,6 +109,20 @@ def test_global_batches_cover_epochs_in_seeded_order():
     assert global_batch(12, TrainConfig(batch_size=3, grad_accum=2, seed=1), 0, 1) != global_batch(12, cfg, 0, 1)
 
 
+def test_group_by_length_keeps_epochs_and_cuts_padding():
+    lengths = [(k * 37) % 100 + 5 for k in range(512)]
+    cfg = TrainConfig(batch_size=4, group_by_length=True)
+    steps = [global_batch(512, cfg, s, 1, lengths) for s in range(128)]
+    assert sorted(r for b in steps for r in b) == list(range(512))  # still one epoch, every row once
+
+    def padding(bs):
+        return sum(max(lengths[r] for r in b) * len(b) - sum(lengths[r] for r in b) for b in bs)
+
+    plain = [global_batch(512, TrainConfig(batch_size=4), s, 1) for s in range(128)]
+    assert padding(steps) < padding(plain) / 5
+    assert steps == [global_batch(512, cfg, s, 1, lengths) for s in range(128)]  # deterministic
+
+
 def _run(data, tok, out, **kw):
     cfg = TrainConfig(**{"steps": 6, "eval_every": 3, "save_every": 2, "val_split": 0.1, "batch_size": 4,
                          "finetune": "full", "lr": 1e-2, "tensorboard": False, **kw})
