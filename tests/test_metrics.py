@@ -114,6 +114,7 @@ def test_ner_questions():
     assert [t for _, t, _ in ner_questions([conv])] == ["person", "location"]
 
 
+@pytest.mark.skipif(not UNINER.exists(), reason="../shared/data/uniner absent")
 def test_ner_questions_on_crossner_rows():
     rows = list(itertools.islice(conversations.load(str(UNINER / "CrossNER_AI.json")), 20))
     qs = ner_questions(rows)
