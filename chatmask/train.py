@@ -419,6 +419,10 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
         bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train ({data_cfg.train_on})", unit="step", disable=None)
     mask_dtype = dtype
     lengths = [len(x) for x in split.train["input_ids"]] if cfg.group_by_length else None
+    if state["step"] == 0 and not state["evals"]:  # the curve starts where every arm starts: the same model
+        t1 = time.perf_counter()
+        v = evaluate(model, split.val, pad_id, cfg.eval_batch_size, acc, sparse)
+        state["evals"].append({"step": 0, "val_loss": v, "seconds": time.perf_counter() - t1})
     model.train()
     done_here = 0
     while state["step"] < cfg.steps:
