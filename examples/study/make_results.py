@@ -34,7 +34,14 @@ def section(name: str, m: dict, docs: Path, src: Path) -> list[str]:
     lines += [f"- {x}" for x in _stats_lines(m)]
     lines += ["", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(m, arms)]
-    lines += ["", _verdict(m, arms), "", "Command:", "", "```", m["command"], "```", ""]
+    lines += ["", _verdict(m, arms)]
+    f1s = [s.get("metric", {}).get("f1") for a in arms for s in m[a]["per_seed"] if s.get("metric")]
+    if f1s and max(f1s) == 0:
+        ex = next(s["metric"]["examples"] for a in arms for s in m[a]["per_seed"] if s.get("metric"))
+        raws = ", ".join(repr(e["raw"]) for e in ex[:3])
+        lines.append(f"Entity F1 is 0 in every run: at this budget the models answer almost every question with an "
+                     f"empty list (first answers: {raws}), so F1 does not separate the arms here.")
+    lines += ["", "Command:", "", "```", m["command"], "```", ""]
     return lines
 
 
@@ -62,6 +69,8 @@ def main(out: str, docs: str) -> None:
               "entity F1 by greedy generation on a domain never trained on.",
               "- The runs are short (tens of optimizer steps of LoRA on a 135M model on CPU); the differences show "
               "what masking does early in fine-tuning at this scale, not at convergence or for larger models.",
+              "- Wall times are as measured on a shared 2-core machine (other work ran beside the study); compare them "
+              "with care.",
               "- With 3 seeds per arm the error bars (std over seeds, band = min..max in the plots) are rough; a "
               "difference smaller than about twice the std is not evidence either way.", ""]
     (docs / "results.md").write_text("\n".join(lines))
