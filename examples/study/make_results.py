@@ -39,8 +39,10 @@ def section(name: str, m: dict, docs: Path, src: Path) -> list[str]:
     if f1s and max(f1s) == 0:
         ex = next(s["metric"]["examples"] for a in arms for s in m[a]["per_seed"] if s.get("metric"))
         raws = ", ".join(repr(e["raw"]) for e in ex[:3])
-        lines.append(f"Entity F1 is 0 in every run: at this budget the models answer almost every question with an "
-                     f"empty list (first answers: {raws}), so F1 does not separate the arms here.")
+        predicted = sum(s["metric"].get("tp", 0) + s["metric"].get("fp", 0) for a in arms for s in m[a]["per_seed"]
+                        if s.get("metric"))
+        lines.append(f"Entity F1 is 0 in every run: the models predicted {predicted} entities in all "
+                     f"(first answers: {raws}); at this training budget F1 does not separate the arms.")
     lines += ["", "Command:", "", "```", m["command"], "```", ""]
     return lines
 
