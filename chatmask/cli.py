@@ -96,7 +96,7 @@ def _data_config(args):
     from .config import DataConfig
 
     tok_name = args.tokenizer or args.model
-    return config.from_args(DataConfig, args, tokenizer=tok_name)
+    return config.build(DataConfig, None, args, tokenizer=tok_name)
 
 
 def cmd_prepare(args) -> int:

@@ -1,7 +1,8 @@
 """Run configuration: frozen dataclasses per concern, whose field docstrings are also the CLI's --help.
 
 `add_arguments(parser, cls)` turns a dataclass into flags (`max_length` -> `--max-length`);
-`from_args(cls, args)` builds it back and `check(cfg)` reports every cross-field problem at once.
+`build(cls, yaml_section, args)` builds it back (defaults < YAML < flags) and `check(cfg)` reports every
+cross-field problem at once.
 `load_yaml(path, overrides)` reads a YAML file with `section.key=value` overrides.
 """
 
@@ -100,16 +101,6 @@ def add_arguments(parser, cls, *, skip=(), defaults_none=False) -> None:
                                 default=default, help=help_, metavar=None if choices else f.name.upper())
 
 
-def from_args(cls, args, **extra):
-    """Build `cls` from parsed args (fields not given keep their defaults)."""
-    values = {}
-    for f in dataclasses.fields(cls):
-        v = extra.get(f.name, getattr(args, f.name, None))
-        if v is not None:
-            values[f.name] = v
-    return check(cls(**values))
-
-
 def replace(cfg, **changes):
     return check(dataclasses.replace(cfg, **changes))
 
@@ -141,15 +132,6 @@ def check(cfg):
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def from_dict(cls, d: dict):
-    """Build `cls` from a mapping; unknown keys are an error listing the valid ones."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(sorted(names))}")
-    return check(cls(**d))
 
 
 def load_yaml(path: str | None, overrides=()) -> dict[str, dict]:

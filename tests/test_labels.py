@@ -304,8 +304,6 @@ def test_add_template_tokens():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import make_post_tokenizer
-
     tok = make_bpe_tokenizer_without_chatml()
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                           num_attention_heads=2, num_key_value_heads=2))
@@ -314,7 +312,6 @@ def test_add_template_tokens():
     ex = chatmask.encode(SHAPES["single"], tok)
     assert tok.convert_tokens_to_ids("<|im_end|>") in ex.labels
     assert torch.isfinite(model(torch.tensor([ex.input_ids])).logits).all()
-    assert make_post_tokenizer  # fixture module importable
 
 
 def make_bpe_tokenizer_without_chatml():
