@@ -1,30 +1,36 @@
 """Training-step speed and memory: the Hugging Face standard step vs chatmask's step, on the same rows.
 
 (a) hf-standard: rows padded to the longest, `model(input_ids, attention_mask, labels)` (full logits at
-    every position, labels -100 where not trained), AdamW step.
-(b) chatmask: the same rows packed first-fit into rows no longer than the longest one (position ids
-    restart per example, a block-diagonal mask), the LM head applied only at trained positions, AdamW.
-Both get identical rows per step (assistant-only labels from chatmask.encode). Tokens/s are measured
-alternately in one process (a b a b ...); peak memory of a step is measured in a fresh child process
-per variant (peak RSS during the steps minus RSS after setup; on a GPU, torch's peak allocation).
-Prints a table and, last, `speedup=<float>`: tokens/s ratio on CrossNER with SmolLM2-135M.
+    every position, labels -100 where not trained), fused AdamW step (the Trainer's default optimizer).
+(b) chatmask: the same rows packed first-fit into `chatmask train --packing` rows (2,048 tokens; position ids
+    restart per example, a block-diagonal mask), the LM head applied only at trained positions, the same AdamW.
+Both get identical rows per step (assistant-only labels from chatmask.encode) and their own copy of the
+model. Steps alternate in one process (a b a b ...), after one warm-up step each. The warm-up runs the
+variant's largest batch and gives the run's peak memory, on top of the weights and the already allocated
+optimizer state: on CPU the process's peak RSS during the step (high-water mark reset after returning
+free heap to the OS) minus its RSS before it; on a GPU, torch's peak allocation minus what was allocated
+before it. Prints a table and, last, `speedup=<float>`:
+the tokens/s ratio on CrossNER with SmolLM2-135M.
 
-    python bench/train_speed.py [--quick] [--device cuda]
+    python bench/train_speed.py [--quick] [--device cuda] [--dtype bfloat16]
+    python bench/train_speed.py --export DIR     # rows + SmolLM2's config and tokenizer, for a machine
+    python bench/train_speed.py --from DIR ...   # without the GGUF weights (random weights, same shapes)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import ctypes
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 UNINER = Path(__file__).resolve().parents[2] / "shared" / "data" / "uniner"
+MAX_LENGTH = 512
 
 
 def crossner_rows(n):
@@ -51,13 +57,13 @@ def sharegpt_rows(n):
     return out
 
 
-def encoded(tok, convs, max_length, n):
+def encoded(tok, convs, n):
     from chatmask import ChatmaskError, encode
 
     out = []
     for c in convs:
         try:
-            e = encode(c, tok, max_length=max_length)
+            e = encode(c, tok, max_length=MAX_LENGTH)
         except ChatmaskError:
             continue
         out.append({"input_ids": e.input_ids, "labels": e.labels})
@@ -66,175 +72,216 @@ def encoded(tok, convs, max_length, n):
     return out
 
 
-def model_for(name, tok):
+def rows_for(data, tok, n, src):
+    if src:
+        return json.loads((Path(src) / f"{data}.json").read_text())[:n]
+    convs = crossner_rows(n * 3) if data == "crossner" else sharegpt_rows(n)
+    return encoded(tok, convs, n)
+
+
+def model_for(name, tok, src, dtype):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from chatmask.models import load_model
 
-    if name == "smollm2":
-        m = load_model("smollm2")
+    torch.manual_seed(0)
+    if name == "smollm2" and src:  # SmolLM2-135M's shapes, random weights: a step costs the same
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(Path(src) / "smollm2"), dtype=dtype)
+    elif name == "smollm2":
+        m = load_model("smollm2", dtype=dtype)
     else:  # a small random model with SmolLM2's vocabulary: the head is a larger share of the work
-        torch.manual_seed(0)
         m = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=768,
                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                                         tie_word_embeddings=True))
+                                         tie_word_embeddings=True)).to(dtype)
     m.config.use_cache = False
     return m
 
 
-def step_fn(variant, model, opt, device):
+def tokenizer(src):
+    from chatmask.models import load_tokenizer
+
+    return load_tokenizer(str(Path(src) / "smollm2") if src else "smollm2")
+
+
+def optimizer(variant, model):
+    """Both fused AdamW: the Trainer's default optimizer (`adamw_torch_fused`) and chatmask's."""
+    import torch
+
+    from chatmask.train import adamw
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-5, fused=True) if variant == "hf-standard" else adamw(params, lr=1e-5)
+
+
+def step_loss(variant, model, batch, device):
     import torch
 
     from chatmask.train import token_loss_sum
 
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if variant == "hf-standard":
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    s, n = token_loss_sum(model, batch, sparse=True)
+    return s / n
+
+
+def step_fn(variant, model, opt, device):
     def run(batch):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if variant == "hf-standard":
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"]).loss
-        else:
-            s, n = token_loss_sum(model, batch, sparse=True)
-            loss = s / n
+        loss = step_loss(variant, model, batch, device)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
-    torch.manual_seed(0)
     return run
 
 
-def make_batches(rows, pad_id, bs, variant, dtype):
+def make_batches(rows, pad_id, bs, variant, dtype, attention):
     from chatmask import batches
+    from chatmask.train import TrainConfig
 
+    budget = TrainConfig().pack_tokens  # what `chatmask train --packing` packs into
     out = []
     for i in range(0, len(rows) - bs + 1, bs):
         chunk = rows[i:i + bs]
         if variant == "hf-standard":
             out.append(batches.collate(chunk, pad_id))
         else:
-            # bins no longer than the batch's longest row: padding goes, attention stays as cheap as padded
-            # (one long packed row would cost O(T^2) attention without a varlen kernel, as on CPU)
-            out.append(batches.pack(chunk, pad_id, max_tokens=max(len(r["input_ids"]) for r in chunk), dtype=dtype))
+            out.append(batches.pack(chunk, pad_id, max_tokens=max(budget, *(len(r["input_ids"]) for r in chunk)),
+                                    dtype=dtype, attention=attention))
     return out, [sum(len(r["input_ids"]) for r in rows[i:i + bs]) for i in range(0, len(rows) - bs + 1, bs)]
 
 
-def setup(data, model_name, steps, bs, device):
-    import torch
-
-    from chatmask.models import load_tokenizer
-
-    tok = load_tokenizer("smollm2")
-    convs = crossner_rows(steps * bs * 3) if data == "crossner" else sharegpt_rows(steps * bs)
-    rows = encoded(tok, convs, 512, steps * bs)
-    model = model_for(model_name, tok).to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    return tok, rows, model, opt
-
-
-def rss_mb():
+def _status_mb(key):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
-    return 0.0
+    return float("nan")
 
 
-def memory_child(args):
-    """Run one variant's steps and print its peak step memory (MB) as JSON."""
+def prime(opt):
+    """Allocate the optimizer's state with a step that changes nothing (zero gradients, AdamW's update is 0
+    and weight decay is 0), so the first real step's memory is the step's own."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = p.detach().new_zeros(p.shape)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def peak_of(run, batch, device):
+    """Peak MB one step adds to what is allocated before it."""
     import torch
 
-    tok, rows, model, opt = setup(args.data, args.model, args.steps, args.batch_size, args.device)
-    b, _ = make_batches(rows, tok.pad_token_id, args.batch_size, args.variant, torch.float32)
-    run = step_fn(args.variant, model, opt, args.device)
-    run(b[0])  # optimizer state allocated: part of the setup, equal for both
-    if args.device == "cuda":
+    if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        for x in b[1:]:
-            run(x)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        base = rss_mb()
-        for x in b[1:]:
-            run(x)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    print(json.dumps({"peak_mb": peak}))
+        run(batch)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS: RSS is what is in use
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM (peak RSS) := current RSS
+    base = _status_mb("VmRSS")
+    run(batch)
+    return _status_mb("VmHWM") - base
 
 
-def speed(data, model_name, steps, bs, device, repeats):
+def timed(run, batch, device):
     import torch
 
-    tok, rows, model, opt = setup(data, model_name, steps, bs, device)
-    plans = {v: make_batches(rows, tok.pad_token_id, bs, v, torch.float32) for v in ("hf-standard", "chatmask")}
-    runs = {v: step_fn(v, model, opt, device) for v in plans}
-    for v in plans:  # warm-up (allocations, optimizer state)
-        runs[v](plans[v][0][0])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    run(batch)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def case(data, model_name, steps, bs, device, dtype, src):
+    import torch
+
+    from chatmask.models import packed_attention
+
+    tok = tokenizer(src)
+    rows = rows_for(data, tok, steps * bs, src)
+    model = model_for(model_name, tok, src, dtype).to(device)
+    models = {"hf-standard": copy.deepcopy(model), "chatmask": model}  # the standard one keeps sdpa untouched
+    attention = packed_attention(model)  # what `chatmask train --packing` checks and uses
+    plans = {v: make_batches(rows, tok.pad_token_id, bs, v, dtype, attention) for v in models}
+    with torch.no_grad():  # same weights, same rows: both steps must compute the same loss
+        first = {v: float(step_loss(v, models[v], plans[v][0][0], device)) for v in plans}
+    opts = {v: optimizer(v, models[v]) for v in plans}
+    runs = {v: step_fn(v, models[v], opts[v], device) for v in plans}
+    peak = {}
+    for v in plans:  # warm-up on the variant's largest batch, the run's peak memory
+        prime(opts[v])
+        peak[v] = peak_of(runs[v], max(plans[v][0], key=lambda b: b["input_ids"].numel()), device)
     times = {v: 0.0 for v in plans}
-    tokens = {v: 0 for v in plans}
-    for _ in range(repeats):
-        for k in range(len(plans["chatmask"][0])):
-            for v in plans:  # alternate: a b a b
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                runs[v](plans[v][0][k])
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times[v] += time.perf_counter() - t
-                tokens[v] += plans[v][1][k]
+    tokens = sum(plans["hf-standard"][1])
+    for k in range(len(plans["chatmask"][0])):
+        for v in plans:  # alternate: a b a b
+            times[v] += timed(runs[v], plans[v][0][k], device)
     padded = sum(int(b["input_ids"].numel()) for b in plans["hf-standard"][0])
-    real = sum(plans["hf-standard"][1])
-    return {v: tokens[v] / times[v] for v in plans}, 1 - real / padded
+    return {v: tokens / times[v] for v in plans}, peak, 1 - tokens / padded, attention, \
+        abs(first["hf-standard"] - first["chatmask"])
 
 
-def memory(data, model_name, steps, bs, device, variant):
-    cmd = [sys.executable, __file__, "--child", "--data", data, "--model", model_name, "--steps", str(steps),
-           "--batch-size", str(bs), "--device", device, "--variant", variant]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if r.returncode:
-        return float("nan")
-    return json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
+def export(out):
+    """Rows of every case and SmolLM2's config + tokenizer, for `--from` on a machine without them."""
+    from chatmask.models import load_model
+
+    out = Path(out)
+    tok = tokenizer(None)
+    (out / "smollm2").mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out / "smollm2")
+    load_model("smollm2").config.save_pretrained(out / "smollm2")
+    for data in ("crossner", "sharegpt"):
+        if data == "crossner" and not UNINER.exists():
+            continue
+        (out / f"{data}.json").write_text(json.dumps(rows_for(data, tok, 64 * 9, None)))
+    print(f"wrote {out}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="CrossNER and ShareGPT on SmolLM2 only, fewer steps (< 2 min)")
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 only, fewer steps (< 2 min on 2 cores)")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--steps", type=int, default=None, help="measured steps per variant and case")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--data", default="crossner", help=argparse.SUPPRESS)
-    ap.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
-    ap.add_argument("--variant", default="chatmask", help=argparse.SUPPRESS)
+    ap.add_argument("--export", metavar="DIR", help="write rows, config and tokenizer for --from, and stop")
+    ap.add_argument("--from", dest="src", metavar="DIR", help="rows, config and tokenizer from --export")
     args = ap.parse_args()
-    if args.child:
-        return memory_child(args)
+    if args.export:
+        return export(args.export)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    dtype = getattr(torch, args.dtype)
     steps = args.steps or (3 if args.quick else 8)
-    cases = [("crossner", "smollm2"), ("sharegpt", "smollm2")]
+    # (data, model, rows per step, measured steps); --quick: ShareGPT's long rows at half the batch, 2 steps
+    cases = [("crossner", "smollm2", args.batch_size, steps),
+             ("sharegpt", "smollm2", max(1, args.batch_size // 2), 2) if args.quick else
+             ("sharegpt", "smollm2", args.batch_size, steps)]
     if not args.quick:
-        cases += [("crossner", "random-small"), ("sharegpt", "random-small")]
-    if not UNINER.exists():
+        cases += [("crossner", "random-small", args.batch_size, steps), ("sharegpt", "random-small", args.batch_size, steps)]
+    if not (Path(args.src) / "crossner.json" if args.src else UNINER).exists():
         print(f"note: {UNINER} not found; CrossNER cases skipped")
         cases = [c for c in cases if c[0] != "crossner"]
     dev = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"train_speed: torch {torch.__version__}, {dev}, batch {args.batch_size} rows, {steps} steps per variant"
-          f"{'' if args.quick else ' x 2 repeats'}, alternating")
-    print(f"{'data':9} {'model':13} {'hf tok/s':>9} {'chatmask tok/s':>15} {'speedup':>8} {'padding':>8} "
-          f"{'hf peak MB':>11} {'cm peak MB':>11} {'mem ratio':>9}")
+    print(f"train_speed: torch {torch.__version__}, {dev}, {args.dtype}, measured steps per variant and case "
+          f"alternating after a warm-up{'; weights random (--from)' if args.src else ''}")
+    print(f"{'data':9} {'model':13} {'rows':>4} {'steps':>5} {'hf tok/s':>9} {'chatmask tok/s':>15} {'speedup':>8} {'padding':>8} "
+          f"{'hf peak MB':>11} {'cm peak MB':>11} {'mem ratio':>9} {'|dloss|':>8}  attention")
     head = None
-    for data, model_name in cases:
-        tps, pad = speed(data, model_name, steps, args.batch_size, args.device, 1 if args.quick else 2)
-        mem = {v: memory(data, model_name, max(2, steps // 2 + 1), args.batch_size, args.device, v)
-               for v in ("hf-standard", "chatmask")}
+    for data, model_name, bs, n_steps in cases:
+        tps, mem, pad, attention, dloss = case(data, model_name, n_steps, bs, args.device, dtype, args.src)
         sp = tps["chatmask"] / tps["hf-standard"]
         ratio = mem["chatmask"] / mem["hf-standard"] if mem["hf-standard"] > 0 else float("nan")
-        print(f"{data:9} {model_name:13} {tps['hf-standard']:9.0f} {tps['chatmask']:15.0f} {sp:8.2f} {pad:8.1%} "
-              f"{mem['hf-standard']:11.0f} {mem['chatmask']:11.0f} {ratio:9.2f}", flush=True)
+        print(f"{data:9} {model_name:13} {bs:4} {n_steps:5} {tps['hf-standard']:9.0f} {tps['chatmask']:15.0f} {sp:8.2f} {pad:8.1%} "
+              f"{mem['hf-standard']:11.0f} {mem['chatmask']:11.0f} {ratio:9.2f} {dloss:8.1e}  {attention}", flush=True)
         if (data, model_name) == ("crossner", "smollm2"):
             head = sp
     print(f"speedup={head:.3f}" if head is not None else "speedup=nan")

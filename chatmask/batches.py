@@ -2,8 +2,10 @@
 
 Labels stay unshifted (the loss shifts once). `apply_train_on` turns assistant labels into the labels
 of another arm (`all`: every token; `last_assistant`: the last trained run) so every arm trains on the
-same prepared rows. Packed rows carry position ids that restart per example and a block-diagonal
-attention mask, so no token attends to, or is labelled from, another example.
+same prepared rows. Packed rows carry position ids that restart per example and either the examples'
+boundaries (`attention="varlen"`: `cu_seq_lens_*`, which flash-attention's varlen kernel and
+`models.VARLEN` read) or a block-diagonal 4D mask (`attention="mask"`), so no token attends to, or is
+labelled from, another example.
 """
 
 from __future__ import annotations
@@ -42,10 +44,15 @@ def collate(rows: list[dict], pad_id: int, train_on: str = "assistant") -> dict[
 
 
 def pack(rows: list[dict], pad_id: int, train_on: str = "assistant", max_tokens: int | None = None,
-         dtype=torch.float32) -> dict[str, torch.Tensor]:
+         dtype=torch.float32, attention: str = "mask") -> dict:
     """Rows concatenated into one row per `max_tokens` budget (first-fit in order), with position ids
-    restarting per example and a 4D block-diagonal causal mask (additive, `dtype`), which sdpa and eager
-    attention honour on every device (position ids alone do not isolate examples on CPU)."""
+    restarting per example. `attention="varlen"`: the examples' boundaries over the flattened (B*T) tokens
+    as `cu_seq_lens_q/k` + `max_length_q/k` (a row's padding tail is a segment of its own), for attention
+    run per example (cost sum(n_i^2)); `"mask"`: a 4D block-diagonal causal mask (additive, `dtype`),
+    which sdpa and eager attention honour on every device (position ids alone do not isolate examples
+    on CPU), at T^2 cost per row."""
+    if attention not in ("mask", "varlen"):
+        raise ValueError(f"unknown attention {attention!r}")
     budget = max_tokens or sum(len(r["input_ids"]) for r in rows)
     bins: list[list[dict]] = []
     used: list[int] = []
@@ -65,6 +72,7 @@ def pack(rows: list[dict], pad_id: int, train_on: str = "assistant", max_tokens:
     lab = torch.full((B, T), IGNORE, dtype=torch.long)  # (B, T)
     pos = torch.zeros((B, T), dtype=torch.long)  # (B, T)
     seg = torch.full((B, T), -1, dtype=torch.long)  # (B, T) example index within its packed row, -1 = padding
+    lens: list[int] = []  # segment lengths over the flattened rows, padding tails included
     for b, group in enumerate(bins):
         o = 0
         for k, r in enumerate(group):
@@ -75,14 +83,25 @@ def pack(rows: list[dict], pad_id: int, train_on: str = "assistant", max_tokens:
             pos[b, o:o + n] = torch.arange(n)
             seg[b, o:o + n] = k
             o += n
+            lens.append(n)
+        if T > o:
+            lens.append(T - o)
+    out = {"input_ids": ids, "position_ids": pos, "labels": _cut_cross_example_targets(lab, seg)}
+    if attention == "varlen":
+        cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)  # (S + 1,)
+        # an all-ones 2D mask: no padding mask to build, and transformers does not re-derive one from
+        # the position ids; the boundaries alone keep examples apart
+        out.update(attention_mask=torch.ones((B, T), dtype=torch.long), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                   max_length_q=max(lens), max_length_k=max(lens))
+        return out
     same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
     causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
     allowed = same & causal & (seg[:, :, None] >= 0)
     allowed |= torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves: no NaN from an empty softmax
     mask = torch.zeros((B, 1, T, T), dtype=dtype)  # (B, 1, T, T)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    lab = _cut_cross_example_targets(lab, seg)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": lab}
+    out["attention_mask"] = mask
+    return out
 
 
 def _cut_cross_example_targets(lab: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:

@@ -65,23 +65,69 @@ def test_sparse_loss_equals_full_loss_and_gradients(bpe_tok, lora):
         assert torch.allclose(out[True][1][name], g, atol=1e-5), name
 
 
-def test_packed_loss_equals_unpacked_and_no_cross_attention(bpe_tok):
+@pytest.mark.parametrize("attention", ["mask", "varlen"])
+@pytest.mark.parametrize("budget", [10_000, 40])  # one packed row; several rows with padding tails
+def test_packed_loss_and_gradients_equal_unpacked_and_no_cross_attention(bpe_tok, attention, budget):
+    from chatmask.models import packed_attention
+
     model = tiny(bpe_tok)
+    if attention == "varlen":
+        assert packed_attention(model) == "varlen"  # switches the model to chatmask's per-example attention
     rows = encoded(bpe_tok, 4)
     pad = batches.collate(rows, bpe_tok.pad_token_id)
-    packed = batches.pack(rows, bpe_tok.pad_token_id, max_tokens=10_000)
-    assert packed["input_ids"].shape[0] == 1
-    s1, n1 = token_loss_sum(model, pad)
-    s2, n2 = token_loss_sum(model, packed)
-    assert n1 == n2 and float(s1 / n1) == pytest.approx(float(s2 / n2), abs=1e-5)
+    packed = batches.pack(rows, bpe_tok.pad_token_id, max_tokens=budget, attention=attention)
+    assert (packed["input_ids"].shape[0] == 1) == (budget == 10_000)
+    out = []
+    for b in (pad, packed):
+        model.zero_grad()
+        s, n = token_loss_sum(model, b)
+        (s / n).backward()
+        out.append((n, float(s / n), grads(model)))
+    assert out[0][0] == out[1][0] and out[0][1] == pytest.approx(out[1][1], abs=1e-5)
+    for name, g in out[0][2].items():
+        assert torch.allclose(out[1][2][name], g, atol=1e-5), name
     # change the first example's tokens: the logits of the later examples must not move
     altered = [dict(rows[0], input_ids=[(t + 7) % len(bpe_tok) for t in rows[0]["input_ids"]])] + rows[1:]
-    p2 = batches.pack(altered, bpe_tok.pad_token_id, max_tokens=10_000)
+    p2 = batches.pack(altered, bpe_tok.pad_token_id, max_tokens=budget, attention=attention)
     n0 = len(rows[0]["input_ids"])
     with torch.no_grad():
-        a = model(**{k: packed[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits[0, n0:]
-        b = model(**{k: p2[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits[0, n0:]
-    assert torch.allclose(a, b, atol=1e-5)
+        a = model(**{k: v for k, v in packed.items() if k != "labels"}).logits
+        b = model(**{k: v for k, v in p2.items() if k != "labels"}).logits
+    assert not torch.allclose(a[0, :n0], b[0, :n0], atol=1e-3)  # the change is visible where it is
+    assert torch.allclose(a[0, n0:], b[0, n0:], atol=1e-6) and torch.allclose(a[1:], b[1:], atol=1e-6)
+
+
+def test_varlen_boundaries_cover_rows_and_padding(bpe_tok):
+    rows = encoded(bpe_tok, 5)
+    p = batches.pack(rows, bpe_tok.pad_token_id, max_tokens=40, attention="varlen")
+    B, T = p["input_ids"].shape
+    cu = p["cu_seq_lens_q"].tolist()
+    assert cu[0] == 0 and cu[-1] == B * T and all(x < y for x, y in zip(cu, cu[1:]))
+    assert all(k * T in cu for k in range(B))  # no segment crosses a row
+    assert p["max_length_q"] == max(y - x for x, y in zip(cu, cu[1:]))
+    assert sorted(len(r["input_ids"]) for r in rows) == sorted(
+        y - x for x, y in zip(cu, cu[1:]) if not (p["input_ids"].flatten()[x:y] == bpe_tok.pad_token_id).all())
+
+
+def test_packing_probe_catches_attention_that_ignores_boundaries(bpe_tok):
+    from chatmask.models import _isolates, packed_attention
+
+    model = tiny(bpe_tok)  # plain sdpa: boundaries alone are ignored, the 4D mask is honoured
+    assert not _isolates(model, "varlen")
+    assert _isolates(model, "mask")
+    eager = tiny(bpe_tok)
+    eager.set_attn_implementation("eager")
+    assert packed_attention(eager) == "varlen"
+    from chatmask.models import add_lora
+
+    assert packed_attention(add_lora(tiny(bpe_tok), r=4, alpha=8)) == "varlen"  # through peft's wrapper
+
+
+def test_packed_training_runs_and_matches_padded_first_step(data, bpe_tok, tmp_path):
+    a = _run(data, bpe_tok, tmp_path / "pad", steps=2, max_grad_norm=0)
+    b = _run(data, bpe_tok, tmp_path / "pack", steps=2, max_grad_norm=0, packing=True, pack_tokens=64)
+    assert a["train_losses"][0] == pytest.approx(b["train_losses"][0], abs=1e-5)
+    assert b["final_val_loss"] == pytest.approx(a["final_val_loss"], rel=1e-4)
 
 
 def test_pack_respects_budget_and_cuts_first_labels(bpe_tok):

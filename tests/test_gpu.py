@@ -1,0 +1,61 @@
+"""Packed training on a GPU: torch's flash varlen kernel keeps examples apart and gives the padded loss
+and gradients. Skipped without CUDA (CI, laptops); run on a GPU machine with `pytest tests/test_gpu.py`."""
+
+import pytest
+import torch
+
+from chatmask import batches
+from chatmask.models import _varlen_kernel, packed_attention
+from chatmask.train import token_loss_sum
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_bf16():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+
+
+def rows(k=5):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(k):
+        ids = torch.randint(512, (30 + 17 * i,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * (len(ids) // 2) + ids[len(ids) // 2:]})
+    return out
+
+
+@pytest.mark.skipif(_varlen_kernel("cuda", torch.bfloat16, 32) is None, reason="torch has no varlen kernel")
+@pytest.mark.parametrize("budget", [10_000, 120])
+def test_varlen_kernel_equals_padded_and_keeps_examples_apart(budget):
+    model = tiny_bf16()
+    assert packed_attention(model) == "varlen"
+    rs = rows()
+    out = []
+    for b in (batches.collate(rs, 0), batches.pack(rs, 0, max_tokens=budget, attention="varlen")):
+        b = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+        model.zero_grad()
+        s, n = token_loss_sum(model, b)
+        (s / n).backward()
+        out.append((n, float(s / n), {k: p.grad.float().clone() for k, p in model.named_parameters()}))
+    assert out[0][0] == out[1][0] and out[0][1] == pytest.approx(out[1][1], rel=2e-2)
+    for name, g in out[0][2].items():
+        assert torch.allclose(out[1][2][name], g, atol=5e-2 * (1 + float(g.abs().max()))), name
+    packed = batches.pack(rs, 0, max_tokens=budget, attention="varlen")
+    altered = batches.pack([dict(rs[0], input_ids=[(t + 7) % 512 for t in rs[0]["input_ids"]])] + rs[1:], 0,
+                           max_tokens=budget, attention="varlen")
+    n0 = len(rs[0]["input_ids"])
+    with torch.no_grad():
+        a, b = (model(**{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in p.items() if k != "labels"}).logits
+                for p in (packed, altered))
+    assert not torch.allclose(a[0, :n0], b[0, :n0], atol=1e-2)
+    assert torch.allclose(a[0, n0:], b[0, n0:], atol=1e-5) and torch.allclose(a[1:], b[1:], atol=1e-5)
+
+
+def test_fp32_on_gpu_packs_with_the_mask():
+    model = tiny_bf16().float()
+    assert packed_attention(model) == "mask"  # no fp32 varlen kernel; sdpa once per example would be slow
