@@ -13,7 +13,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -24,6 +23,7 @@ from typing import Literal
 import torch
 
 from . import batches, config
+from .checkpoints import _save_sharded, _sharded, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import DataConfig
 from .errors import ConfigError
 from .labels import IGNORE
@@ -262,79 +262,6 @@ def evaluate(model, val, pad_id: int, batch_size: int, acc=None, sparse=True) ->
         total = acc.reduce(total.to(device), "sum").cpu()
     model.train(was)
     return float(total[0] / total[1])
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _trainable(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(out: Path, step: int, model, opt, sched, state: dict, keep: int) -> Path:
-    """Write OUT/checkpoints/step-N atomically (a temporary folder renamed when complete)."""
-    from safetensors.torch import save_file
-
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_trainable(model), str(tmp / "weights.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    torch.save(sched.state_dict(), tmp / "scheduler.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "python_random": random.getstate()}, default=list))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _sharded(acc) -> bool:
-    return "FSDP" in str(acc.distributed_type) or "DEEPSPEED" in str(acc.distributed_type)
-
-
-def _save_sharded(acc, out: Path, state: dict, keep: int) -> None:
-    """FSDP / DeepSpeed: weights and optimizer are sharded across processes, so accelerate writes them
-    (every process takes part); the loop state goes beside them. Not exercised on CPU (accelerate runs
-    FSDP only on GPUs)."""
-    final = out / "checkpoints" / f"step-{state['step']:06d}"
-    acc.save_state(str(final / "accelerate"))
-    if acc.is_main_process:
-        (final / "state.json").write_text(json.dumps({**state, "python_random": random.getstate()}, default=list))
-        root = out / "checkpoints"
-        for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    root = out / "checkpoints"
-    found = sorted(p for p in root.glob("step-*") if (p / "state.json").exists()) if root.exists() else []
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path, model, opt, sched) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; torch files are read with weights_only=True."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "weights.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise ConfigError(f"{path}: checkpoint does not fit this model (e.g. {missing[0]}); was it made with other options?")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t)
-    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
-    state = json.loads((path / "state.json").read_text())
-    pr = state.pop("python_random")
-    random.setstate((pr[0], tuple(pr[1]), pr[2]))
-    return state
 
 
 # ---------------------------------------------------------------- the loop

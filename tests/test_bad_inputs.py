@@ -170,7 +170,7 @@ def test_pickled_checkpoint_is_refused(tmp_path):
     """Checkpoints are read with weights_only=True: a pickle that would run code is refused."""
     import torch
 
-    from chatmask.train import load_checkpoint
+    from chatmask.checkpoints import load_checkpoint
 
     class Evil:
         def __reduce__(self):
