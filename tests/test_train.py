@@ -219,3 +219,22 @@ def test_resume_is_exact(data, bpe_tok, tmp_path, finetune):
                     progress=False, log=None)
     assert resumed["train_losses"] == pytest.approx(whole["train_losses"], abs=1e-6)
     assert resumed["final_val_loss"] == pytest.approx(whole["final_val_loss"], abs=1e-6)
+
+
+def test_varlen_model_generates_and_scores_padded_batches_as_sdpa(bpe_tok):
+    """After packed_attention switches a model, unpacked work (left-padded generation for ner-f1,
+    right-padded evaluation) is exactly transformers' sdpa."""
+    import copy
+
+    from chatmask.models import packed_attention
+
+    model = tiny(bpe_tok)
+    ref = copy.deepcopy(model)
+    assert packed_attention(model) == "varlen"
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 11, 12, 13, 14]])
+    att = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    kw = {"input_ids": ids, "attention_mask": att, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(model.generate(**kw), ref.generate(**kw))
+    b = batches.collate(encoded(bpe_tok, 3), bpe_tok.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(model(**b).logits, ref(**b).logits)
