@@ -137,7 +137,8 @@ def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.05, targ
 # ---------------------------------------------------------------- attention for packed rows
 
 VARLEN = "chatmask_varlen"
-"""attention implementation registered with transformers: sdpa run once per packed example"""
+"""attention implementation registered with transformers: attention per packed example (torch's varlen
+kernel on a GPU, sdpa once per example on CPU), plain sdpa for unpacked batches"""
 
 
 def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
