@@ -2,8 +2,9 @@
 
 (a) hf-standard: rows padded to the longest, `model(input_ids, attention_mask, labels)` (full logits at
     every position, labels -100 where not trained), fused AdamW step (the Trainer's default optimizer).
-(b) chatmask: the same rows packed first-fit into `chatmask train --packing` rows (2,048 tokens; position ids
-    restart per example, a block-diagonal mask), the LM head applied only at trained positions, the same AdamW.
+(b) chatmask: the same rows packed as `chatmask train --packing` packs them (with attention per example:
+    one row, no padding, position ids restarting per example), the LM head applied only at trained
+    positions, the same AdamW.
 Both get identical rows per step (assistant-only labels from chatmask.encode) and their own copy of the
 model. Steps alternate in one process (a b a b ...), after one warm-up step each. The warm-up runs the
 variant's largest batch and gives the run's peak memory, on top of the weights and the already allocated

@@ -45,15 +45,18 @@ def collate(rows: list[dict], pad_id: int, train_on: str = "assistant") -> dict[
 
 def pack(rows: list[dict], pad_id: int, train_on: str = "assistant", max_tokens: int | None = None,
          dtype=torch.float32, attention: str = "mask") -> dict:
-    """Rows concatenated into one row per `max_tokens` budget (first-fit in order), with position ids
-    restarting per example. `attention="varlen"`: the examples' boundaries over the flattened (B*T) tokens
-    as `cu_seq_lens_q/k` + `max_length_q/k` (a row's padding tail is a segment of its own), for attention
-    run per example (cost sum(n_i^2)); `"mask"`: a 4D block-diagonal causal mask (additive, `dtype`),
-    which sdpa and eager attention honour on every device (position ids alone do not isolate examples
-    on CPU), at T^2 cost per row."""
+    """Rows concatenated with position ids restarting per example. `attention="varlen"`: all rows in one
+    row without padding, and the examples' boundaries as `cu_seq_lens_q/k` + `max_length_q/k`, for
+    attention run per example (cost sum(n_i^2)); `"mask"`: one row per `max_tokens` budget (first-fit in
+    order, rows padded to the longest) with a 4D block-diagonal causal mask (additive, `dtype`), which
+    sdpa and eager attention honour on every device (position ids alone do not isolate examples on CPU),
+    at T^2 cost per row. Boundaries are over the flattened (B*T) tokens; a padding tail is a segment of
+    its own."""
     if attention not in ("mask", "varlen"):
         raise ValueError(f"unknown attention {attention!r}")
-    budget = max_tokens or sum(len(r["input_ids"]) for r in rows)
+    # per-example attention needs no row budget: one row, no padding at all (the budget bounds a mask's T^2)
+    budget = sum(len(r["input_ids"]) for r in rows) if attention == "varlen" else max_tokens or sum(
+        len(r["input_ids"]) for r in rows)
     bins: list[list[dict]] = []
     used: list[int] = []
     for r in rows:

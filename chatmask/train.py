@@ -66,7 +66,8 @@ class TrainConfig:
     packing: bool = False
     """pack rows into --pack-tokens rows (position ids restart per example, attention kept inside it)"""
     pack_tokens: int = 2048
-    """token budget of a packed row"""
+    """token budget of a packed row where a block-diagonal mask is used (attention per example packs a
+    micro-batch into one row with no padding)"""
     group_by_length: bool = False
     """put rows of similar length in the same micro-batch (less padding; order still seeded)"""
     sparse_loss: bool = True
