@@ -200,15 +200,20 @@ def timed(run, batch, device):
     return time.perf_counter() - t
 
 
-def case(data, model_name, steps, bs, device, dtype, src):
+def case(data, model_name, steps, bs, device, dtype, src, lora=False):
     import torch
 
-    from chatmask.models import packed_attention
+    from chatmask.models import add_lora, packed_attention
 
     tok = tokenizer(src)
     rows = rows_for(data, tok, steps * bs, src)
     model = model_for(model_name, tok, src, dtype).to(device)
     models = {"hf-standard": copy.deepcopy(model), "chatmask": model}  # the standard one keeps sdpa untouched
+    if lora:  # chatmask's default fine-tuning: the same adapters (same seed) on both copies
+        for v in models:
+            torch.manual_seed(0)
+            models[v] = add_lora(models[v], r=16, alpha=32, dropout=0.0)
+        model = models["chatmask"]
     attention = packed_attention(model)  # what `chatmask train --packing` checks and uses
     plans = {v: make_batches(rows, tok.pad_token_id, bs, v, dtype, attention) for v in models}
     with torch.no_grad():  # same weights, same rows: both steps must compute the same loss
@@ -250,6 +255,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="SmolLM2 only, fewer steps (< 2 min on 2 cores)")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--lora", action="store_true", help="LoRA (r 16, every linear layer) instead of full fine-tuning")
     ap.add_argument("--steps", type=int, default=None, help="measured steps per variant and case")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--export", metavar="DIR", help="write rows, config and tokenizer for --from, and stop")
@@ -272,13 +278,13 @@ def main():
         print(f"note: {UNINER} not found; CrossNER cases skipped")
         cases = [c for c in cases if c[0] != "crossner"]
     dev = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"train_speed: torch {torch.__version__}, {dev}, {args.dtype}, measured steps per variant and case "
+    print(f"train_speed: torch {torch.__version__}, {dev}, {args.dtype}, {'LoRA' if args.lora else 'full'} fine-tuning, measured steps per variant and case "
           f"alternating after a warm-up{'; weights random (--from)' if args.src else ''}")
     print(f"{'data':9} {'model':13} {'rows':>4} {'steps':>5} {'hf tok/s':>9} {'chatmask tok/s':>15} {'speedup':>8} {'padding':>8} "
           f"{'hf peak MB':>11} {'cm peak MB':>11} {'mem ratio':>9} {'|dloss|':>8}  attention")
     head = None
     for data, model_name, bs, n_steps in cases:
-        tps, mem, pad, attention, dloss = case(data, model_name, n_steps, bs, args.device, dtype, args.src)
+        tps, mem, pad, attention, dloss = case(data, model_name, n_steps, bs, args.device, dtype, args.src, args.lora)
         sp = tps["chatmask"] / tps["hf-standard"]
         ratio = mem["chatmask"] / mem["hf-standard"] if mem["hf-standard"] > 0 else float("nan")
         print(f"{data:9} {model_name:13} {bs:4} {n_steps:5} {tps['hf-standard']:9.0f} {tps['chatmask']:15.0f} {sp:8.2f} {pad:8.1%} "
