@@ -1,21 +1,20 @@
 """Read chat data into one message shape: `load(path_or_name) -> Iterator[Conversation]`.
 
-Streams JSONL, JSON arrays (parsed incrementally, so a cut-off file still yields its complete records),
-Parquet, a `datasets` folder or a hub name; maps OpenAI, ShareGPT, Alpaca and prompt/completion rows to
-OpenAI-style messages, validates them, and tags each with its source ("data.jsonl:17").
+Rows stream from `sources.rows` (JSONL, JSON arrays parsed incrementally, Parquet, a `datasets` folder,
+a hub name); this module maps OpenAI, ShareGPT, Alpaca and prompt/completion rows to OpenAI-style
+messages, validates them, counts what it drops, and tags each with its source ("data.jsonl:17").
 """
 
 from __future__ import annotations
 
-import codecs
-import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .errors import ConfigError, ConversationError, short
+from .errors import FIX_ROW, ConfigError, ConversationError, short
 from .labels import ROLES
+from .sources import Cut
+from .sources import rows as read_rows
 
 FORMATS = ("openai", "sharegpt", "alpaca", "prompt_completion")
 SHAREGPT_ROLES = {
@@ -23,13 +22,6 @@ SHAREGPT_ROLES = {
     "bard": "assistant", "bing": "assistant", "model": "assistant", "function_call": "assistant",
     "system": "system", "tool": "tool", "observation": "tool", "function_response": "tool",
 }  # fmt: skip
-_FIX = "Fix the row, or pass --skip-invalid to drop such rows and count them."
-_CHUNK = 1 << 20  # bytes read at a time from a JSON array; tests shrink it to cut records and characters
-_DECODER = json.JSONDecoder(strict=False)  # raw tabs/newlines inside strings are common and unambiguous
-_WS = re.compile(r"[ \t\r\n]*")
-# What may be left at a cut: part of a number or literal (an unterminated string is told by json's message).
-_PARTIAL = re.compile(r"[ \t\r\n]*(?:-?[0-9]*\.?[0-9]*(?:[eE][-+]?[0-9]*)?|t(?:ru?)?|f(?:a(?:ls?)?)?|n(?:ul?)?)\Z")
-_BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape turns invalid UTF-8 bytes into
 
 
 @dataclass
@@ -59,7 +51,7 @@ class LoadReport:
         if self.dropped:
             by_count = sorted(self.dropped.items(), key=lambda kv: -kv[1])
             counts = ", ".join(f"{n:,} {reason}" for reason, n in by_count)
-            first = self.first.get(by_count[0][0], "").replace(" " + _FIX, "").rstrip(".")
+            first = self.first.get(by_count[0][0], "").replace(" " + FIX_ROW, "").rstrip(".")
             parts.append(f"dropped {sum(self.dropped.values()):,} of {self.rows_read:,} rows: {counts}; first: {first}")
         if self.salvaged_from:
             parts.append(self.salvaged_from)
@@ -71,7 +63,7 @@ class LoadReport:
 
 def _bad(source: str, what: str, reason: str, index: int | None = None) -> ConversationError:
     where = source if index is None else f"{source}, message {index}"
-    return ConversationError(f"{where}: {what}. {_FIX}", reason=reason)
+    return ConversationError(f"{where}: {what}. {FIX_ROW}", reason=reason)
 
 
 def detect_format(row: dict, source: str = "") -> str:
@@ -90,7 +82,7 @@ def detect_format(row: dict, source: str = "") -> str:
     raise ConversationError(
         f"{where}: cannot tell the row format from its keys {short(list(row))}; expected 'messages' (OpenAI), "
         "'conversations' (ShareGPT), 'instruction' + 'output' (Alpaca) or 'prompt' + 'completion'. "
-        f"Pass --format to name it. {_FIX}",
+        f"Pass --format to name it. {FIX_ROW}",
         reason="unknown format",
     )
 
@@ -231,201 +223,6 @@ def validate(messages, source: str) -> None:
         raise _bad(source, "every assistant message has weight 0; there is nothing to train on", "all weights 0")
 
 
-# ---------------------------------------------------------------- sources -> rows
-
-
-class _Cut(Exception):
-    """A JSON array ends before its closing bracket; args: (line, record number, inside the record?)."""
-
-
-class _JsonStream:
-    """Pulls JSON values from a file one at a time, holding about one record (or one chunk) of text."""
-
-    def __init__(self, f, name: str):
-        self.f, self.name = f, name
-        # surrogateescape keeps bad bytes as markers, so one bad record can be reported (and skipped) alone
-        self.dec = codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape")
-        self.buf, self.pos, self.line, self.eof = "", 0, 1, False
-
-    def fill(self, want: int = 0) -> bool:
-        if self.eof:
-            return False
-        data = self.f.read(max(_CHUNK, want))
-        self.eof = not data
-        self.buf = self.buf[self.pos :] + self.dec.decode(data, final=self.eof)
-        self.pos = 0
-        return True
-
-    def peek(self) -> str:
-        """Skip whitespace; the next character, or "" at the end of the file."""
-        while True:
-            end = _WS.match(self.buf, self.pos).end()
-            self.line += self.buf.count("\n", self.pos, end)
-            self.pos = end
-            if end < len(self.buf):
-                return self.buf[end]
-            if not self.fill():
-                return ""
-
-    def error(self, what: str, pos: int) -> ConversationError:
-        line = self.line + self.buf.count("\n", self.pos, pos)
-        return ConversationError(f"{self.name}:{line}: invalid JSON: {what}", reason="invalid JSON")
-
-    def value(self, record: int):
-        """The value at the cursor as (value, start line, error or None); the cursor moves past it."""
-        want = 0
-        while True:
-            try:
-                v, end = _DECODER.raw_decode(self.buf, self.pos)
-                if end < len(self.buf) or self.eof or self.buf[self.pos] in '{["':
-                    break
-                # a bare number at the end of the buffer may go on in the next chunk
-            except json.JSONDecodeError as e:
-                # Near the end of the buffer an error may only mean "read on"; at the end of the file,
-                # an unfinished string, number, literal or escape means the file is cut off.
-                near = e.msg.startswith("Unterminated string") or len(self.buf) - e.pos < 16
-                unfinished = e.msg.startswith(("Unterminated string", "Invalid \\u")) or _PARTIAL.match(self.buf, e.pos)
-                if self.eof and near and unfinished:
-                    raise _Cut(self.line + self.buf.count("\n", self.pos), record, True) from None
-                if self.eof or not near:
-                    raise self.error(e.msg, e.pos) from None
-            self.fill(want)
-            want = 2 * (len(self.buf) - self.pos)  # doubling keeps re-parsing a huge record linear
-        line, bad = self.line, _BAD_BYTE.search(self.buf, self.pos, end)
-        err = None
-        if bad:
-            at = line + self.buf.count("\n", self.pos, bad.start())
-            byte = bad.group().encode("utf-8", "surrogateescape")
-            err = ConversationError(f"{self.name}:{at}: invalid UTF-8 (byte {byte!r}); the file must be UTF-8: "
-                                    f"re-encode it (e.g. iconv -t utf-8). {_FIX}", reason="invalid UTF-8")
-        self.line += self.buf.count("\n", self.pos, end)
-        self.pos = end
-        return v, line, err
-
-
-def _read_json(path: str, name: str):
-    with open(path, "rb") as f:
-        s = _JsonStream(f, name)
-        c = s.peek()
-        if c == "":
-            raise ConversationError(f"{name}: file is empty; expected a JSON array of rows", reason="empty file")
-        if c == "{":  # one row; or several objects in a row (JSON Lines saved as .json)
-            while c == "{":
-                try:
-                    v, line, err = s.value(1)
-                except _Cut:
-                    raise s.error("the file ends inside this row (cut off?)", s.pos) from None
-                yield f"{name}:{line}", err or v
-                c = s.peek()
-        elif c == "[":
-            s.pos += 1
-            k, c = 0, s.peek()
-            while c != "]":
-                if c == "":
-                    raise _Cut(s.line, k, False)
-                k += 1
-                v, line, err = s.value(k)
-                yield f"{name}:{line} (record {k})", err or v
-                c = s.peek()
-                if c == ",":
-                    s.pos += 1
-                    c = s.peek()
-                    if c == "]":
-                        raise s.error("a comma before ']'", s.pos)
-                elif c not in ("]", ""):
-                    found = short(s.buf[s.pos : s.pos + 20])
-                    raise s.error(f"expecting ',' or ']' after record {k}; found {found}", s.pos)
-            s.pos += 1
-            c = s.peek()
-        else:
-            raise ConversationError(f"{name}:{s.line}: expected a JSON array of rows or one row object; found "
-                                    f"{short(s.buf[s.pos : s.pos + 40])}", reason="not an array")
-        if c != "":
-            raise s.error(f"extra data after the rows; found {short(s.buf[s.pos : s.pos + 20])}", s.pos)
-
-
-def _read_jsonl(path: str, name: str):
-    seen = False
-    with open(path, "rb") as f:  # binary: split on b"\n" only; "\r" is JSON whitespace
-        for n, b in enumerate(f, 1):
-            src = f"{name}:{n}"
-            seen = seen or bool(b.strip())
-            try:
-                text = b.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                yield src, ConversationError(f"{src}: invalid UTF-8 at byte {e.start + 1} of the line; found "
-                                             f"{short(b[max(0, e.start - 8) : e.end + 8])}; the file must be UTF-8: "
-                                             f"re-encode it (e.g. iconv -t utf-8). {_FIX}", reason="invalid UTF-8")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield src, _DECODER.decode(text.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                hint = " (a JSON array? name the file .json)" if n == 1 and text.lstrip().startswith("[") else ""
-                yield src, ConversationError(f"{src}: invalid JSON: {e.msg} at column {e.colno}{hint}. {_FIX}",
-                                             reason="invalid JSON")
-    if not seen:
-        raise ConversationError(f"{name}: file is empty; expected one JSON object (a row) per line", reason="empty file")
-
-
-def _read_library(target: str, path: str, name: str, split: str):
-    """Rows of a Parquet file, a `datasets` folder or a hub dataset, through pyarrow or datasets."""
-    try:
-        if os.path.isfile(path):
-            import pyarrow.parquet as pq
-            batches = pq.ParquetFile(path).iter_batches(batch_size=256)
-            rows, label = (row for b in batches for row in b.to_pylist()), f"{name} row"
-        elif os.path.isdir(path):
-            import datasets
-            rows, label = datasets.load_from_disk(path), f"{name} row"
-            if isinstance(rows, datasets.DatasetDict):
-                if split not in rows:
-                    raise ConversationError(f"{target}: no split {split!r}; found {', '.join(rows)}; pass --split",
-                                            reason="no split")
-                rows = rows[split]
-        else:
-            import datasets
-            rows, label = datasets.load_dataset(target, split=split, streaming=True), f"hub:{target} row"
-        for i, row in enumerate(rows):
-            yield f"{label} {i}", row
-    except ConversationError:
-        raise
-    except Exception as e:  # pyarrow, datasets and fsspec raise many types; the user needs the message
-        what = "is no file or folder here, and loading it from the Hugging Face Hub failed"
-        if os.path.exists(path):
-            what = "cannot read as Parquet" if os.path.isfile(path) else "cannot read as a datasets folder (save_to_disk)"
-        raise ConversationError(f"{target}: {what}: {type(e).__name__}: {e}", reason="unreadable source") from e
-
-
-def _looks_like_path(s: str) -> bool:
-    # A hub name is "name" or "owner/name"; anything else with a separator or a data suffix is a path.
-    if s.lower().endswith((".json", ".jsonl", ".ndjson", ".parquet")):
-        return True
-    return s.startswith((".", "~", os.sep)) or s.count("/") > 1 or (os.sep != "/" and os.sep in s)
-
-
-def _rows(target: str, split: str):
-    path = os.path.expanduser(target)
-    name, ext = os.path.basename(os.path.normpath(path)), os.path.splitext(path)[1].lower()
-    if os.path.isfile(path) and ext in (".jsonl", ".ndjson", ".json"):
-        return (_read_json if ext == ".json" else _read_jsonl)(path, name)
-    if os.path.isfile(path) and ext != ".parquet":
-        raise ConversationError(f"{target}: unsupported file type {ext or '(none)'}; expected .jsonl, .json, .parquet "
-                                "or a folder written by datasets' save_to_disk", reason="unsupported file")
-    if not os.path.exists(path) and _looks_like_path(target):
-        raise ConversationError(f"no such file: {target}", reason="no such file")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "dataset_info.json")) \
-            and not os.path.exists(os.path.join(path, "dataset_dict.json")):
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith((".json", ".jsonl", ".ndjson", ".parquet")))
-        if not files:
-            raise ConversationError(f"{target}: a folder with no .json/.jsonl/.parquet file and not a datasets folder",
-                                    reason="unreadable source")
-        # a folder of data files (e.g. several domains): their rows in file-name order, one format for all
-        return (row for f in files for row in _rows(os.path.join(path, f), split))
-    return _read_library(target, path, name, split)
-
-
 def load(path_or_name: str, *, format: str = "auto", salvage: bool = False, skip_invalid: bool = False,
          split: str = "train", report: LoadReport | None = None) -> Iterator[Conversation]:
     """Stream the conversations of a file, a `datasets` folder or a hub dataset, validated.
@@ -439,7 +236,7 @@ def load(path_or_name: str, *, format: str = "auto", salvage: bool = False, skip
     """
     if format != "auto" and format not in FORMATS:
         raise ConfigError(f"format must be one of auto, {', '.join(FORMATS)}; not {format!r}")
-    rows = _rows(os.fspath(path_or_name), split)  # a missing file is reported here, not on first next()
+    rows = read_rows(os.fspath(path_or_name), split)  # a missing file is reported here, not on first next()
     return _conversations(rows, None if format == "auto" else format, salvage, skip_invalid,
                           report if report is not None else LoadReport(), os.fspath(path_or_name))
 
@@ -462,7 +259,7 @@ def _conversations(rows, fmt, salvage, skip_invalid, report: LoadReport, target:
                 continue
             report.rows_kept += 1
             yield Conversation(messages, source)
-    except _Cut as cut:
+    except Cut as cut:
         line, record, inside = cut.args
         name, kept = os.path.basename(os.path.normpath(target)), record - 1 if inside else record
         where = f"at line {line} {'inside' if inside else 'after'} record {record}"

@@ -5,6 +5,9 @@ do. They subclass ValueError so callers that already catch bad input keep workin
 """
 
 
+FIX_ROW = "Fix the row, or pass --skip-invalid to drop such rows and count them."
+
+
 class ChatmaskError(ValueError):
     """Base class: bad input or configuration that the user can fix."""
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from chatmask import ConfigError, ConversationError
 from chatmask import conversations as cv
+from chatmask import sources
 from chatmask.conversations import Conversation, LoadReport, detect_format, load, to_messages, validate
 
 U, A = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
@@ -348,7 +349,7 @@ def test_jsonl_is_read_lazily(tmp_path):
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 64])
 def test_json_array_across_small_chunks(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(cv, "_CHUNK", chunk)
+    monkeypatch.setattr(sources, "_CHUNK", chunk)
     rows = [{"messages": [{"role": "user", "content": f"Ünï {i} 日本語 🙂 \\u escapes \u2028"}, dict(A, weight=1)], "n": 12345 + i,
              "ok": True, "no": None, "x": -1.5e3} for i in range(4)]  # fmt: skip
     path = write(tmp_path, "\ufeff[" + ", ".join(json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(rows)) + "]")
@@ -357,10 +358,10 @@ def test_json_array_across_small_chunks(tmp_path, monkeypatch, chunk):
 
 
 def test_json_array_is_read_in_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(cv, "_CHUNK", 256)
+    monkeypatch.setattr(sources, "_CHUNK", 256)
     held = []  # text held in the buffer at each read
-    real = cv._JsonStream.fill
-    monkeypatch.setattr(cv._JsonStream, "fill", lambda self, want=0: held.append(len(self.buf) - self.pos) or real(self, want))
+    real = sources._JsonStream.fill
+    monkeypatch.setattr(sources._JsonStream, "fill", lambda self, want=0: held.append(len(self.buf) - self.pos) or real(self, want))
     text = "[" + ",\n".join(json.dumps(OK) for _ in range(100)) + ",\n{broken"
     it = load(write(tmp_path, text))
     next(it), next(it)
@@ -371,7 +372,7 @@ def test_json_array_is_read_in_chunks(tmp_path, monkeypatch):
 
 
 def test_huge_record_with_tiny_chunks_is_linear(tmp_path, monkeypatch):
-    monkeypatch.setattr(cv, "_CHUNK", 64)
+    monkeypatch.setattr(sources, "_CHUNK", 64)
     big = {"messages": [U, {"role": "assistant", "content": "y" * 2_000_000}]}
     t = time.perf_counter()
     (conv,) = load(write(tmp_path, json.dumps([big])))
