@@ -54,9 +54,9 @@ def pack(rows: list[dict], pad_id: int, train_on: str = "assistant", max_tokens:
     its own."""
     if attention not in ("mask", "varlen"):
         raise ValueError(f"unknown attention {attention!r}")
+    total = sum(len(r["input_ids"]) for r in rows)
     # per-example attention needs no row budget: one row, no padding at all (the budget bounds a mask's T^2)
-    budget = sum(len(r["input_ids"]) for r in rows) if attention == "varlen" else max_tokens or sum(
-        len(r["input_ids"]) for r in rows)
+    budget = total if attention == "varlen" else max_tokens or total
     bins: list[list[dict]] = []
     used: list[int] = []
     for r in rows:

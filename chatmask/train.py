@@ -64,7 +64,8 @@ class TrainConfig:
     grad_accum: int = 1
     """micro-batches per optimizer step"""
     packing: bool = False
-    """pack rows into --pack-tokens rows (position ids restart per example, attention kept inside it)"""
+    """pack a micro-batch into one row without padding (position ids restart per example, attention kept
+    inside each; rows of --pack-tokens with a block-diagonal mask where that is unavailable)"""
     pack_tokens: int = 2048
     """token budget of a packed row where a block-diagonal mask is used (attention per example packs a
     micro-batch into one row with no padding)"""
