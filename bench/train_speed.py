@@ -203,7 +203,8 @@ def timed(run, batch, device):
 def case(data, model_name, steps, bs, device, dtype, src, lora=False):
     import torch
 
-    from chatmask.models import add_lora, packed_attention
+    from chatmask.attention import packed_attention
+    from chatmask.models import add_lora
 
     tok = tokenizer(src)
     rows = rows_for(data, tok, steps * bs, src)

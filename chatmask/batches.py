@@ -4,7 +4,7 @@ Labels stay unshifted (the loss shifts once). `apply_train_on` turns assistant l
 of another arm (`all`: every token; `last_assistant`: the last trained run) so every arm trains on the
 same prepared rows. Packed rows carry position ids that restart per example and either the examples'
 boundaries (`attention="varlen"`: `cu_seq_lens_*`, which flash-attention's varlen kernel and
-`models.VARLEN` read) or a block-diagonal 4D mask (`attention="mask"`), so no token attends to, or is
+`attention.VARLEN` read) or a block-diagonal 4D mask (`attention="mask"`), so no token attends to, or is
 labelled from, another example.
 """
 

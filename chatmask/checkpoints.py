@@ -42,11 +42,11 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, state: dict, keep: 
     return final
 
 
-def _sharded(acc) -> bool:
+def is_sharded(acc) -> bool:
     return "FSDP" in str(acc.distributed_type) or "DEEPSPEED" in str(acc.distributed_type)
 
 
-def _save_sharded(acc, out: Path, state: dict, keep: int) -> None:
+def save_sharded(acc, out: Path, state: dict, keep: int) -> None:
     """FSDP / DeepSpeed: weights and optimizer are sharded across processes, so accelerate writes them
     (every process takes part); the loop state goes beside them. Not exercised on CPU (accelerate runs
     FSDP only on GPUs)."""

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from . import batches, config
-from .checkpoints import _save_sharded, _sharded, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded
 from .config import DataConfig
 from .errors import ConfigError
 from .labels import IGNORE
@@ -301,7 +301,8 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    from .models import add_lora, load_model, load_tokenizer, packed_attention
+    from .attention import packed_attention
+    from .models import add_lora, load_model, load_tokenizer
 
     # with no accelerator, say so: accelerate only sets up multi-process CPU (gloo) under torchrun when told
     no_device = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()) \
@@ -345,13 +346,13 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=math.ceil(cfg.warmup * cfg.steps),
                           num_training_steps=cfg.steps)
     model, opt = acc.prepare(model, opt)
-    if _sharded(acc):
+    if is_sharded(acc):
         acc.register_for_checkpointing(sched)
 
     state = {"step": 0, "history": [], "evals": [], "trained_tokens": 0, "input_tokens": 0, "seconds": 0.0}
     ck = latest_checkpoint(out) if cfg.resume else None
     if ck is not None:
-        if _sharded(acc):
+        if is_sharded(acc):
             acc.load_state(str(ck / "accelerate"))  # sharded weights and optimizer: accelerate's own format
             state = json.loads((ck / "state.json").read_text())
             state.pop("python_random", None)
@@ -420,8 +421,8 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
                                 **({"val": f"{rec['val_loss']:.4f}"} if "val_loss" in rec else {}))
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
             acc.wait_for_everyone()
-            if _sharded(acc):
-                _save_sharded(acc, out, state, cfg.keep_checkpoints)
+            if is_sharded(acc):
+                save_sharded(acc, out, state, cfg.keep_checkpoints)
             elif acc.is_main_process:
                 save_checkpoint(out, state["step"], acc.unwrap_model(model), opt, sched, state, cfg.keep_checkpoints)
             acc.wait_for_everyone()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from chatmask import batches
-from chatmask.models import _varlen_kernel, packed_attention
+from chatmask.attention import _varlen_kernel, packed_attention
 from chatmask.train import token_loss_sum
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -68,7 +68,7 @@ def test_sparse_loss_equals_full_loss_and_gradients(bpe_tok, lora):
 @pytest.mark.parametrize("attention", ["mask", "varlen"])
 @pytest.mark.parametrize("budget", [10_000, 40])  # one packed row; (mask) several rows with padding tails
 def test_packed_loss_and_gradients_equal_unpacked_and_no_cross_attention(bpe_tok, attention, budget):
-    from chatmask.models import packed_attention
+    from chatmask.attention import packed_attention
 
     model = tiny(bpe_tok)
     if attention == "varlen":
@@ -110,7 +110,7 @@ def test_varlen_packs_one_row_without_padding_and_boundaries_cover_it(bpe_tok):
 
 
 def test_packing_probe_catches_attention_that_ignores_boundaries(bpe_tok):
-    from chatmask.models import _isolates, packed_attention
+    from chatmask.attention import _isolates, packed_attention
 
     model = tiny(bpe_tok)  # plain sdpa: boundaries alone are ignored, the 4D mask is honoured
     assert not _isolates(model, "varlen")
@@ -226,7 +226,7 @@ def test_varlen_model_generates_and_scores_padded_batches_as_sdpa(bpe_tok):
     right-padded evaluation) is exactly transformers' sdpa."""
     import copy
 
-    from chatmask.models import packed_attention
+    from chatmask.attention import packed_attention
 
     model = tiny(bpe_tok)
     ref = copy.deepcopy(model)

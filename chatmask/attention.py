@@ -1,0 +1,143 @@
+"""Attention for packed rows: examples concatenated into one row must not attend to each other.
+
+`packed_attention(model, device) -> "varlen" | "mask"` chooses how, and checks it on a probe: `VARLEN`,
+an attention function registered with transformers (torch's flash varlen kernel on a GPU, sdpa once per
+example on CPU; plain sdpa for unpacked batches), or the block-diagonal mask `batches.pack` builds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .errors import ConfigError
+
+VARLEN = "chatmask_varlen"
+"""attention implementation registered with transformers: attention per packed example (torch's varlen
+kernel on a GPU, sdpa once per example on CPU), plain sdpa for unpacked batches"""
+
+
+def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
+                      max_length_q=None, **kwargs):
+    """Attention kept inside each example of a packed row, the examples' boundaries read from
+    `cu_seq_lens_q` over the flattened (B*T) tokens: torch's flash varlen kernel on a GPU (fp16/bf16),
+    else sdpa (is_causal) once per example. Nothing crosses an example and attention costs sum(n_i^2)
+    instead of a block-diagonal mask's T^2. Without boundaries (padded batches, generation) it is
+    transformers' sdpa, unchanged."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, H, T, D = query.shape  # key, value (B, H_kv, T, D)
+    if cu_seq_lens_q is None or key.shape[2] != T:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    kernel = _varlen_kernel(query.device.type, query.dtype, D, scaling, dropout)
+    if kernel is not None:
+        q = query.transpose(1, 2).reshape(B * T, H, D)  # (B*T, H, D)
+        k, v = (x.transpose(1, 2).reshape(B * T, -1, D).repeat_interleave(H // x.shape[1], dim=1)
+                for x in (key, value))  # (B*T, H, D): grouped kv heads repeated as transformers' repeat_kv does
+        n = max_length_q if max_length_q is not None else int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+        return kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_q, n, n).view(B, T, H, D), None
+    bounds = cu_seq_lens_q.tolist()
+    rows: list[list] = [[] for _ in range(B)]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        b, t0 = divmod(s, T)
+        t1 = e - b * T
+        if t1 > T or e <= s:
+            raise ValueError(f"packed segment [{s}, {e}) crosses a row of {T} tokens")
+        out, _ = sdpa_attention_forward(module, query[b:b + 1, :, t0:t1], key[b:b + 1, :, t0:t1],
+                                        value[b:b + 1, :, t0:t1], None, dropout=dropout, scaling=scaling,
+                                        is_causal=True)  # (1, n, H, D)
+        rows[b].append(out)
+    return torch.cat([torch.cat(r, dim=1) for r in rows], dim=0), None  # (B, T, H, D)
+
+
+@functools.lru_cache(maxsize=None)  # called in every layer of every forward
+def _varlen_kernel(device_type: str, dtype, head_dim: int, scaling=None, dropout=0.0):
+    """torch.nn.attention.varlen.varlen_attn as a causal f(q, k, v, cu_q, cu_k, max_q, max_k), where it can
+    run this call (CUDA, fp16/bf16, no dropout, a scale it takes), else None."""
+    import torch
+
+    if not (device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and dropout == 0.0):
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    import inspect
+
+    params = inspect.signature(varlen_attn).parameters
+    kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}  # torch 2.10 / later
+    if scaling is not None and "scale" in params:
+        kw["scale"] = scaling
+    elif scaling is not None and abs(scaling - head_dim ** -0.5) > 1e-9:
+        return None
+    return functools.partial(varlen_attn, **kw)
+
+
+def _register_varlen():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(VARLEN, _varlen_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, sdpa_mask)  # unpacked batches get sdpa's usual masks
+
+
+def packed_attention(model, device=None) -> str:
+    """How packed rows keep their examples apart in `model`, checked on a probe, never assumed:
+    'varlen' (attention per example: flash-attention's varlen kernel when the model runs flash-attention,
+    else `VARLEN`) or 'mask' (a 4D block-diagonal mask, T^2 per row). `device`: where training runs (default:
+    where the model is); on a GPU `VARLEN` is used only where torch's varlen kernel can run (fp16/bf16), as
+    sdpa once per example would cost a kernel launch per example and layer. Call before wrapping the model
+    (accelerate, DDP). Raises ConfigError when neither keeps examples apart."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = getattr(base.config, "_attn_implementation", None)
+    weight = model.get_input_embeddings().weight
+    on = torch.device(device) if device is not None else weight.device
+    want_varlen = (str(before).startswith("flash_attention") or on.type == "cpu"
+                   or _varlen_kernel(on.type, weight.dtype, 0) is not None)
+    if want_varlen and not str(before).startswith("flash_attention"):
+        try:
+            _register_varlen()
+            base.set_attn_implementation(VARLEN)
+        except (ValueError, KeyError, ImportError, AttributeError, TypeError):
+            pass  # a model without transformers' attention interface (old remote code): the mask below
+    if want_varlen and _isolates(model, "varlen"):
+        return "varlen"
+    if getattr(base.config, "_attn_implementation", None) != before:
+        base.set_attn_implementation(before)
+    if _isolates(model, "mask"):
+        return "mask"
+    raise ConfigError(f"{type(base).__name__} lets packed examples attend to each other with both boundaries and a "
+                      "block-diagonal mask; train without --packing")
+
+
+def _isolates(model, attention: str) -> bool:
+    """True when the second of two packed examples gets the logits it gets alone, whatever the first is."""
+    import torch
+
+    from .batches import pack
+
+    p0 = next(model.parameters())
+    V = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(0)
+    a, a2, b = (torch.randint(V, (n,), generator=g).tolist() for n in (5, 5, 7))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([b], device=p0.device)).logits[0].float()  # (7, V)
+            got = []
+            for first in (a, a2):
+                batch = pack([{"input_ids": first, "labels": first}, {"input_ids": b, "labels": b}], 0,
+                             dtype=p0.dtype, attention=attention)
+                batch.pop("labels")
+                batch = {k: v.to(p0.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                got.append(model(**batch).logits[0, 5:].float())  # (7, V)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    finally:
+        model.train(was)
+    tol = (1e-4 if p0.dtype == torch.float32 else 3e-2) * (1 + float(alone.abs().max()))
+    return all(float((x - alone).abs().max()) <= tol for x in got)
