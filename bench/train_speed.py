@@ -8,10 +8,11 @@
 Both get identical rows per step (assistant-only labels from chatmask.encode) and their own copy of the
 model. Steps alternate in one process (a b a b ...), after one warm-up step each. The warm-up runs the
 variant's largest batch and gives the run's peak memory, on top of the weights and the already allocated
-optimizer state: on CPU the process's peak RSS during the step (high-water mark reset after returning
-free heap to the OS) minus its RSS before it; on a GPU, torch's peak allocation minus what was allocated
-before it. Prints a table and, last, `speedup=<float>`:
-the tokens/s ratio on CrossNER with SmolLM2-135M.
+optimizer state: the peak of tensor memory the step allocates and still holds (on a GPU torch's
+max_memory_allocated minus what was allocated before; on CPU the same count kept by a dispatch mode),
+and on CPU also the process's peak RSS during the step minus its RSS before it (`rss ratio`; RSS keeps
+heap that the step freed, so it varies run to run with the allocator). Prints a table and, last,
+`speedup=<float>`: the tokens/s ratio on CrossNER with SmolLM2-135M.
 
     python bench/train_speed.py [--quick] [--device cuda] [--dtype bfloat16]
     python bench/train_speed.py --export DIR     # rows + SmolLM2's config and tokenizer, for a machine
@@ -170,8 +171,45 @@ def prime(opt):
     opt.zero_grad(set_to_none=True)
 
 
+def tensor_peak():
+    """A dispatch mode whose `.peak` is the peak bytes of tensor storage allocated inside it and still alive
+    (the CPU's analogue of torch.cuda.max_memory_allocated): every op's fresh outputs count until freed;
+    views and in-place results allocate nothing. Exact and repeatable, unlike RSS, which keeps freed heap."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    class Mode(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.now = self.peak = 0
+            self.seen = WeakIdKeyDictionary()
+
+        def _freed(self, n):
+            self.now -= n
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for ret, t in zip(func._schema.returns, outs):
+                if ret.alias_info is not None:  # a view or the input written in place
+                    continue
+                for x in tree_leaves(t):
+                    if isinstance(x, torch.Tensor) and x.untyped_storage() not in self.seen:
+                        st, n = x.untyped_storage(), x.untyped_storage().nbytes()
+                        self.seen[st] = weakref.ref(st, lambda _, n=n: self._freed(n))
+                        self.now += n
+                        self.peak = max(self.peak, self.now)
+            return out
+
+    return Mode()
+
+
 def peak_of(run, batch, device):
-    """Peak MB one step adds to what is allocated before it."""
+    """(peak MB of tensors the step allocates, peak RSS MB the step adds; NaN on a GPU)."""
     import torch
 
     if device == "cuda":
@@ -180,12 +218,13 @@ def peak_of(run, batch, device):
         torch.cuda.reset_peak_memory_stats()
         run(batch)
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return (torch.cuda.max_memory_allocated() - base) / 2**20, float("nan")
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS: RSS is what is in use
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM (peak RSS) := current RSS
     base = _status_mb("VmRSS")
-    run(batch)
-    return _status_mb("VmHWM") - base
+    with tensor_peak() as tracked:
+        run(batch)
+    return tracked.peak / 2**20, _status_mb("VmHWM") - base
 
 
 def timed(run, batch, device):
@@ -221,17 +260,17 @@ def case(data, model_name, steps, bs, device, dtype, src, lora=False):
         first = {v: float(step_loss(v, models[v], plans[v][0][0], device)) for v in plans}
     opts = {v: optimizer(v, models[v]) for v in plans}
     runs = {v: step_fn(v, models[v], opts[v], device) for v in plans}
-    peak = {}
+    peak, rss = {}, {}
     for v in plans:  # warm-up on the variant's largest batch, the run's peak memory
         prime(opts[v])
-        peak[v] = peak_of(runs[v], max(plans[v][0], key=lambda b: b["input_ids"].numel()), device)
+        peak[v], rss[v] = peak_of(runs[v], max(plans[v][0], key=lambda b: b["input_ids"].numel()), device)
     times = {v: 0.0 for v in plans}
     tokens = sum(plans["hf-standard"][1])
     for k in range(len(plans["chatmask"][0])):
         for v in plans:  # alternate: a b a b
             times[v] += timed(runs[v], plans[v][0][k], device)
     padded = sum(int(b["input_ids"].numel()) for b in plans["hf-standard"][0])
-    return {v: tokens / times[v] for v in plans}, peak, 1 - tokens / padded, attention, \
+    return {v: tokens / times[v] for v in plans}, peak, rss, 1 - tokens / padded, attention, \
         abs(first["hf-standard"] - first["chatmask"])
 
 
@@ -282,14 +321,17 @@ def main():
     print(f"train_speed: torch {torch.__version__}, {dev}, {args.dtype}, {'LoRA' if args.lora else 'full'} fine-tuning, measured steps per variant and case "
           f"alternating after a warm-up{'; weights random (--from)' if args.src else ''}")
     print(f"{'data':9} {'model':13} {'rows':>4} {'steps':>5} {'hf tok/s':>9} {'chatmask tok/s':>15} {'speedup':>8} {'padding':>8} "
-          f"{'hf peak MB':>11} {'cm peak MB':>11} {'mem ratio':>9} {'|dloss|':>8}  attention")
+          f"{'hf peak MB':>11} {'cm peak MB':>11} {'mem ratio':>9} {'rss ratio':>9} {'|dloss|':>8}  attention")
     head = None
     for data, model_name, bs, n_steps in cases:
-        tps, mem, pad, attention, dloss = case(data, model_name, n_steps, bs, args.device, dtype, args.src, args.lora)
+        tps, mem, rss, pad, attention, dloss = case(data, model_name, n_steps, bs, args.device, dtype, args.src,
+                                                    args.lora)
         sp = tps["chatmask"] / tps["hf-standard"]
-        ratio = mem["chatmask"] / mem["hf-standard"] if mem["hf-standard"] > 0 else float("nan")
+        ratio, rss_ratio = (m["chatmask"] / m["hf-standard"] if m["hf-standard"] > 0 else float("nan")
+                            for m in (mem, rss))
         print(f"{data:9} {model_name:13} {bs:4} {n_steps:5} {tps['hf-standard']:9.0f} {tps['chatmask']:15.0f} {sp:8.2f} {pad:8.1%} "
-              f"{mem['hf-standard']:11.0f} {mem['chatmask']:11.0f} {ratio:9.2f} {dloss:8.1e}  {attention}", flush=True)
+              f"{mem['hf-standard']:11.0f} {mem['chatmask']:11.0f} {ratio:9.2f} {rss_ratio:9.2f} {dloss:8.1e}  {attention}",
+              flush=True)
         if (data, model_name) == ("crossner", "smollm2"):
             head = sp
     print(f"speedup={head:.3f}" if head is not None else "speedup=nan")

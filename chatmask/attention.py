@@ -8,6 +8,7 @@ example on CPU; plain sdpa for unpacked batches), or the block-diagonal mask `ba
 from __future__ import annotations
 
 import functools
+import itertools
 
 from .errors import ConfigError
 
@@ -38,20 +39,23 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         n = max_length_q if max_length_q is not None else int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
         return kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_q, n, n).view(B, T, H, D), None
     bounds = cu_seq_lens_q.tolist()
-    rows: list[list] = [[] for _ in range(B)]
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        b, t0 = divmod(s, T)
-        t1 = e - b * T
-        if t1 > T or e <= s:
+    lens: list[list[int]] = [[] for _ in range(B)]  # per row, its examples' lengths
+    for s, e in itertools.pairwise(bounds):
+        b = s // T
+        if e - b * T > T or e <= s:
             raise ValueError(f"packed segment [{s}, {e}) crosses a row of {T} tokens")
-        out, _ = sdpa_attention_forward(module, query[b:b + 1, :, t0:t1], key[b:b + 1, :, t0:t1],
-                                        value[b:b + 1, :, t0:t1], None, dropout=dropout, scaling=scaling,
-                                        is_causal=True)  # (1, n, H, D)
-        rows[b].append(out)
-    return torch.cat([torch.cat(r, dim=1) for r in rows], dim=0), None  # (B, T, H, D)
+        lens[b].append(e - s)
+    if any(sum(n) != T for n in lens):
+        raise ValueError(f"packed segments {bounds} do not cover {B} row(s) of {T} tokens")
+    rows = []
+    for b in range(B):  # split, not slices: its backward is one cat, not a zero-filled row per example
+        q, k, v = ((x if B == 1 else x[b:b + 1]).split(lens[b], dim=2) for x in (query, key, value))
+        rows.append(torch.cat([sdpa_attention_forward(module, *qkv, None, dropout=dropout, scaling=scaling,
+                                                      is_causal=True)[0] for qkv in zip(q, k, v)], dim=1))
+    return rows[0] if B == 1 else torch.cat(rows, dim=0), None  # (B, T, H, D)
 
 
-@functools.lru_cache(maxsize=None)  # called in every layer of every forward
+@functools.cache  # called in every layer of every forward
 def _varlen_kernel(device_type: str, dtype, head_dim: int, scaling=None, dropout=0.0):
     """torch.nn.attention.varlen.varlen_attn as a causal f(q, k, v, cu_q, cu_k, max_q, max_k), where it can
     run this call (CUDA, fp16/bf16, no dropout, a scale it takes), else None."""

@@ -1,4 +1,6 @@
-"""Rows to tensors: `collate` pads a batch, `pack` concatenates rows into token-budget rows.
+"""Rows to batches: which rows each optimizer step takes (`global_batch`, a pure function of seed and step,
+so a resumed run continues exactly; `micro_batches` cuts them per process), and the tensors they become
+(`collate` pads a batch, `pack` concatenates rows).
 
 Labels stay unshifted (the loss shifts once). `apply_train_on` turns assistant labels into the labels
 of another arm (`all`: every token; `last_assistant`: the last trained run) so every arm trains on the
@@ -10,9 +12,14 @@ labelled from, another example.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .labels import IGNORE
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
 
 
 def apply_train_on(input_ids: list[int], labels: list[int], train_on: str) -> list[int]:
@@ -116,3 +123,50 @@ def _cut_cross_example_targets(lab: torch.Tensor, seg: torch.Tensor) -> torch.Te
     lab = lab.clone()
     lab[first] = IGNORE
     return lab
+
+
+# ---------------------------------------------------------------- which rows, in which step
+
+
+def global_batch(n_rows: int, cfg: TrainConfig, step: int, world: int, lengths=None) -> list[int]:
+    """Row indices of optimizer step `step` (0-based): epochs of seeded permutations, consumed in order.
+    With `lengths` (--group-by-length), each run of 64 steps' rows is sorted by length and cut into steps
+    whose order is shuffled again: rows of a micro-batch have similar lengths, so little padding."""
+    G = cfg.batch_size * cfg.grad_accum * world
+    out, start = [], step * G
+    while len(out) < G:
+        epoch, pos = divmod(start + len(out), n_rows)
+        out += _epoch_order(n_rows, cfg.seed, epoch, G, lengths)[pos:pos + G - len(out)]
+    return out
+
+
+def _epoch_order(n_rows, seed, epoch, G, lengths):
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_rows, generator=g).tolist()
+    if lengths is None:
+        return perm
+    out, M = [], 64 * G
+    for i in range(0, n_rows, M):
+        chunk = sorted(perm[i:i + M], key=lambda r: -lengths[r])
+        groups = [chunk[k:k + G] for k in range(0, len(chunk), G)]
+        out += [r for j in torch.randperm(len(groups), generator=g).tolist() for r in groups[j]]
+    return out
+
+
+def micro_batches(ds, rows: list[int], cfg: TrainConfig, rank: int, world: int, pad_id: int, train_on: str, dtype,
+                  attention: str = "mask"):
+    """This process's micro-batches of one optimizer step as (batch, real tokens), and the step's
+    trained-target count over all processes (every process computes it from the same rows)."""
+    data = ds.select(rows)
+    items = [{"input_ids": i, "labels": lab} for i, lab in zip(data["input_ids"], data["labels"])]
+    bs = cfg.batch_size
+    out, total = [], 0
+    for m in range(cfg.grad_accum):
+        for r in range(world):
+            chunk = items[(m * world + r) * bs:(m * world + r + 1) * bs]
+            b = (pack(chunk, pad_id, train_on, cfg.pack_tokens, dtype, attention) if cfg.packing
+                 else collate(chunk, pad_id, train_on))
+            total += int((b["labels"][:, 1:] != IGNORE).sum())
+            if r == rank:
+                out.append((b, sum(len(x["input_ids"]) for x in chunk)))
+    return out, total

@@ -192,50 +192,6 @@ def split_rows(ds, cfg: TrainConfig, val_ds=None) -> Split:
     return Split(ds, val_ds, n, h.hexdigest())
 
 
-def global_batch(n_rows: int, cfg: TrainConfig, step: int, world: int, lengths=None) -> list[int]:
-    """Row indices of optimizer step `step` (0-based): epochs of seeded permutations, consumed in order.
-    With `lengths` (--group-by-length), each run of 64 steps' rows is sorted by length and cut into steps
-    whose order is shuffled again: rows of a micro-batch have similar lengths, so little padding."""
-    G = cfg.batch_size * cfg.grad_accum * world
-    out, start = [], step * G
-    while len(out) < G:
-        epoch, pos = divmod(start + len(out), n_rows)
-        out += _epoch_order(n_rows, cfg.seed, epoch, G, lengths)[pos:pos + G - len(out)]
-    return out
-
-
-def _epoch_order(n_rows, seed, epoch, G, lengths):
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n_rows, generator=g).tolist()
-    if lengths is None:
-        return perm
-    out, M = [], 64 * G
-    for i in range(0, n_rows, M):
-        chunk = sorted(perm[i:i + M], key=lambda r: -lengths[r])
-        groups = [chunk[k:k + G] for k in range(0, len(chunk), G)]
-        out += [r for j in torch.randperm(len(groups), generator=g).tolist() for r in groups[j]]
-    return out
-
-
-def micro_batches(ds, rows: list[int], cfg: TrainConfig, rank: int, world: int, pad_id: int, train_on: str, dtype,
-                  attention: str = "mask"):
-    """This process's micro-batches of one optimizer step as (batch, real tokens), and the step's
-    trained-target count over all processes (every process computes it from the same rows)."""
-    data = ds.select(rows)
-    items = [{"input_ids": i, "labels": lab} for i, lab in zip(data["input_ids"], data["labels"])]
-    bs = cfg.batch_size
-    out, total = [], 0
-    for m in range(cfg.grad_accum):
-        for r in range(world):
-            chunk = items[(m * world + r) * bs:(m * world + r + 1) * bs]
-            b = (batches.pack(chunk, pad_id, train_on, cfg.pack_tokens, dtype, attention) if cfg.packing
-                 else batches.collate(chunk, pad_id, train_on))
-            total += int((b["labels"][:, 1:] != IGNORE).sum())
-            if r == rank:
-                out.append((b, sum(len(x["input_ids"]) for x in chunk)))
-    return out, total
-
-
 # ---------------------------------------------------------------- evaluation
 
 
@@ -377,8 +333,8 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     while state["step"] < cfg.steps:
         step = state["step"]
         t0 = time.perf_counter()
-        rows = global_batch(len(split.train), cfg, step, world, lengths)
-        mbs, n_total = micro_batches(split.train, rows, cfg, rank, world, pad_id, data_cfg.train_on, mask_dtype,
+        rows = batches.global_batch(len(split.train), cfg, step, world, lengths)
+        mbs, n_total = batches.micro_batches(split.train, rows, cfg, rank, world, pad_id, data_cfg.train_on, mask_dtype,
                                       attention)
         loss_sum = torch.zeros((), dtype=torch.float64)
         tokens = 0

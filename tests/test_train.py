@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from chatmask import IGNORE, batches
+from chatmask.batches import global_batch
 from chatmask.config import DataConfig
-from chatmask.train import TrainConfig, global_batch, token_loss_sum, train
+from chatmask.train import TrainConfig, token_loss_sum, train
 
 ROWS = [{"messages": [{"role": "user", "content": f"What is {k} plus {k}? Tell me please."},
                       {"role": "assistant", "content": f"It is {2 * k}."},
@@ -107,6 +108,33 @@ def test_varlen_packs_one_row_without_padding_and_boundaries_cover_it(bpe_tok):
     assert [y - x for x, y in zip(cu, cu[1:])] == [len(r["input_ids"]) for r in rows]
     assert p["max_length_q"] == max(len(r["input_ids"]) for r in rows)
     assert (p["position_ids"][0, cu[1]:cu[2]] == torch.arange(cu[2] - cu[1])).all()
+
+
+def test_varlen_attention_on_cpu_is_causal_attention_per_segment_over_several_rows():
+    from chatmask.attention import _varlen_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, generator=g, requires_grad=True)  # (B, H, T, D)
+    k, v = (torch.randn(2, 2, 6, 8, generator=g, requires_grad=True) for _ in range(2))  # grouped kv heads
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 2, True, False
+    cu = torch.tensor([0, 2, 6, 9, 12], dtype=torch.int32)  # rows of 6: [2, 4] and [3, 3]
+    out, _ = _varlen_attention(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=4)
+    assert out.shape == (2, 6, 4, 8)
+
+    def alone(b, t0, t1):  # (1, H, n, D): causal sdpa over one segment, grouped heads repeated
+        return torch.nn.functional.scaled_dot_product_attention(
+            q[b:b + 1, :, t0:t1], *(x[b:b + 1, :, t0:t1].repeat_interleave(2, dim=1) for x in (k, v)), is_causal=True)
+
+    ref = torch.cat([torch.cat([alone(0, 0, 2), alone(0, 2, 6)], dim=2),
+                     torch.cat([alone(1, 0, 3), alone(1, 3, 6)], dim=2)]).transpose(1, 2)  # (B, T, H, D)
+    assert torch.allclose(out, ref, atol=1e-6)
+    w = torch.randn(out.shape, generator=g)
+    grads = [torch.autograd.grad((y * w).sum(), (q, k, v)) for y in (out, ref)]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))  # backward: one cat, same gradients
+    for bad in ([0, 2, 7, 12], [0, 2, 6, 9]):  # crosses a row; leaves a row uncovered
+        with pytest.raises(ValueError, match="packed segment"):
+            _varlen_attention(module, q, k, v, None, cu_seq_lens_q=torch.tensor(bad), max_length_q=5)
 
 
 def test_packing_probe_catches_attention_that_ignores_boundaries(bpe_tok):
