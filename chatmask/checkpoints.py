@@ -48,8 +48,8 @@ def is_sharded(acc) -> bool:
 
 def save_sharded(acc, out: Path, state: dict, keep: int) -> None:
     """FSDP / DeepSpeed: weights and optimizer are sharded across processes, so accelerate writes them
-    (every process takes part); the loop state goes beside them. Not exercised on CPU (accelerate runs
-    FSDP only on GPUs)."""
+    (every process takes part); the loop state goes beside them. accelerate runs FSDP only on GPUs:
+    tests/test_gpu.py resumes an FSDP run from these and gets the uninterrupted loss curve."""
     final = out / "checkpoints" / f"step-{state['step']:06d}"
     acc.save_state(str(final / "accelerate"))
     if acc.is_main_process:

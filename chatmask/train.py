@@ -267,6 +267,9 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     out = Path(out)
     say = (log or (lambda *a: None)) if acc.is_main_process else (lambda *a: None)
     world, rank = acc.num_processes, acc.process_index
+    if is_sharded(acc) and cfg.finetune == "lora" and cfg.merge_lora:
+        raise ConfigError("--merge-lora cannot merge adapters into sharded (FSDP / DeepSpeed) weights; train "
+                          "without it and merge the saved adapters on one device")
     tok = tokenizer or load_tokenizer(data_cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with acc.main_process_first():
@@ -302,6 +305,8 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=math.ceil(cfg.warmup * cfg.steps),
                           num_training_steps=cfg.steps)
     model, opt = acc.prepare(model, opt)
+    # FSDP2 swaps each parameter for a sharded one: clip the prepared model's own (accelerate matches them)
+    params = [p for p in model.parameters() if p.requires_grad]
     if is_sharded(acc):
         acc.register_for_checkpointing(sched)
 
@@ -393,10 +398,16 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
         writer.close()
     result = _result(state, split, data_cfg)
     acc.wait_for_everyone()
-    if acc.is_main_process and on_end is not None:
+    # FSDP / DeepSpeed hold shards: every process takes part in gathering the full weights
+    full = acc.get_state_dict(model) if is_sharded(acc) else None
+    if acc.is_main_process and on_end is not None and full is not None and world > 1:
+        # generating on one process would wait forever for the other shards
+        result["metric"] = {"error": "not computed in a sharded multi-process run; score OUT/model on one device"}
+        say(f"note: {result['metric']['error']}")
+    elif acc.is_main_process and on_end is not None:
         result["metric"] = on_end(acc.unwrap_model(model), split)
     if acc.is_main_process:
-        _save_final(out, acc.unwrap_model(model), tok, cfg)
+        _save_final(out, acc.unwrap_model(model), tok, cfg, full)
         (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -447,14 +458,16 @@ def _result(state: dict, split: Split, data_cfg: DataConfig) -> dict:
     }
 
 
-def _save_final(out: Path, model, tok, cfg: TrainConfig) -> None:
+def _save_final(out: Path, model, tok, cfg: TrainConfig, state_dict=None) -> None:
+    """OUT/model: the model (or its adapters) as save_pretrained writes it; `state_dict`: the full weights
+    gathered from a sharded run."""
     from .models import _atomic_dir
 
     def write(tmp: Path):
         m = model
         if cfg.finetune == "lora" and cfg.merge_lora:
             m = m.merge_and_unload()
-        m.save_pretrained(tmp)
+        m.save_pretrained(tmp, state_dict=state_dict)
         tok.save_pretrained(tmp)
 
     dest = out / "model"

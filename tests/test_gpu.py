@@ -1,5 +1,12 @@
-"""Packed training on a GPU: torch's flash varlen kernel keeps examples apart and gives the padded loss
-and gradients. Skipped without CUDA (CI, laptops); run on a GPU machine with `pytest tests/test_gpu.py`."""
+"""On a GPU: torch's flash varlen kernel keeps packed examples apart and gives the padded loss and
+gradients; the FSDP example config trains, resumes exactly from its sharded checkpoints and saves full
+weights. Skipped without CUDA (CI, laptops); run on a GPU machine with `pytest tests/test_gpu.py`."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +65,47 @@ def test_varlen_kernel_equals_padded_and_keeps_examples_apart():
 def test_fp32_on_gpu_packs_with_the_mask():
     model = tiny_bf16().float()
     assert packed_attention(model) == "mask"  # no fp32 varlen kernel; sdpa once per example would be slow
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="no accelerate launcher")
+def test_fsdp_run_resumes_from_sharded_checkpoints_and_saves_full_weights(tmp_path, bpe_tok):
+    """The FSDP example config (one GPU here): checkpoints go through accelerate's save_state, --resume
+    continues the loss curve exactly, and OUT/model holds the full gathered weights."""
+    from test_compare import NER, tiny_factory
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "tiny"
+    tiny_factory(bpe_tok)().save_pretrained(d)
+    bpe_tok.save_pretrained(d)
+    data = tmp_path / "ner.json"
+    data.write_text(json.dumps(NER))
+    example = (Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp_gpu.yaml").read_text()
+    cfg = tmp_path / "fsdp.yaml"
+    cfg.write_text(example.replace("num_processes: 8", "num_processes: 1").replace("mixed_precision: bf16",
+                                                                                   "mixed_precision: 'no'"))
+    env = {**os.environ, "CHATMASK_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    cmd = [shutil.which("accelerate"), "launch", "--config_file", str(cfg), "--main_process_port", "29531", "-m",
+           "chatmask", "train", str(data), "--model", str(d), "--finetune", "full", "--lr", "0.002", "--steps", "4",
+           "--eval-every", "2", "--save-every", "2", "--val-split", "0.2", "--batch-size", "4", "--no-tensorboard",
+           "--debug", "--out", str(out)]
+
+    def run(*extra):
+        r = subprocess.run(cmd + list(extra), env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads((out / "result.json").read_text())
+
+    first = run()
+    assert "FSDP" in json.loads((out / "config.json").read_text())["distributed_type"]
+    assert (out / "checkpoints" / "step-000002" / "accelerate").is_dir()
+    weights = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(out / "model").state_dict().items()}
+    start = tiny_factory(bpe_tok)().state_dict()
+    assert weights.keys() == start.keys() and all(weights[k].shape == start[k].shape for k in start)
+    assert any(not torch.equal(weights[k], start[k]) for k in start)  # trained, and saved whole
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    (out / "result.json").unlink()
+    resumed = run("--resume")
+    assert resumed["train_losses"] == pytest.approx(first["train_losses"], abs=1e-5)
+    again = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    for k, v in weights.items():
+        assert torch.allclose(again[k], v, atol=1e-5), k
