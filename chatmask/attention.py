@@ -121,7 +121,7 @@ def _isolates(model, attention: str) -> bool:
     """True when the second of two packed examples gets the logits it gets alone, whatever the first is."""
     import torch
 
-    from .batches import pack
+    from .batches import pack, to_device
 
     p0 = next(model.parameters())
     V = model.get_input_embeddings().num_embeddings
@@ -137,7 +137,7 @@ def _isolates(model, attention: str) -> bool:
                 batch = pack([{"input_ids": first, "labels": first}, {"input_ids": b, "labels": b}], 0,
                              dtype=p0.dtype, attention=attention)
                 batch.pop("labels")
-                batch = {k: v.to(p0.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                batch = to_device(batch, p0.device)
                 got.append(model(**batch).logits[0, 5:].float())  # (7, V)
     except (TypeError, ValueError, RuntimeError):
         return False

@@ -50,6 +50,11 @@ def collate(rows: list[dict], pad_id: int, train_on: str = "assistant") -> dict[
     return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors moved to `device`; other values (a packed batch's max_length_q/k) as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def pack(rows: list[dict], pad_id: int, train_on: str = "assistant", max_tokens: int | None = None,
          dtype=torch.float32, attention: str = "mask") -> dict:
     """Rows concatenated with position ids restarting per example. `attention="varlen"`: all rows in one

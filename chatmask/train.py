@@ -143,10 +143,6 @@ def token_loss_sum(model, batch: dict, sparse: bool = True) -> tuple[torch.Tenso
     return loss, n
 
 
-def _to(v, device):
-    return v.to(device) if isinstance(v, torch.Tensor) else v  # max_length_q/k are ints
-
-
 def adamw(params, **kw) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel where the parameters' device and dtype have one (CPU and CUDA
     do: 4x less optimizer time on CPU; the Trainer's default too), else the plain implementation."""
@@ -212,7 +208,7 @@ def evaluate(model, val, pad_id: int, batch_size: int, acc=None, sparse=True) ->
         rows = val.select(chunks[idx if idx < len(chunks) else 0])
         b = batches.collate([{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])],
                             pad_id, "assistant")
-        b = {key: _to(v, device) for key, v in b.items()}
+        b = batches.to_device(b, device)
         s, n = token_loss_sum(model, b, sparse)
         if idx < len(chunks):
             total += torch.tensor([float(s), n], dtype=torch.float64)
@@ -344,7 +340,7 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
         loss_sum = torch.zeros((), dtype=torch.float64)
         tokens = 0
         for k, (mb, n_tok) in enumerate(mbs):
-            mb = {key: _to(v, acc.device) for key, v in mb.items()}
+            mb = batches.to_device(mb, acc.device)
             tokens += n_tok
             sync = acc.no_sync(model) if k < len(mbs) - 1 else _nullcontext()
             with sync:

@@ -43,7 +43,7 @@ def test_varlen_kernel_equals_padded_and_keeps_examples_apart():
     rs = rows()
     out = []
     for b in (batches.collate(rs, 0), batches.pack(rs, 0, attention="varlen")):
-        b = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+        b = batches.to_device(b, "cuda")
         model.zero_grad()
         s, n = token_loss_sum(model, b)
         (s / n).backward()
@@ -56,7 +56,7 @@ def test_varlen_kernel_equals_padded_and_keeps_examples_apart():
                            attention="varlen")
     n0 = len(rs[0]["input_ids"])
     with torch.no_grad():
-        a, b = (model(**{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in p.items() if k != "labels"}).logits
+        a, b = (model(**batches.to_device({k: v for k, v in p.items() if k != "labels"}, "cuda")).logits
                 for p in (packed, altered))
     assert not torch.allclose(a[0, :n0], b[0, :n0], atol=1e-2)
     assert torch.allclose(a[0, n0:], b[0, n0:], atol=1e-5) and torch.allclose(a[1:], b[1:], atol=1e-5)
@@ -91,7 +91,7 @@ def test_fsdp_run_resumes_from_sharded_checkpoints_and_saves_full_weights(tmp_pa
            "--debug", "--out", str(out)]
 
     def run(*extra):
-        r = subprocess.run(cmd + list(extra), env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(cmd + list(extra), env=env, capture_output=True, text=True, timeout=300, check=False)
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads((out / "result.json").read_text())
 
