@@ -2,7 +2,7 @@
 
 Loss = sum of token losses / number of trained tokens of the whole optimizer step (accumulation window
 and every process), so arms and batch shapes are comparable. The LM head runs only where a label is
-trained (`logits_to_keep` as a boolean mask). Evaluation always scores the assistant tokens of one
+trained (`logits_to_keep` as a boolean mask, where a probe shows the model applies it). Evaluation always scores the assistant tokens of one
 held-out split, whatever `train_on` is. Checkpoints hold weights, optimizer, scheduler and RNG states;
 the data order is a pure function of (seed, step), so `resume` continues exactly.
 """
@@ -10,7 +10,6 @@ the data order is a pure function of (seed, step), so `resume` continues exactly
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import random
@@ -115,14 +114,26 @@ class TrainConfig:
 # ---------------------------------------------------------------- loss
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    m = model
-    while True:
-        nxt = getattr(m, "module", None) or (m.get_base_model() if hasattr(m, "get_base_model") else None)
-        if nxt is None or nxt is m:
-            break
-        m = nxt
-    return "logits_to_keep" in inspect.signature(m.forward).parameters
+def sparse_head_works(model) -> bool:
+    """True when `model(..., logits_to_keep=<boolean (B, T) mask>)` returns the full logits at exactly the
+    masked positions, as (N, V): checked on a probe, never assumed from the signature (a model may take the
+    argument and read it only as an int, or ignore it)."""
+    p0 = next(model.parameters())
+    V = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(V, (2, 6), generator=torch.Generator().manual_seed(0)).to(p0.device)  # (2, 6)
+    keep = torch.tensor([[0, 1, 0, 1, 1, 0], [1, 0, 0, 0, 1, 1]], dtype=torch.bool, device=p0.device)  # (2, 6)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits[keep].float()  # (5, V)
+            part = model(input_ids=ids, logits_to_keep=keep, use_cache=False).logits.float()
+    except (TypeError, ValueError, RuntimeError, IndexError):
+        return False
+    finally:
+        model.train(was)
+    tol = (1e-4 if p0.dtype == torch.float32 else 3e-2) * (1 + float(full.abs().max()))
+    return part.shape == full.shape and float((part - full).abs().max()) <= tol
 
 
 def token_loss_sum(model, batch: dict, sparse: bool = True) -> tuple[torch.Tensor, int]:
@@ -292,9 +303,10 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     if cfg.packing:
         say(f"packing: rows of up to {cfg.pack_tokens} tokens, examples kept apart by "
             + ("attention run per example (varlen)" if attention == "varlen" else "a block-diagonal mask"))
-    sparse = cfg.sparse_loss and _accepts_logits_to_keep(model)
+    sparse = cfg.sparse_loss and sparse_head_works(model)
     if cfg.sparse_loss and not sparse:
-        say(f"note: {type(model).__name__} takes no logits_to_keep; computing full logits")
+        say(f"note: {type(model).__name__} does not apply logits_to_keep as a mask of positions; computing full "
+            "logits (same loss, more time and memory)")
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr or (2e-4 if cfg.finetune == "lora" else 5e-5)
     opt = adamw(params, lr=lr, weight_decay=cfg.weight_decay)

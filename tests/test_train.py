@@ -203,6 +203,42 @@ def _run(data, tok, out, **kw):
     return train(data, DataConfig(), cfg, out, tokenizer=tok, model=tiny(tok), progress=False, log=None)
 
 
+def test_sparse_head_is_checked_on_a_probe_and_training_falls_back_to_full_logits(data, bpe_tok, tmp_path):
+    from transformers import LlamaForCausalLM
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from chatmask.models import add_lora
+    from chatmask.train import sparse_head_works
+
+    class IntOnlyHead(LlamaForCausalLM):  # takes logits_to_keep but slices positions the pre-mask way
+        def forward(self, input_ids=None, logits_to_keep=0, use_cache=None, **kw):
+            h = self.model(input_ids=input_ids, **kw).last_hidden_state
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            return CausalLMOutputWithPast(logits=self.lm_head(h[:, keep, :]))
+
+    class IgnoresIt(LlamaForCausalLM):  # swallows it in **kwargs: full logits come back
+        def forward(self, input_ids=None, **kw):
+            kw.pop("logits_to_keep", None)
+            return super().forward(input_ids=input_ids, **kw)
+
+    assert sparse_head_works(tiny(bpe_tok)) and sparse_head_works(add_lora(tiny(bpe_tok), r=4, alpha=8))
+    base = tiny(bpe_tok)
+    for cls in (IntOnlyHead, IgnoresIt):
+        odd = cls(base.config)
+        odd.load_state_dict(base.state_dict())
+        assert not sparse_head_works(odd)
+    notes = []
+    cfg = TrainConfig(steps=2, eval_every=2, save_every=2, val_split=0.1, batch_size=4, finetune="full", lr=1e-2,
+                      tensorboard=False)
+    odd = IntOnlyHead(base.config)
+    odd.load_state_dict(base.state_dict())
+    r = train(data, DataConfig(), cfg, tmp_path / "odd", tokenizer=bpe_tok, model=odd, progress=False, log=notes.append)
+    same = train(data, DataConfig(), cfg, tmp_path / "ref", tokenizer=bpe_tok, model=tiny(bpe_tok), progress=False,
+                 log=None)
+    assert any("computing full logits" in str(n) for n in notes)
+    assert r["train_losses"] == pytest.approx(same["train_losses"], abs=1e-5)  # the full path, the same loss
+
+
 def test_training_lowers_loss_and_saves(data, bpe_tok, tmp_path):
     r = _run(data, bpe_tok, tmp_path / "o", steps=12, eval_every=6)
     assert r["evals"][-1]["val_loss"] < r["evals"][0]["val_loss"] or r["train_losses"][-1] < r["train_losses"][0]
