@@ -2,9 +2,10 @@
 
 Loss = sum of token losses / number of trained tokens of the whole optimizer step (accumulation window
 and every process), so arms and batch shapes are comparable. The LM head runs only where a label is
-trained (`logits_to_keep` as a boolean mask, where a probe shows the model applies it). Evaluation always scores the assistant tokens of one
-held-out split, whatever `train_on` is. Checkpoints hold weights, optimizer, scheduler and RNG states;
-the data order is a pure function of (seed, step), so `resume` continues exactly.
+trained (`logits_to_keep` as a boolean mask, where a probe shows the model applies it). Evaluation
+always scores the assistant tokens of one held-out split, whatever `train_on` is. Checkpoints hold
+weights, optimizer, scheduler and RNG states; the data order is a pure function of (seed, step), so
+`resume` continues exactly.
 """
 
 from __future__ import annotations
@@ -313,8 +314,6 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=math.ceil(cfg.warmup * cfg.steps),
                           num_training_steps=cfg.steps)
     model, opt = acc.prepare(model, opt)
-    # FSDP2 swaps each parameter for a sharded one: clip the prepared model's own (accelerate matches them)
-    params = [p for p in model.parameters() if p.requires_grad]
     if is_sharded(acc):
         acc.register_for_checkpointing(sched)
 
@@ -347,8 +346,8 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
         step = state["step"]
         t0 = time.perf_counter()
         rows = batches.global_batch(len(split.train), cfg, step, world, lengths)
-        mbs, n_total = batches.micro_batches(split.train, rows, cfg, rank, world, pad_id, data_cfg.train_on, mask_dtype,
-                                      attention)
+        mbs, n_total = batches.micro_batches(split.train, rows, cfg, rank, world, pad_id, data_cfg.train_on,
+                                             mask_dtype, attention)
         loss_sum = torch.zeros((), dtype=torch.float64)
         tokens = 0
         for k, (mb, n_tok) in enumerate(mbs):
@@ -361,7 +360,8 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
                 acc.backward(s * world / max(n_total, 1))
             loss_sum += s.detach().double().cpu()
         if cfg.max_grad_norm:
-            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            # the prepared model's parameters: FSDP2 replaced the ones the optimizer was built from
+            acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
