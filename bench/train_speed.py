@@ -11,8 +11,9 @@ variant's largest batch and gives the run's peak memory, on top of the weights a
 optimizer state: the peak of tensor memory the step allocates and still holds (on a GPU torch's
 max_memory_allocated minus what was allocated before; on CPU the same count kept by a dispatch mode),
 and on CPU also the process's peak RSS during the step minus its RSS before it (`rss ratio`; RSS keeps
-heap that the step freed, so it varies run to run with the allocator). Prints a table and, last,
-`speedup=<float>`: the tokens/s ratio on CrossNER with SmolLM2-135M.
+heap that the step freed, so it varies run to run with the allocator). Prints a table (on CPU with each
+case's seconds a step in forward, backward and optimizer under its row) and, last, `speedup=<float>`:
+the tokens/s ratio on CrossNER with SmolLM2-135M.
 
     python bench/train_speed.py [--quick] [--device cuda] [--dtype bfloat16]
     python bench/train_speed.py --export DIR     # rows + SmolLM2's config and tokenizer, for a machine
@@ -129,10 +130,16 @@ def step_loss(variant, model, batch, device):
 
 def step_fn(variant, model, opt, device):
     def run(batch):
+        """One step; returns its (forward, backward, optimizer) seconds as the host saw them (on a GPU the
+        host only queues work, so they mean something on CPU only)."""
+        t0 = time.perf_counter()
         loss = step_loss(variant, model, batch, device)
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
     return run
 
 
@@ -232,10 +239,10 @@ def timed(run, batch, device):
     if device == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    run(batch)
+    phases = run(batch)
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, phases
 
 
 def case(data, model_name, steps, bs, device, dtype, src, lora=False):
@@ -264,13 +271,18 @@ def case(data, model_name, steps, bs, device, dtype, src, lora=False):
         prime(opts[v])
         peak[v], rss[v] = peak_of(runs[v], max(plans[v][0], key=lambda b: b["input_ids"].numel()), device)
     times = {v: 0.0 for v in plans}
+    phases = {v: [0.0, 0.0, 0.0] for v in plans}  # forward, backward, optimizer: seconds summed over steps
     tokens = sum(plans["hf-standard"][1])
-    for k in range(len(plans["chatmask"][0])):
+    n = len(plans["chatmask"][0])
+    for k in range(n):
         for v in plans:  # alternate: a b a b
-            times[v] += timed(runs[v], plans[v][0][k], device)
+            dt, ph = timed(runs[v], plans[v][0][k], device)
+            times[v] += dt
+            phases[v] = [a + b for a, b in zip(phases[v], ph)]
     padded = sum(int(b["input_ids"].numel()) for b in plans["hf-standard"][0])
-    return {v: tokens / times[v] for v in plans}, peak, rss, 1 - tokens / padded, attention, \
-        abs(first["hf-standard"] - first["chatmask"])
+    return {"tps": {v: tokens / times[v] for v in plans}, "peak": peak, "rss": rss, "padding": 1 - tokens / padded,
+            "attention": attention, "dloss": abs(first["hf-standard"] - first["chatmask"]),
+            "phases": {v: [x / n for x in phases[v]] for v in plans}}
 
 
 def export(out):
@@ -323,14 +335,19 @@ def main():
           f"{'hf peak MB':>11} {'cm peak MB':>11} {'mem ratio':>9} {'rss ratio':>9} {'|dloss|':>8}  attention")
     head = None
     for data, model_name, bs, n_steps in cases:
-        tps, mem, rss, pad, attention, dloss = case(data, model_name, n_steps, bs, args.device, dtype, args.src,
-                                                    args.lora)
+        r = case(data, model_name, n_steps, bs, args.device, dtype, args.src, args.lora)
+        tps, mem, rss = r["tps"], r["peak"], r["rss"]
         sp = tps["chatmask"] / tps["hf-standard"]
         ratio, rss_ratio = (m["chatmask"] / m["hf-standard"] if m["hf-standard"] > 0 else float("nan")
                             for m in (mem, rss))
-        print(f"{data:9} {model_name:13} {bs:4} {n_steps:5} {tps['hf-standard']:9.0f} {tps['chatmask']:15.0f} {sp:8.2f} {pad:8.1%} "
-              f"{mem['hf-standard']:11.0f} {mem['chatmask']:11.0f} {ratio:9.2f} {rss_ratio:9.2f} {dloss:8.1e}  {attention}",
-              flush=True)
+        print(f"{data:9} {model_name:13} {bs:4} {n_steps:5} {tps['hf-standard']:9.0f} {tps['chatmask']:15.0f} {sp:8.2f} "
+              f"{r['padding']:8.1%} {mem['hf-standard']:11.0f} {mem['chatmask']:11.0f} {ratio:9.2f} {rss_ratio:9.2f} "
+              f"{r['dloss']:8.1e}  {r['attention']}", flush=True)
+        if args.device == "cpu":
+            hf, cm = r["phases"]["hf-standard"], r["phases"]["chatmask"]
+            print("    s a step, forward / backward / optimizer: hf " + " / ".join(f"{x:.2f}" for x in hf)
+                  + ", chatmask " + " / ".join(f"{x:.2f}" for x in cm)
+                  + "; ratio " + " / ".join(f"{a / b:.2f}" for a, b in zip(hf, cm)), flush=True)
         if (data, model_name) == ("crossner", "smollm2"):
             head = sp
     print(f"speedup={head:.3f}" if head is not None else "speedup=nan")

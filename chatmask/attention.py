@@ -122,26 +122,21 @@ def _isolates(model, attention: str) -> bool:
     import torch
 
     from .batches import pack, to_device
+    from .models import logits_close, probing
 
     p0 = next(model.parameters())
     V = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(0)
     a, a2, b = (torch.randint(V, (n,), generator=g).tolist() for n in (5, 5, 7))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            alone = model(input_ids=torch.tensor([b], device=p0.device)).logits[0].float()  # (7, V)
+        with probing(model):
+            alone = model(input_ids=torch.tensor([b], device=p0.device)).logits[0]  # (7, V)
             got = []
             for first in (a, a2):
                 batch = pack([{"input_ids": first, "labels": first}, {"input_ids": b, "labels": b}], 0,
                              dtype=p0.dtype, attention=attention)
                 batch.pop("labels")
-                batch = to_device(batch, p0.device)
-                got.append(model(**batch).logits[0, 5:].float())  # (7, V)
+                got.append(model(**to_device(batch, p0.device)).logits[0, 5:])  # (7, V)
     except (TypeError, ValueError, RuntimeError):
         return False
-    finally:
-        model.train(was)
-    tol = (1e-4 if p0.dtype == torch.float32 else 3e-2) * (1 + float(alone.abs().max()))
-    return all(float((x - alone).abs().max()) <= tol for x in got)
+    return all(logits_close(x, alone, p0.dtype) for x in got)

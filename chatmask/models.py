@@ -7,6 +7,7 @@ converted once into a normal cached checkpoint so later loads take about a secon
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -55,6 +56,29 @@ def _atomic_dir(final: Path, write) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def probing(model):
+    """Eval mode and no gradients while a probe checks what a model does; its mode restored after."""
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was)
+
+
+def logits_close(got, want, dtype) -> bool:
+    """Same shape and equal within what `dtype` computes reproducibly (1e-4 x scale in fp32, 3e-2 x scale in
+    half precision): two ways of computing the same logits, not two different ones."""
+    import torch
+
+    tol = (1e-4 if dtype == torch.float32 else 3e-2) * (1 + float(want.abs().max()))
+    return got.shape == want.shape and float((got.float() - want.float()).abs().max()) <= tol
 
 
 def _gguf_source(name: str) -> tuple[str, str] | None:

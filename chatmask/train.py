@@ -119,22 +119,19 @@ def sparse_head_works(model) -> bool:
     """True when `model(..., logits_to_keep=<boolean (B, T) mask>)` returns the full logits at exactly the
     masked positions, as (N, V): checked on a probe, never assumed from the signature (a model may take the
     argument and read it only as an int, or ignore it)."""
+    from .models import logits_close, probing
+
     p0 = next(model.parameters())
     V = model.get_input_embeddings().num_embeddings
     ids = torch.randint(V, (2, 6), generator=torch.Generator().manual_seed(0)).to(p0.device)  # (2, 6)
     keep = torch.tensor([[0, 1, 0, 1, 1, 0], [1, 0, 0, 0, 1, 1]], dtype=torch.bool, device=p0.device)  # (2, 6)
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            full = model(input_ids=ids, use_cache=False).logits[keep].float()  # (5, V)
-            part = model(input_ids=ids, logits_to_keep=keep, use_cache=False).logits.float()
+        with probing(model):
+            full = model(input_ids=ids, use_cache=False).logits[keep]  # (6, V)
+            part = model(input_ids=ids, logits_to_keep=keep, use_cache=False).logits  # (6, V) if applied
     except (TypeError, ValueError, RuntimeError, IndexError):
         return False
-    finally:
-        model.train(was)
-    tol = (1e-4 if p0.dtype == torch.float32 else 3e-2) * (1 + float(full.abs().max()))
-    return part.shape == full.shape and float((part - full).abs().max()) <= tol
+    return logits_close(part, full, p0.dtype)
 
 
 def token_loss_sum(model, batch: dict, sparse: bool = True) -> tuple[torch.Tensor, int]:
