@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .errors import FIX_ROW, ConfigError, ConversationError, short
-from .labels import ROLES
+from .messages import ROLES
 from .sources import Cut
 from .sources import rows as read_rows
 

@@ -1,30 +1,31 @@
 """Assistant-only labels for any chat template: `encode(messages, tokenizer) -> Example`.
 
 The conversation is rendered once with the template; the answer region of each assistant turn (the text
-after its generation prompt through the end-of-turn marker) is found from the template itself, by
-rendering the same conversation *shape* with sentinel contents once and caching that skeleton, or, for
-rows the skeleton does not explain, by rendering with sentinels row by row. The text is tokenized
-segment by segment at those boundaries, `input_ids` and `labels` are built in the same loop, and every
-trained run is decoded and compared with the text it must equal.
+after its generation prompt through that turn's end-of-turn marker) is found from the template itself
+(`spans.py`). The token stream follows one rule: `input_ids` are the tokenizer's encoding of the whole
+rendering (what `apply_chat_template(tokenize=True)` feeds the model), cut at the answer boundaries by
+the tokens' character spans; a token that would straddle a boundary is re-spelt as two (counted in
+`Example.split`). `input_ids` and `labels` are built in the same loop; the piecewise encoding is checked
+against the whole-text one by ids (`tokens.py`).
 """
 
 from __future__ import annotations
 
-import weakref
+import bisect
 from dataclasses import dataclass
 
-from .errors import ChatmaskError, ConfigError, ConversationError, TemplateError, short
-from .spans import Renderer, _Turn, _decode_texts, _encode_texts, answer_regions, content_spans, renderer, resolve_template
+from .errors import ChatmaskError, ConfigError, ConversationError, TemplateError
+from .messages import normalize_messages, weights as _weights
+from .spans import Renderer, Turn, answer_regions, content_spans, renderer, resolve_template
+from .tokens import TextTokens, text_tokens
 
 __all__ = ["IGNORE", "Example", "check_template", "content_spans", "encode", "encode_many", "encode_turns",
            "normalize_messages", "renderer", "resolve_template", "truncate"]
 
 IGNORE = -100
-ROLES = ("system", "user", "assistant", "tool")
 TRAIN_ON = ("assistant", "all", "last_assistant")
 TRUNCATION = ("turns", "right", "drop")
-
-_MEMO_CHARS = 8_000_000  # text a Renderer keeps token ids for (~100 MB at most), then starts again
+VERIFY_ROWS = 4  # rows of each encode_many call whose ids are checked against a whole-text encoding
 
 
 @dataclass
@@ -39,125 +40,19 @@ class Example:
     exactly what the model saw at inference for it (use `encode_turns` for the faithful form)."""
     truncated: int = 0
     """tokens cut off by the truncation policy"""
+    split: int = 0
+    """tokens of the whole-text encoding that straddled a prompt/answer boundary and were re-spelt as
+    two; 0 means `input_ids` are exactly the tokenizer's encoding of the rendering"""
 
     @property
     def num_trained(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-# ---------------------------------------------------------------- messages
+# ---------------------------------------------------------------- labelling
 
 
-def normalize_messages(messages, source: str = "") -> list[dict]:
-    """Check the message shape and return plain dicts as templates expect them (content parts joined,
-    `None` values and `weight` removed). Raises ConversationError naming the message."""
-    where = f"{source}: " if source else ""
-    if not isinstance(messages, (list, tuple)):
-        raise ConversationError(
-            f"{where}messages must be a list of {{'role', 'content'}} dicts, found {short(messages)}",
-            reason="messages not a list",
-        )
-    if not messages:
-        raise ConversationError(f"{where}empty conversation", reason="empty conversation")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ConversationError(
-                f"{where}message {i}: expected a dict with 'role' and 'content', found {short(m)}",
-                reason="message not a dict",
-            )
-        role = m.get("role")
-        if role not in ROLES:
-            what = "no 'role'" if role is None else f"unknown role {short(role)}"
-            raise ConversationError(
-                f"{where}message {i}: {what}; expected one of {', '.join(ROLES)}",
-                reason="missing role" if role is None else "unknown role",
-            )
-        content = m.get("content")
-        if isinstance(content, (list, tuple)):
-            parts = []
-            for k, p in enumerate(content):
-                if isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str):
-                    parts.append(p["text"])
-                else:
-                    raise ConversationError(
-                        f"{where}message {i}: content part {k} is not a text part, found {short(p)}; "
-                        "only {'type': 'text', 'text': ...} parts can be trained on",
-                        reason="non-text content",
-                    )
-            content = "".join(parts)
-        elif content is None:
-            if not (role == "assistant" and m.get("tool_calls")):
-                raise ConversationError(
-                    f"{where}message {i} ({role}): content is missing or null", reason="null content"
-                )
-        elif not isinstance(content, str):
-            raise ConversationError(
-                f"{where}message {i} ({role}): content must be a string or a list of text parts, "
-                f"found {type(content).__name__} {short(content)}",
-                reason="bad content type",
-            )
-        w = m.get("weight", 1)
-        if w not in (0, 1) or isinstance(w, float) and w not in (0.0, 1.0):
-            raise ConversationError(
-                f"{where}message {i}: weight must be 0 or 1, found {short(w)}", reason="bad weight"
-            )
-        d = {k: v for k, v in m.items() if v is not None and k != "weight"}
-        if content is not None:
-            d["content"] = content
-        out.append(d)
-    return out
-
-
-def _weights(messages) -> list[int]:
-    return [int(m.get("weight", 1)) if isinstance(m, dict) else 1 for m in messages]
-
-
-# ---------------------------------------------------------------- tokenizing
-
-_MEMO_CHARS = 4_000_000  # text whose token ids are kept per template (~50 MB at most), then started again
-_MEMO_LONGEST = 4096  # longer segments are not kept
-
-
-class _SegmentMemo:
-    """A segment's tokens depend on its text alone, and prompts repeat across rows (the same passage asked
-    about several entity types, the same template text), so each distinct segment is tokenized and
-    verified once per (tokenizer, template). Bounded: cleared when it holds _MEMO_CHARS of text."""
-
-    def __init__(self):
-        self.ids: dict[str, list[int]] = {}
-        self.verified: set[str] = set()
-        self.chars = 0
-
-    def tokenize(self, tokenizer, texts: list[str]) -> list[list[int]]:
-        todo = [t for t in dict.fromkeys(texts) if t not in self.ids]
-        if not todo:
-            return [self.ids[t] for t in texts]
-        new = dict(zip(todo, _encode_texts(tokenizer, todo)))
-        out = [self.ids.get(t) or new[t] for t in texts]
-        # long segments (whole chat answers) hardly ever repeat: keeping them would only cost memory
-        keep = {t: v for t, v in new.items() if len(t) <= _MEMO_LONGEST}
-        self.ids.update(keep)
-        self.chars += sum(map(len, keep))
-        if self.chars > _MEMO_CHARS:
-            self.ids.clear()
-            self.verified.clear()
-            self.chars = 0
-        return out
-
-
-_memos: "weakref.WeakKeyDictionary[Renderer, _SegmentMemo]" = weakref.WeakKeyDictionary()
-
-
-def _memo(r: Renderer) -> _SegmentMemo:
-    m = _memos.get(r)
-    if m is None:
-        m = _memos[r] = _SegmentMemo()
-    return m
-
-
-
-def _trained_turns(msgs, weights, turns: list[_Turn], train_on, source) -> set[int]:
+def _trained_turns(msgs, weights, turns: list[Turn], train_on, source) -> set[int]:
     if not turns:
         raise ConversationError(f"{source}: no assistant turn to train on", reason="no assistant turn")
     if train_on == "last_assistant":
@@ -175,92 +70,93 @@ def _trained_turns(msgs, weights, turns: list[_Turn], train_on, source) -> set[i
 
 @dataclass
 class _Plan:
-    """A row rendered and cut at its answer boundaries, waiting for its segments' token ids."""
+    """A row rendered, with its answer regions, waiting for its tokens."""
 
     source: str
-    texts: list[str]  # non-empty segments of the rendering, in order
-    turn: list[int | None]  # message index of each answer segment, None for the text between answers
+    text: str  # the rendering
+    turns: list[Turn]
     trained: set[int]
     train_on: str
     preserving: bool
 
 
-def _plan(R, turns, trained, train_on, source) -> _Plan:
-    texts, owner, pos = [], [], 0
-    for t in turns:
-        for a, b, who in ((pos, t.start, None), (t.start, t.end, t.index)):
-            if b > a:
-                texts.append(R[a:b])
+def _assemble(plan: _Plan, enc, tt: TextTokens):
+    """input_ids and labels built in one loop from the whole-text tokens, cut at the answer boundaries;
+    also (token index just past each answer, whether it is trained) for truncation."""
+    R = plan.text
+    cuts, owner = [0], [None]  # region k is [cuts[k], cuts[k+1]) and belongs to answer owner[k] (None: prompt)
+    for t in plan.turns:
+        for pos, who in ((t.start, t.index), (t.end, None)):
+            if pos == cuts[-1]:
+                owner[-1] = who
+            else:
+                cuts.append(pos)
                 owner.append(who)
-        pos = t.end
-    if len(R) > pos:
-        texts.append(R[pos:])
-        owner.append(None)
-    return _Plan(source, texts, owner, trained, train_on, all(t.preserving for t in turns))
-
-
-def _assemble(plan: _Plan, ids: list[list[int]]):
-    """input_ids and labels built in one loop; also the answer runs to verify and where turns end."""
-    input_ids, labels, ends, checks = [], [], [], []
-    for seg_ids, text, idx in zip(ids, plan.texts, plan.turn):
-        input_ids += seg_ids
-        train = plan.train_on == "all" or idx in plan.trained
-        labels += seg_ids if train else [IGNORE] * len(seg_ids)
-        if idx is not None:
-            ends.append((len(input_ids), train))
-            if idx in plan.trained:
-                checks.append((seg_ids, text, idx))
-    return Example(input_ids, labels, plan.source, plan.preserving), ends, checks
+    trained = [plan.train_on == "all" or w in plan.trained for w in owner]
+    input_ids, labels, where, split = [], [], [], 0
+    for k, (i, (s, e)) in enumerate(zip(enc.ids, enc.spans)):
+        r0 = bisect.bisect_right(cuts, s) - 1
+        r1 = bisect.bisect_right(cuts, e - 1) - 1 if e > s else r0  # region of the token's last character
+        if r1 <= r0:
+            pieces = [([i], r0)]
+        elif k in enc.atomic:
+            raise TemplateError(
+                f"{plan.source or 'conversation'}: the added token {R[s:e]!r} spans an answer boundary; "
+                "the template writes part of it inside the answer", reason="template error")
+        else:  # a token straddles a boundary: re-spell its parts (the rule's one exception, counted)
+            bounds = [s] + cuts[r0 + 1 : r1 + 1] + [e]
+            parts = [R[a:b] for a, b in zip(bounds, bounds[1:])]
+            ids = tt.split_token(i, parts) or [tt.fragment_ids(p) for p in parts]
+            pieces = list(zip(ids, range(r0, r1 + 1)))
+            split += 1
+        for ids, reg in pieces:
+            input_ids += ids
+            labels += ids if trained[reg] else [IGNORE] * len(ids)
+            where += [reg] * len(ids)
+    last = {reg: n + 1 for n, reg in enumerate(where)}
+    ends = sorted((last[k], trained[k]) for k in last if owner[k] is not None)
+    return Example(input_ids, labels, plan.source, plan.preserving, split=split), ends
 
 
 def encode_many(rows, tokenizer, *, train_on="assistant", max_length=None, template=None, truncation="turns"):
-    """`encode` over many `(messages, source)` rows with one tokenizer call and one decode call for all
-    of them (the fast-tokenizer batch APIs use every core). Returns, per row, an Example or the
-    ChatmaskError that row raised."""
+    """`encode` over many `(messages, source)` rows with one tokenizer call for all of them (the fast
+    tokenizer's batch API uses every core). Returns, per row, an Example or the ChatmaskError that row
+    raised."""
     _check_options(train_on, truncation)
     r = renderer(tokenizer, template)
-    plans, texts = [], []
+    plans = []
     for messages, source in rows:
         try:
-            plan = _plan_row(r, messages, source, train_on)
+            plans.append(_plan_row(r, messages, source, train_on))
         except ChatmaskError as e:
             plans.append(e)
-            continue
-        plans.append(plan)
-        texts += plan.texts
-    memo = _memo(r)
-    ids = memo.tokenize(tokenizer, texts)
-    out, checks, k = [], [], 0
+    return _finish(plans, r, tokenizer, max_length, truncation)
+
+
+def _finish(plans, r: Renderer, tokenizer, max_length, truncation):
+    tt = text_tokens(tokenizer)
+    live = [p for p in plans if not isinstance(p, ChatmaskError)]
+    encs = tt.encode([p.text for p in live])
+    if tt.piecewise and live:
+        k = min(VERIFY_ROWS, len(live))
+        if not tt.same_as_whole([p.text for p in live[:k]], encs[:k]):
+            # a case the probe missed: encode whole texts from now on, for every row
+            tt.piecewise = False
+            encs = tt.encode([p.text for p in live])
+    it = iter(encs)
+    out = []
     for plan in plans:
         if isinstance(plan, ChatmaskError):
             out.append(plan)
             continue
-        n = len(plan.texts)
-        ex, ends, chk = _assemble(plan, ids[k : k + n])
-        k += n
-        out.append((ex, ends))
-        checks += [(len(out) - 1, *c) for c in chk]
-    checks = [c for c in checks if c[2] not in memo.verified]
-    decoded = _decode_texts(tokenizer, [c[1] for c in checks]) if checks else []
-    for (row, _ids, want, i), got in zip(checks, decoded):
-        if got == want:
-            memo.verified.add(want)
-        if got != want and not isinstance(out[row], ChatmaskError):
-            src = out[row][0].source or "conversation"
-            out[row] = TemplateError(
-                f"{src}: message {i}: trained tokens decode to {short(got)} but the answer is {short(want)}; "
-                "the tokenizer does not round-trip this text segment by segment",
-                reason="decode mismatch",
-            )
-    for j, item in enumerate(out):
-        if isinstance(item, tuple):
-            ex, ends = item
-            try:
-                if max_length is not None and len(ex.input_ids) > max_length:
-                    ex = truncate(ex, max_length, truncation, ends)
-                out[j] = ex
-            except ChatmaskError as e:
-                out[j] = e
+        try:
+            ex, ends = _assemble(plan, next(it), tt)
+            if max_length is not None and len(ex.input_ids) > max_length:
+                ex = truncate(ex, max_length, truncation, ends)
+            out.append(ex)
+        except ChatmaskError as e:
+            out.append(e)
+    r.warn_once()
     return out
 
 
@@ -279,7 +175,7 @@ def _plan_row(r: Renderer, messages, source, train_on) -> _Plan:
     R = r.render(msgs, source=source)
     turns = answer_regions(r, msgs, R, where)
     trained = _trained_turns(msgs, _weights(messages), turns, train_on, where)
-    return _plan(R, turns, trained, train_on, source)
+    return _Plan(source, R, turns, trained, train_on, all(t.preserving for t in turns))
 
 
 def truncate(ex: Example, max_length: int, policy: str, turn_ends) -> Example:
@@ -349,7 +245,7 @@ def encode_turns(
     weights = _weights(messages)
     r = renderer(tokenizer, template)
     where = source or "conversation"
-    out = []
+    plans = []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant" or not weights[i]:
             continue
@@ -357,22 +253,19 @@ def encode_turns(
         R = r.render(sub, source=source)
         turn = answer_regions(r, sub, R, where)[-1]
         G = r.render(msgs[:i], True, source=source) if not r.gen_prompt_empty else R[: turn.start]
-        answer = R[turn.start : turn.end]
-        if not R.startswith(G) or len(G) > turn.start:
-            # generation prompt differs from the rendered turn (e.g. it opens <think>): prompt as at
-            # inference, then the turn's rendered answer
-            answer = R[turn.start : turn.end]
-        else:
+        if R.startswith(G) and len(G) <= turn.start:
             answer = R[len(G) : turn.end]
-        p_ids, a_ids = _encode_texts(tokenizer, [G, answer])
-        if _decode_texts(tokenizer, [a_ids])[0] != answer:
-            raise TemplateError(f"{where}: message {i}: trained tokens do not decode to the answer", reason="decode mismatch")
-        ex = Example(p_ids + a_ids, [IGNORE] * len(p_ids) + a_ids, f"{source}#turn{i}" if source else f"turn{i}")
-        if max_length is not None and len(ex.input_ids) > max_length:
-            ex = truncate(ex, max_length, "turns", [(len(ex.input_ids), True)])
-        out.append(ex)
-    if not out:
+        else:  # the generation prompt differs from the rendered turn (e.g. it opens <think>): prompt as
+            answer = R[turn.start : turn.end]  # at inference, then the turn's rendered answer
+        T = G + answer
+        plans.append(_Plan(f"{source}#turn{i}" if source else f"turn{i}", T, [Turn(i, len(G), len(T), True)],
+                           {i}, "assistant", True))
+    if not plans:
         raise ConversationError(f"{where}: no assistant turn to train on", reason="no assistant turn")
+    out = _finish(plans, r, tokenizer, max_length, "turns")
+    for e in out:
+        if isinstance(e, ChatmaskError):
+            raise e
     return out
 
 
@@ -392,7 +285,7 @@ def check_template(tokenizer, template: str | None = None) -> list[str]:
         if stripped and stripped not in r.specials:
             notes.append(
                 f"end-of-turn marker {r.marker!r} is not a special token of this tokenizer, so it is trained as "
-                f"{len(_encode_texts(tokenizer, [stripped])[0])} ordinary tokens: add it "
+                f"{len(text_tokens(tokenizer).whole([stripped])[0].ids)} ordinary tokens: add it "
                 "(chatmask.add_template_tokens) or use the model's own template"
             )
         elif eos and eos not in r.marker:
@@ -436,7 +329,7 @@ def check_template(tokenizer, template: str | None = None) -> list[str]:
 
 def clear_caches() -> None:
     """Forget every compiled template, skeleton and segment memo (benchmarks start each repeat cold)."""
-    from . import spans
+    from . import spans, tokens
 
     spans._renderers.clear()
-    _memos.clear()
+    tokens.clear()

@@ -11,7 +11,8 @@ import json
 import re
 
 from .errors import ChatmaskError
-from .labels import normalize_messages, renderer
+from .labels import renderer
+from .messages import normalize_messages
 
 QUESTION = re.compile(r"^What describes (.+) in the text\?$")
 _DECODER = json.JSONDecoder()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as cfgmod
-from . import conversations, labels, spans
+from . import conversations, labels, tokens
 from .config import DataConfig
 from .errors import ChatmaskError, ConfigError, ConversationError
 
@@ -305,7 +305,7 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
     try:
         report = conversations.LoadReport()
         r = labels.renderer(tok, cfg.template)
-        marker_ids = spans._encode_texts(tok, [r.marker])[0] if r.marker.strip() else []
+        marker_ids = tokens.text_tokens(tok).whole([r.marker])[0].ids if r.marker.strip() else []
         stats = _Stats(marker_ids)
         bar = None
         if progress:

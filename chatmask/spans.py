@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from . import templates
 from .errors import TemplateError, short
+from .messages import normalize_messages
 
 # Private-use characters: a sentinel never meets real text and is never tokenized.
 _S0, _S1 = "\ue000", "\ue001"
@@ -42,7 +43,7 @@ class _Skeleton:
 class Renderer:
     """A compiled template bound to a tokenizer's special tokens, with its analysis and skeleton cache."""
 
-    def __init__(self, template_text: str, tokenizer):
+    def __init__(self, template_text: str, tokenizer, end_of_turn: str | None = None):
         from transformers.utils.chat_template_utils import _compile_jinja_template  # sandboxed, as transformers
 
         self.text = template_text
@@ -53,11 +54,41 @@ class Renderer:
         self.kwargs = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
         specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
         dec = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-        specials |= {t.content for t in dec.values() if getattr(t, "special", False)}
+        if callable(dec):  # a method on some backends (transformers' MistralCommonBackend)
+            dec = {}
+        specials |= {t.content for t in dec.values() if getattr(t, "content", None)}  # added tokens are atomic
         self.specials = sorted((s for s in specials if s), key=len, reverse=True)
         self._skeletons: dict[tuple, _Skeleton | None] = {}
         self._srenders: dict[tuple, str | None] = {}
-        self.marker, self.gen_prompt_empty, self.notes = self._analyse()
+        self.end_of_turn = end_of_turn
+        self.markers, self.gen_prompt_empty, self.notes = self._analyse()
+        # the marker after an answer followed by a user message (else the last one): what `check` shows
+        self.marker = self.markers.get("user", self.markers.get("last", ""))
+        self.warned = False
+
+    def marker_for(self, next_role: str | None) -> str:
+        """The end-of-turn marker of an answer followed by a `next_role` message (None: the last message)."""
+        m = self.markers
+        return m.get(next_role or "last", m.get("user", m.get("last", "")))
+
+    def warn_once(self) -> None:
+        """Say once, at labelling time, what `check_template` finds that makes the labels less than exact."""
+        if self.warned:
+            return
+        self.warned = True
+        import warnings
+
+        for n in self.notes:
+            warnings.warn(f"chat template: {n}", stacklevel=3)
+        odd = sorted({m.strip() for m in self.markers.values() if m.strip() and m.strip() not in self.specials})
+        if odd:
+            warnings.warn(
+                f"chat template: end-of-turn marker {' / '.join(map(repr, odd))} is not a token of this tokenizer, "
+                "so it is trained as ordinary tokens that may merge with the text around it; add it "
+                "(chatmask.add_template_tokens) or use the model's own template", stacklevel=3)
+        if not any(self.markers.values()):
+            warnings.warn("chat template: no end-of-turn marker follows the answers, so the model is not taught "
+                          "to stop", stacklevel=3)
 
     # -- rendering
     def render(self, messages, add_generation_prompt=False, source="") -> str:
@@ -78,35 +109,110 @@ class Renderer:
         msgs = [{"role": r, "content": f"{_S0}{j}{_S1}"} for j, r in enumerate(roles)]
         return msgs, self.render(msgs)
 
+    def _first_special(self, text: str, start: int = 0) -> tuple[int, int] | None:
+        """(start, end) of the earliest added/special token in text[start:], longest at a tie."""
+        best = None
+        for s in self.specials:  # longest first
+            k = text.find(s, start)
+            if k >= 0 and (best is None or k < best[0]):
+                best = (k, k + len(s))
+        return best
+
     def _analyse(self):
-        notes = []
-        marker = ""
-        gen_empty = False
-        probe = None
-        for roles in (("user", "assistant", "user", "assistant"), ("system", "user", "assistant", "user", "assistant")):
+        """The end-of-turn marker after an answer in each context (followed by a user, tool, system or
+        assistant message, or last): the text the template writes after the answer up to the next
+        message's header. Where that is a special token, through the first one that does not open the next
+        header; else up to the assistant header (the generation prompt, known exactly) or, where the
+        template allows no answer after an answer, the header found in front of the first message and
+        checked against the last turn's ending. A marker no rule settles is a TemplateError."""
+        notes, gen_empty, base = [], False, None
+        for roles in (("user", "assistant"), ("system", "user", "assistant")):
             try:
-                probe = (roles, self._probe(roles)[1], self._probe(roles[: roles.index("assistant") + 1])[1])
+                self._probe(roles)
+                base = roles
                 break
             except TemplateError as e:
                 notes.append(f"probe {'/'.join(roles)}: {e}")
-        if probe is None:
+        if base is None:
             notes.append("no end-of-turn marker could be found: the template fails on a plain user/assistant conversation")
-            return "", gen_empty, notes
-        roles, full, short_ = probe
-        a = roles.index("assistant")
+            return {}, gen_empty, notes
+        a = len(base) - 1
         tag = f"{_S0}{a}{_S1}"
-        if full.count(tag) == 1 and short_.count(tag) == 1:
-            after_full = full.split(tag, 1)[1]
-            after_full = after_full.split(_S0, 1)[0]
-            after_short = short_.split(tag, 1)[1]
-            cp = os.path.commonprefix([after_full, after_short])
-            marker = _cut_marker(cp, self.specials)
+        sent = lambda roles: [{"role": r, "content": f"{_S0}{j}{_S1}"} for j, r in enumerate(roles)]  # noqa: E731
         try:
-            msgs = [{"role": r, "content": f"{_S0}{j}{_S1}"} for j, r in enumerate(roles[:a])]
-            gen_empty = self.render(msgs, True) == self.render(msgs, False)
+            gen_empty = self.render(sent(base[:a]), True) == self.render(sent(base[:a]), False)
         except TemplateError:
             pass
-        return marker, gen_empty, notes
+        g = ""  # the assistant header after an answer: the generation prompt of a conversation ending with one
+        try:
+            Rb, Gb = self.render(sent(base)), self.render(sent(base), True)
+            g = Gb[len(Rb):] if Gb.startswith(Rb) else ""
+        except TemplateError:
+            Rb = ""
+        x0 = Rb.split(f"{_S0}0{_S1}", 1)[0]  # what precedes the first message's content
+        after = {}
+        for ctx in ("user", "tool", "system", "assistant", "last"):
+            for roles in ((base + (ctx, "assistant"), base + (ctx,)) if ctx != "last" else (base,)):
+                try:
+                    R = self.render(sent(roles))
+                except TemplateError:
+                    continue
+                if R.count(tag) == 1:
+                    after[ctx] = R.split(tag, 1)[1].split(_S0, 1)[0]
+                    break
+        if self.end_of_turn is not None:
+            bad = [c for c, A in after.items() if not A.startswith(self.end_of_turn)]
+            if bad:
+                raise TemplateError(
+                    f"end_of_turn {self.end_of_turn!r} does not follow the answers this template renders "
+                    f"(followed by: {', '.join(repr(after[c][:30]) for c in bad)})", reason="template error")
+            return {c: self.end_of_turn for c in after}, gen_empty, notes
+
+        def first(text):
+            f = self._first_special(text)
+            return text[f[0]:f[1]] if f else None
+
+        header_tokens = {first(g), (lambda f: x0[f[0]:f[1]] if f else None)(self._last_special(x0))} - {None}
+        inner = {c: first(A) for c, A in after.items() if c != "last"}
+        markers, guessed = {}, []
+        for ctx, A in after.items():
+            if ctx == "last":
+                continue
+            f = self._first_special(A)
+            if f is not None and all(v == A[f[0]:f[1]] for v in inner.values()) and A[f[0]:f[1]] not in header_tokens:
+                markers[ctx] = A[: f[1]]
+            elif ctx == "assistant" and g.strip() and g in A:
+                markers[ctx] = A[: A.index(g)].rstrip()
+        plain = markers.get("assistant")
+        for ctx, A in after.items():
+            if ctx == "last" or ctx in markers:
+                continue
+            if plain is not None and A.startswith(plain):
+                markers[ctx] = plain
+            else:  # the next header taken as what precedes the first message too: checked below
+                markers[ctx] = A[: len(A) - len(_common_suffix(A, x0))].rstrip()
+                guessed.append(ctx)
+        if "last" in after:
+            A = after["last"]
+            ref = markers.get("user") or markers.get("assistant") or next((m for m in markers.values() if m), "")
+            f = self._first_special(A)
+            markers["last"] = ref if ref and A.startswith(ref) else A[: f[1]] if f else A.rstrip()
+            for ctx in guessed:  # a guess is not a marker: it must end the last answer as well
+                m = markers[ctx]
+                if (m and not A.startswith(m)) or (not m and A.strip()):
+                    raise TemplateError(
+                        f"the end-of-turn marker is ambiguous: after an answer followed by a {ctx} message the "
+                        f"template writes {after[ctx]!r}, after the last answer {A!r}, and no special token marks "
+                        "where the turn ends; add the template's tokens to the tokenizer "
+                        "(chatmask.add_template_tokens) or name the marker (end_of_turn=..., --end-of-turn)",
+                        reason="ambiguous end of turn")
+        return markers, gen_empty, notes
+
+    def _last_special(self, text: str) -> tuple[int, int] | None:
+        best, k = None, 0
+        while (f := self._first_special(text, k)) is not None:
+            best, k = f, f[1]
+        return best
 
     # -- per shape
     def skeleton(self, roles: tuple) -> _Skeleton | None:
@@ -150,7 +256,10 @@ class Renderer:
             if k is None:
                 return None
             sk.head[i] = (k, g - sk.piece_starts[k]) if preserving else None
-            sk.marker[i] = len(self.marker) if self.marker and S.startswith(self.marker, end) else 0
+            m = self.marker_for(roles[i + 1] if i + 1 < len(roles) else None)
+            if not S.startswith(m, end):
+                return None  # the row-by-row path says why
+            sk.marker[i] = len(m)
             if preserving:
                 e = end + sk.marker[i]
                 preserving = self._sentinel_render(roles[: i + 1], False).startswith(S[:e])
@@ -188,15 +297,11 @@ class Renderer:
         return len(between), True
 
 
-def _cut_marker(text: str, specials) -> str:
-    """The end-of-turn marker from the template text common to every assistant turn's end: through the
-    first special token if there is one, else that text without trailing whitespace."""
-    best = None
-    for s in specials:
-        k = text.find(s)
-        if k >= 0 and (best is None or k + len(s) < best):
-            best = k + len(s)
-    return text[:best] if best is not None else text.rstrip()
+def _common_suffix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return a[len(a) - n:]
 
 
 _renderers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -220,17 +325,17 @@ def resolve_template(tokenizer, template: str | None = None) -> str:
     return template if templates.is_jinja(template) else templates.get(template).jinja
 
 
-def renderer(tokenizer, template: str | None = None) -> Renderer:
-    """The cached Renderer for (tokenizer, template)."""
+def renderer(tokenizer, template: str | None = None, end_of_turn: str | None = None) -> Renderer:
+    """The cached Renderer for (tokenizer, template, end_of_turn)."""
     text = resolve_template(tokenizer, template)
     try:
         per_tok = _renderers.setdefault(tokenizer, {})
     except TypeError:  # not weak-referenceable
         per_tok = {}
-    key = (text, len(tokenizer))
+    key = (text, len(tokenizer), end_of_turn)
     r = per_tok.get(key)
     if r is None:
-        r = per_tok[key] = Renderer(text, tokenizer)
+        r = per_tok[key] = Renderer(text, tokenizer, end_of_turn)
     return r
 
 
@@ -238,21 +343,21 @@ def renderer(tokenizer, template: str | None = None) -> Renderer:
 
 
 @dataclass
-class _Turn:
+class Turn:
     index: int  # message index
     start: int  # answer region in the rendered text: [start, end)
     end: int
     preserving: bool
 
 
-def _turns_fast(r: Renderer, msgs, R) -> list[_Turn] | None:
+def _turns_fast(r: Renderer, msgs, R) -> list[Turn] | None:
     """Answer regions from the cached skeleton of this shape; None if the row is not explained by it."""
     found = _match_skeleton(r, msgs, R)
     if found is None:
         return None
     sk, spans, starts = found
     return [
-        _Turn(i, spans[i][0] if h is None else starts[h[0]] + h[1], spans[i][1] + sk.marker[i], sk.preserving[i])
+        Turn(i, spans[i][0] if h is None else starts[h[0]] + h[1], spans[i][1] + sk.marker[i], sk.preserving[i])
         for i, h in sk.head.items()
     ]
 
@@ -316,8 +421,6 @@ def _diff_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
 def content_spans(messages, tokenizer, template=None, source="") -> tuple[str, dict[int, tuple[int, int]]]:
     """The rendering and the character span of each rendered message content in it (for audits: which
     role each token came from). Messages a template does not render have no span."""
-    from .labels import normalize_messages
-
     r = renderer(tokenizer, template)
     msgs = normalize_messages(messages, source)
     R = r.render(msgs, source=source)
@@ -334,7 +437,7 @@ def content_spans(messages, tokenizer, template=None, source="") -> tuple[str, d
     return R, spans
 
 
-def _turns_slow(r: Renderer, msgs, R, source) -> list[_Turn]:
+def _turns_slow(r: Renderer, msgs, R, source) -> list[Turn]:
     """Answer regions found turn by turn: render with that answer replaced by a sentinel and diff."""
     turns = []
     for i, m in enumerate(msgs):
@@ -342,14 +445,20 @@ def _turns_slow(r: Renderer, msgs, R, source) -> list[_Turn]:
             continue
         cstart, cend = _diff_span(r, msgs, R, i, source)
         head, preserving = r._answer_start(r._generation_prompt(msgs, i, source), R, cstart)
-        end = cend + (len(r.marker) if r.marker and R.startswith(r.marker, cend) else 0)
+        m = r.marker_for(msgs[i + 1]["role"] if i + 1 < len(msgs) else None)
+        if not R.startswith(m, cend):
+            raise TemplateError(
+                f"{source}: message {i}: the end-of-turn marker {m!r} does not follow this answer (found "
+                f"{short(R[cend:cend + len(m) + 10])}); the template ends this turn unlike the others",
+                reason="template error")
+        end = cend + len(m)
         if preserving:
             preserving = r.render(msgs[: i + 1], source=source).startswith(R[:end])
-        turns.append(_Turn(i, cstart - head, end, preserving))
+        turns.append(Turn(i, cstart - head, end, preserving))
     return turns
 
 
-def answer_regions(r: Renderer, msgs, R, source="") -> list[_Turn]:
+def answer_regions(r: Renderer, msgs, R, source="") -> list[Turn]:
     turns = _turns_fast(r, msgs, R)
     if turns is None:
         turns = _turns_slow(r, msgs, R, source)
@@ -362,20 +471,3 @@ def answer_regions(r: Renderer, msgs, R, source="") -> list[_Turn]:
             )
         prev = t.end
     return turns
-
-
-# ---------------------------------------------------------------- tokenizer helpers
-
-
-def _encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-
-
-def _decode_texts(tokenizer, ids: list[list[int]]) -> list[str]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return backend.decode_batch(ids, skip_special_tokens=False)
-    return [tokenizer.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False) for x in ids]
