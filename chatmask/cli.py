@@ -81,8 +81,8 @@ def cmd_check(args) -> int:
     from .labels import check_template, renderer
 
     tok = _tokenizer(args)
-    r = renderer(tok, args.template)
-    notes = check_template(tok, args.template)
+    r = renderer(tok, args.template, args.end_of_turn)
+    notes = check_template(tok, args.template, args.end_of_turn)
     print(f"end-of-turn marker: {r.marker!r}" if r.marker else "end-of-turn marker: none")
     for n in notes:
         print(f"- {n}")
@@ -159,7 +159,8 @@ def cmd_view(args) -> int:
         exs = [Example(r["input_ids"], r["labels"], r["source"]) for r in ds.select(range(args.row, min(len(ds), args.row + args.rows)))]
     else:
         tok = _tokenizer(args)
-        exs = [encode(c.messages, tok, template=args.template, train_on=args.train_on, source=c.source)
+        exs = [encode(c.messages, tok, template=args.template, train_on=args.train_on, source=c.source,
+                      end_of_turn=args.end_of_turn, stream=args.stream)
                for c in _load_rows(args, rows)]
     for ex in exs:
         print_table(ex, tok)
@@ -271,12 +272,20 @@ def _write(path: str, text: str) -> None:
         raise ChatmaskError(f"cannot write {path}: {e.strerror}") from None
 
 
-def _common(p: argparse.ArgumentParser, *, tokenizer=True) -> None:
+def _common(p: argparse.ArgumentParser, *, tokenizer=True, labelling=()) -> None:
     if tokenizer:
         p.add_argument("--tokenizer", help="tokenizer: hub name, local folder, .gguf file or 'smollm2' (default)")
         p.add_argument("--model", help="take the tokenizer of this model (same forms as --tokenizer)")
     p.add_argument("--template", help="chat template: a built-in name (chatml, llama3, ...) or Jinja text; "
                                       "default: the tokenizer's own")
+    # DataConfig flags that change labels, for commands that do not take all of DataConfig
+    from .config import DataConfig, field_docs
+
+    if "end_of_turn" in labelling:
+        p.add_argument("--end-of-turn", help=field_docs(DataConfig)["end_of_turn"])
+    if "stream" in labelling:
+        p.add_argument("--stream", default="rendering", choices=("rendering", "segments"),
+                       help=field_docs(DataConfig)["stream"] + " (default: rendering)")
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
 
 
@@ -297,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("check", help=cmd_check.__doc__)
-    _common(p)
+    _common(p, labelling=("end_of_turn",))
     p.set_defaults(func=cmd_check)
 
     from . import config
@@ -313,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("view", help=cmd_view.__doc__)
     p.add_argument("data", help="a data file (as for prepare) or a folder written by prepare")
-    _common(p)
+    _common(p, labelling=("end_of_turn", "stream"))
     p.add_argument("--row", type=int, default=0, help="which row (0-based) (default: 0)")
     p.add_argument("--rows", type=int, default=1, help="how many rows from --row (default: 1)")
     p.add_argument("--html", help="also write a self-contained HTML page")

@@ -33,6 +33,10 @@ class DataConfig:
     """longest example in tokens (none: no limit)"""
     truncation: Literal["turns", "right", "drop"] = "turns"
     """rows over --max-length: keep whole leading turns, cut at the limit, or drop the row"""
+    end_of_turn: str | None = None
+    """the text that ends an assistant turn, where the template leaves it ambiguous (e.g. '<|end|>'); default: found from the template"""
+    stream: Literal["rendering", "segments"] = "rendering"
+    """token ids: the tokenizer's encoding of the whole rendered text, or each prompt/answer segment encoded alone (mistral-common's way)"""
     format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion"] = "auto"
     """row format of the data; auto: detected from the first row of each file"""
     split: str = "train"

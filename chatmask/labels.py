@@ -12,12 +12,13 @@ against the whole-text one by ids (`tokens.py`).
 from __future__ import annotations
 
 import bisect
+import gc
 from dataclasses import dataclass
 
 from .errors import ChatmaskError, ConfigError, ConversationError, TemplateError
 from .messages import normalize_messages, weights as _weights
 from .spans import Renderer, Turn, answer_regions, content_spans, renderer, resolve_template
-from .tokens import TextTokens, text_tokens
+from .tokens import Piece, TextTokens, text_tokens
 
 __all__ = ["IGNORE", "Example", "check_template", "content_spans", "encode", "encode_many", "encode_turns",
            "normalize_messages", "renderer", "resolve_template", "truncate"]
@@ -25,6 +26,12 @@ __all__ = ["IGNORE", "Example", "check_template", "content_spans", "encode", "en
 IGNORE = -100
 TRAIN_ON = ("assistant", "all", "last_assistant")
 TRUNCATION = ("turns", "right", "drop")
+STREAMS = ("rendering", "segments")
+"""The token stream: `rendering`, the tokenizer's encoding of the whole rendered text (what
+`apply_chat_template(tokenize=True)` feeds the model), a token that straddles a prompt/answer boundary
+re-spelt as its two parts; or `segments`, each prompt and answer segment encoded as a text of its own, the
+way mistral-common (and mistral-finetune) encode a conversation: a SentencePiece tokenizer then gives each
+segment its dummy prefix."""
 VERIFY_ROWS = 4  # rows of each encode_many call whose ids are checked against a whole-text encoding
 
 
@@ -80,11 +87,10 @@ class _Plan:
     preserving: bool
 
 
-def _assemble(plan: _Plan, enc, tt: TextTokens):
-    """input_ids and labels built in one loop from the whole-text tokens, cut at the answer boundaries;
-    also (token index just past each answer, whether it is trained) for truncation."""
-    R = plan.text
-    cuts, owner = [0], [None]  # region k is [cuts[k], cuts[k+1]) and belongs to answer owner[k] (None: prompt)
+def _regions(plan: _Plan):
+    """The rendering cut at the answer boundaries: region k is [cuts[k], cuts[k+1]) and belongs to answer
+    owner[k] (None: prompt text); whether each region is trained."""
+    cuts, owner = [0], [None]
     for t in plan.turns:
         for pos, who in ((t.start, t.index), (t.end, None)):
             if pos == cuts[-1]:
@@ -92,57 +98,119 @@ def _assemble(plan: _Plan, enc, tt: TextTokens):
             else:
                 cuts.append(pos)
                 owner.append(who)
-    trained = [plan.train_on == "all" or w in plan.trained for w in owner]
-    input_ids, labels, where, split = [], [], [], 0
-    for k, (i, (s, e)) in enumerate(zip(enc.ids, enc.spans)):
-        r0 = bisect.bisect_right(cuts, s) - 1
-        r1 = bisect.bisect_right(cuts, e - 1) - 1 if e > s else r0  # region of the token's last character
-        if r1 <= r0:
-            pieces = [([i], r0)]
-        elif k in enc.atomic:
-            raise TemplateError(
-                f"{plan.source or 'conversation'}: the added token {R[s:e]!r} spans an answer boundary; "
-                "the template writes part of it inside the answer", reason="template error")
-        else:  # a token straddles a boundary: re-spell its parts (the rule's one exception, counted)
-            bounds = [s] + cuts[r0 + 1 : r1 + 1] + [e]
-            parts = [R[a:b] for a, b in zip(bounds, bounds[1:])]
-            ids = tt.split_token(i, parts) or [tt.fragment_ids(p) for p in parts]
-            pieces = list(zip(ids, range(r0, r1 + 1)))
-            split += 1
-        for ids, reg in pieces:
-            input_ids += ids
-            labels += ids if trained[reg] else [IGNORE] * len(ids)
-            where += [reg] * len(ids)
-    last = {reg: n + 1 for n, reg in enumerate(where)}
-    ends = sorted((last[k], trained[k]) for k in last if owner[k] is not None)
+    return cuts, owner, [plan.train_on == "all" or w in plan.trained for w in owner]
+
+
+def _assemble(plan: _Plan, pieces: list[Piece], tt: TextTokens):
+    """input_ids and labels from the whole-text tokens cut at the answer boundaries; also (token index
+    just past each answer, whether it is trained) for truncation. Works per run of tokens, not per
+    token: a row costs a few list copies. A row where a token straddles a boundary goes the slow way."""
+    cuts, owner, trained = _regions(plan)
+    input_ids, firsts, starts = [], [], []
+    for p in pieces:
+        firsts.append(len(input_ids))
+        starts.append(p.start)
+        input_ids += p.ids
+    at = [0]  # token index where each region starts
+    for c in cuts[1:]:
+        k = bisect.bisect_right(starts, c) - 1
+        if k < 0:
+            at.append(0)
+            continue
+        p = pieces[k]
+        j = p.find(c)
+        if j > 0 and p.span(j - 1)[1] > c:
+            return _assemble_split(plan, pieces, tt, cuts, owner, trained)
+        at.append(firsts[k] + j)
+    at.append(len(input_ids))
+    labels, ends = [], []
+    for k in range(len(cuts)):
+        a, b = at[k], at[k + 1]
+        labels += input_ids[a:b] if trained[k] else [IGNORE] * (b - a)
+        if owner[k] is not None and b > a:
+            ends.append((b, trained[k]))
+    return Example(input_ids, labels, plan.source, plan.preserving), ends
+
+
+def _assemble_split(plan: _Plan, pieces: list[Piece], tt: TextTokens, cuts, owner, trained):
+    """`_assemble` for a row where a token straddles a boundary: that token is re-spelt as its parts."""
+    R = plan.text
+    input_ids, labels, last, split = [], [], {}, 0
+
+    def emit(ids, reg):
+        if ids:
+            input_ids.extend(ids)
+            labels.extend(ids if trained[reg] else [IGNORE] * len(ids))
+            last[reg] = len(input_ids)
+
+    for p in pieces:
+        reg = bisect.bisect_right(cuts, p.start) - 1
+        lo, hi = bisect.bisect_right(cuts, p.start), bisect.bisect_left(cuts, p.end())
+        t, ci = 0, lo  # next token of p to emit; next cut inside p
+        while ci < hi:
+            c = cuts[ci]
+            k = p.find(c)
+            if k > t and p.span(k - 1)[1] > c:  # token k-1 straddles the boundary
+                j = k - 1
+                s, e = p.span(j)
+                if p.atomic:
+                    raise TemplateError(
+                        f"{plan.source or 'conversation'}: the added token {R[s:e]!r} spans an answer boundary; "
+                        "the template writes part of it inside the answer", reason="template error")
+                group = [x for x in cuts[ci:hi] if x < e]
+                bounds = [s] + group + [e]
+                parts = [R[x:y] for x, y in zip(bounds, bounds[1:])]
+                emit(p.ids[t:j], reg)
+                for n, part_ids in enumerate(tt.split_token(p.ids[j], parts) or [tt.fragment_ids(x) for x in parts]):
+                    emit(part_ids, reg + n)
+                reg += len(group)
+                t, ci = k, ci + len(group)
+                split += 1
+            else:
+                emit(p.ids[t:k], reg)
+                t, ci, reg = max(t, k), ci + 1, reg + 1
+        emit(p.ids[t:], reg)
+    ends = sorted((n, trained[k]) for k, n in last.items() if owner[k] is not None)
     return Example(input_ids, labels, plan.source, plan.preserving, split=split), ends
 
 
-def encode_many(rows, tokenizer, *, train_on="assistant", max_length=None, template=None, truncation="turns"):
+def encode_many(rows, tokenizer, *, train_on="assistant", max_length=None, template=None, truncation="turns",
+                end_of_turn=None, stream="rendering"):
     """`encode` over many `(messages, source)` rows with one tokenizer call for all of them (the fast
     tokenizer's batch API uses every core). Returns, per row, an Example or the ChatmaskError that row
     raised."""
-    _check_options(train_on, truncation)
-    r = renderer(tokenizer, template)
-    plans = []
-    for messages, source in rows:
-        try:
-            plans.append(_plan_row(r, messages, source, train_on))
-        except ChatmaskError as e:
-            plans.append(e)
-    return _finish(plans, r, tokenizer, max_length, truncation)
+    _check_options(train_on, truncation, stream)
+    text_tokens(tokenizer)  # an unusable tokenizer is said before anything about its template
+    r = renderer(tokenizer, template, end_of_turn)
+    # a batch allocates many short-lived lists; the cyclic collector's passes over them (and over the
+    # memo) would cost about a third of the time, and nothing here makes cycles
+    gc_on = gc.isenabled()
+    gc.disable()
+    try:
+        plans = []
+        for messages, source in rows:
+            try:
+                plans.append(_plan_row(r, messages, source, train_on))
+            except ChatmaskError as e:
+                plans.append(e)
+        return _finish(plans, r, tokenizer, max_length, truncation, stream)
+    finally:
+        if gc_on:
+            gc.enable()
 
 
-def _finish(plans, r: Renderer, tokenizer, max_length, truncation):
+def _finish(plans, r: Renderer, tokenizer, max_length, truncation, stream="rendering"):
     tt = text_tokens(tokenizer)
     live = [p for p in plans if not isinstance(p, ChatmaskError)]
-    encs = tt.encode([p.text for p in live])
+    texts = [p.text for p in live] if stream == "rendering" else [s for p in live for s in _segments(p)]
+    encs = tt.encode(texts)
     if tt.piecewise and live:
-        k = min(VERIFY_ROWS, len(live))
-        if not tt.same_as_whole([p.text for p in live[:k]], encs[:k]):
+        k = len(_segments(live[0])) if stream == "segments" else 1
+        k *= min(VERIFY_ROWS, len(live))
+        if not tt.same_as_whole(texts[:k], encs[:k]):
             # a case the probe missed: encode whole texts from now on, for every row
             tt.piecewise = False
-            encs = tt.encode([p.text for p in live])
+            encs = tt.encode(texts)
     it = iter(encs)
     out = []
     for plan in plans:
@@ -150,7 +218,14 @@ def _finish(plans, r: Renderer, tokenizer, max_length, truncation):
             out.append(plan)
             continue
         try:
-            ex, ends = _assemble(plan, next(it), tt)
+            if stream == "rendering":
+                pieces = next(it)
+            else:  # each segment encoded as a text of its own, placed where it stands in the rendering
+                pieces, pos = [], 0
+                for seg in _segments(plan):
+                    pieces += [Piece(p.start + pos, p.run, p.atomic) for p in next(it)]
+                    pos += len(seg)
+            ex, ends = _assemble(plan, pieces, tt)
             if max_length is not None and len(ex.input_ids) > max_length:
                 ex = truncate(ex, max_length, truncation, ends)
             out.append(ex)
@@ -160,7 +235,15 @@ def _finish(plans, r: Renderer, tokenizer, max_length, truncation):
     return out
 
 
-def _check_options(train_on, truncation):
+def _segments(plan: _Plan) -> list[str]:
+    """The rendering cut at its answer boundaries (the 'segments' token stream)."""
+    cuts = _regions(plan)[0] + [len(plan.text)]
+    return [plan.text[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def _check_options(train_on, truncation, stream="rendering"):
+    if stream not in STREAMS:
+        raise ConfigError(f"stream must be one of {', '.join(STREAMS)}, not {stream!r}")
     if train_on not in TRAIN_ON:
         raise ConfigError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
     if truncation not in TRUNCATION:
@@ -216,16 +299,20 @@ def encode(
     template: str | None = None,
     truncation: str = "turns",
     source: str = "",
+    end_of_turn: str | None = None,
+    stream: str = "rendering",
 ) -> Example:
     """Render `messages` with the chat template and label each assistant answer (its text after the
-    generation prompt through the end-of-turn marker); everything else is -100.
+    generation prompt through the end-of-turn marker); everything else is -100. `input_ids` are the
+    tokenizer's encoding of the whole rendering (see STREAMS for the one exception and the alternative);
+    `end_of_turn` names the marker where the template leaves it ambiguous.
 
     >>> ex = encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tok)
     >>> tok.decode([t for t in ex.labels if t != -100])
     'Hello!<|im_end|>'
     """
     out = encode_many([(messages, source)], tokenizer, train_on=train_on, max_length=max_length,
-                      template=template, truncation=truncation)[0]
+                      template=template, truncation=truncation, end_of_turn=end_of_turn, stream=stream)[0]
     if isinstance(out, ChatmaskError):
         raise out
     return out
@@ -238,12 +325,16 @@ def encode_turns(
     max_length: int | None = None,
     template: str | None = None,
     source: str = "",
+    end_of_turn: str | None = None,
+    stream: str = "rendering",
 ) -> list[Example]:
     """One example per trained assistant turn: prompt = that turn's generation prompt exactly as at
     inference, only that turn trained. The faithful form for templates that rewrite earlier turns."""
+    _check_options("assistant", "turns", stream)
+    text_tokens(tokenizer)
     msgs = normalize_messages(messages, source)
     weights = _weights(messages)
-    r = renderer(tokenizer, template)
+    r = renderer(tokenizer, template, end_of_turn)
     where = source or "conversation"
     plans = []
     for i, m in enumerate(msgs):
@@ -262,17 +353,17 @@ def encode_turns(
                            {i}, "assistant", True))
     if not plans:
         raise ConversationError(f"{where}: no assistant turn to train on", reason="no assistant turn")
-    out = _finish(plans, r, tokenizer, max_length, "turns")
+    out = _finish(plans, r, tokenizer, max_length, "turns", stream)
     for e in out:
         if isinstance(e, ChatmaskError):
             raise e
     return out
 
 
-def check_template(tokenizer, template: str | None = None) -> list[str]:
+def check_template(tokenizer, template: str | None = None, end_of_turn: str | None = None) -> list[str]:
     """Problems and notes about how a template can be trained, e.g. `not prefix-preserving: ...`.
     An empty list means: prefix-preserving, with an end-of-turn marker that is trained."""
-    r = renderer(tokenizer, template)
+    r = renderer(tokenizer, template, end_of_turn)
     notes = list(r.notes)
     if not r.marker:
         notes.append(
@@ -285,7 +376,7 @@ def check_template(tokenizer, template: str | None = None) -> list[str]:
         if stripped and stripped not in r.specials:
             notes.append(
                 f"end-of-turn marker {r.marker!r} is not a special token of this tokenizer, so it is trained as "
-                f"{len(text_tokens(tokenizer).whole([stripped])[0].ids)} ordinary tokens: add it "
+                f"{len(text_tokens(tokenizer).whole_ids([stripped])[0])} ordinary tokens: add it "
                 "(chatmask.add_template_tokens) or use the model's own template"
             )
         elif eos and eos not in r.marker:

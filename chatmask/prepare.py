@@ -25,7 +25,7 @@ from . import conversations, labels, tokens
 from .config import DataConfig
 from .errors import ChatmaskError, ConfigError, ConversationError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: input_ids are the whole-text encoding of the rendering
 BATCH = 512  # conversations labelled per tokenizer call
 SHARD_ROWS = 50_000  # rows per Arrow file: bounded memory whatever the input size
 _FEATURES = None
@@ -108,15 +108,16 @@ def _init_worker(tok):
 
 
 def _label_batch(batch, cfg: DataConfig, tok=None):
-    """[(messages, source)] -> [(input_ids, labels, source, truncated) | (reason, message)]."""
+    """[(messages, source)] -> [(input_ids, labels, source, truncated, split) | (reason, message)]."""
     tok = tok or _worker_tok
     out = []
     for r in labels.encode_many(batch, tok, train_on=cfg.train_on, max_length=cfg.max_length,
-                                template=cfg.template, truncation=cfg.truncation):
+                                template=cfg.template, truncation=cfg.truncation, end_of_turn=cfg.end_of_turn,
+                                stream=cfg.stream):
         if isinstance(r, ChatmaskError):
             out.append((r.reason, str(r)))
         else:
-            out.append((r.input_ids, r.labels, r.source, r.truncated))
+            out.append((r.input_ids, r.labels, r.source, r.truncated, r.split))
     return out
 
 
@@ -166,6 +167,8 @@ class _Stats:
         self.tokens = 0
         self.trained = 0
         self.truncated_rows = 0
+        self.split_rows = 0
+        self.split_tokens = 0
         self.final_eot_untrained = 0
         self.lengths = collections.Counter()
         self.marker_ids = marker_ids
@@ -176,7 +179,9 @@ class _Stats:
             self.dropped[reason] += 1
             self.first.setdefault(reason, msg)
             return
-        ids, labs, _, truncated = row
+        ids, labs, _, truncated, split = row
+        self.split_rows += bool(split)
+        self.split_tokens += split
         self.kept += 1
         self.tokens += len(ids)
         t = len(labs) - labs.count(labels.IGNORE)  # C-level count: this runs for every row
@@ -204,6 +209,10 @@ class _Stats:
             "trained_tokens": self.trained,
             "trained_fraction": self.trained / self.tokens if self.tokens else 0.0,
             "truncated_rows": self.truncated_rows,
+            # rows whose input_ids are not exactly the tokenizer's encoding of their rendering: a token
+            # straddled a prompt/answer boundary and was re-spelt as two
+            "rows_split_at_boundary": self.split_rows,
+            "tokens_split_at_boundary": self.split_tokens,
             "rows_final_eot_untrained": self.final_eot_untrained,
             "length_histogram": {f"{k * 256}-{k * 256 + 255}" if k < 32 else f"{32 * 256}+": v
                                  for k, v in sorted(self.lengths.items())},
@@ -290,7 +299,8 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
     from .models import DEFAULT_MODEL, load_tokenizer
 
     tok = tokenizer or load_tokenizer(cfg.tokenizer or DEFAULT_MODEL)
-    labels.renderer(tok, cfg.template)  # a missing or broken template fails here, before any work
+    tokens.text_tokens(tok)  # an unusable tokenizer, a missing or broken template fail here, before any work
+    labels.renderer(tok, cfg.template, cfg.end_of_turn)
     out = Path(out)
     key = cache_key(data, cfg, tok)
     done = _cached(out, key)
@@ -304,8 +314,8 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
         raise ConfigError(f"cannot write the output folder {out}: {e.strerror}") from None
     try:
         report = conversations.LoadReport()
-        r = labels.renderer(tok, cfg.template)
-        marker_ids = tokens.text_tokens(tok).whole([r.marker])[0].ids if r.marker.strip() else []
+        r = labels.renderer(tok, cfg.template, cfg.end_of_turn)
+        marker_ids = tokens.text_tokens(tok).whole_ids([r.marker])[0] if r.marker.strip() else []
         stats = _Stats(marker_ids)
         bar = None
         if progress:

@@ -160,13 +160,19 @@ class Renderer:
                 if R.count(tag) == 1:
                     after[ctx] = R.split(tag, 1)[1].split(_S0, 1)[0]
                     break
-        if self.end_of_turn is not None:
-            bad = [c for c, A in after.items() if not A.startswith(self.end_of_turn)]
-            if bad:
+        if self.end_of_turn is not None:  # named by the user: it ends every answer it follows
+            m = self.end_of_turn
+            bad = [c for c, A in after.items() if c != "last" and not A.startswith(m)]
+            if bad or not after:
                 raise TemplateError(
-                    f"end_of_turn {self.end_of_turn!r} does not follow the answers this template renders "
+                    f"end_of_turn {m!r} does not follow the answers this template renders "
                     f"(followed by: {', '.join(repr(after[c][:30]) for c in bad)})", reason="template error")
-            return {c: self.end_of_turn for c in after}, gen_empty, notes
+            out = {c: m for c in after if c != "last"}
+            if "last" in after:
+                A = after["last"]
+                f = self._first_special(A)
+                out["last"] = m if A.startswith(m) else A[: f[1]] if f else A.rstrip()
+            return out, gen_empty, notes
 
         def first(text):
             f = self._first_special(text)
@@ -184,11 +190,13 @@ class Renderer:
             elif ctx == "assistant" and g.strip() and g in A:
                 markers[ctx] = A[: A.index(g)].rstrip()
         plain = markers.get("assistant")
-        for ctx, A in after.items():
+        for ctx in sorted(after, key=lambda c: c != "user"):  # the user context first: the others follow it
+            A = after[ctx]
             if ctx == "last" or ctx in markers:
                 continue
-            if plain is not None and A.startswith(plain):
-                markers[ctx] = plain
+            ref = plain if plain is not None else markers.get("user")
+            if ref is not None and A.startswith(ref):
+                markers[ctx] = ref
             else:  # the next header taken as what precedes the first message too: checked below
                 markers[ctx] = A[: len(A) - len(_common_suffix(A, x0))].rstrip()
                 guessed.append(ctx)
@@ -255,7 +263,7 @@ class Renderer:
             k = next((k for k, p0 in enumerate(sk.piece_starts) if p0 <= g and (k == len(pieces) or g <= p0 + len(pieces[k][0]))), None)
             if k is None:
                 return None
-            sk.head[i] = (k, g - sk.piece_starts[k]) if preserving else None
+            sk.head[i] = (k, g - sk.piece_starts[k])
             m = self.marker_for(roles[i + 1] if i + 1 < len(roles) else None)
             if not S.startswith(m, end):
                 return None  # the row-by-row path says why
@@ -286,15 +294,29 @@ class Renderer:
 
     def _answer_start(self, G, R, content_start) -> tuple[int, bool]:
         """Chars of template text between the end of a turn's generation prompt `G` and its content, and
-        whether the generation prompt is a prefix of the rendering (else the answer starts at the content)."""
+        whether the generation prompt is a prefix of the rendering."""
         if G is None:
             return 0, False
         if not (len(G) <= content_start and R.startswith(G)):
-            return 0, False
+            return self._align_head(G, R, content_start), False
         between = R[len(G) : content_start]
         if self.gen_prompt_empty and (any(c.isalnum() for c in between) or any(s in between for s in self.specials)):
             return 0, False  # no generation prompt: this is the assistant header, never trained
         return len(between), True
+
+    def _align_head(self, G: str, R: str, content_start: int) -> int:
+        """For a turn whose generation prompt is not a prefix of the rendering (the template rewrites earlier
+        text): the template text between the end of the assistant header and the content, found as the
+        whitespace or punctuation run before the content after which the rendering ends most like `G`."""
+        best, best_n = 0, 0
+        for b in range(min(content_start, 16) + 1):
+            gap = R[content_start - b : content_start]
+            if any(c.isalnum() for c in gap) or any(s in gap for s in self.specials):
+                break
+            n = len(_common_suffix(G[-200:], R[max(0, content_start - b - 200) : content_start - b]))
+            if n > best_n:
+                best, best_n = b, n
+        return best
 
 
 def _common_suffix(a: str, b: str) -> str:

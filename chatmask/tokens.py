@@ -10,10 +10,10 @@ probe is encoded whole, row by row. `split_token` re-spells one token as two at 
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import weakref
-from dataclasses import dataclass
 
 from .errors import TemplateError
 
@@ -21,14 +21,53 @@ _MEMO_CHARS = 4_000_000  # text whose token ids are kept (~50 MB at most), then 
 _MEMO_LONGEST = 4096  # longer pieces hardly ever repeat: not kept
 
 
-@dataclass
-class Encoded:
-    """One text's tokens: `ids[k]` covers characters `spans[k]` of the text; `atomic` holds the indices of
-    added tokens (never split), whose span is their content without the whitespace they strip."""
+class Run:
+    """The tokens of one piece of text as the tokenizer returned them: `ids` without the anchor token
+    (`skip` tokens, `shift` characters) that led it; character offsets read from the encoding only when
+    a boundary falls inside (keeping them as Python tuples for every piece would feed the GC)."""
 
-    ids: list[int]
-    spans: list[tuple[int, int]]
-    atomic: set[int]
+    __slots__ = ("ids", "enc", "skip", "shift", "_offs")
+
+    def __init__(self, ids, enc=None, skip=0, shift=0, offs=None):
+        self.ids, self.enc, self.skip, self.shift, self._offs = ids, enc, skip, shift, offs
+
+    @property
+    def offs(self) -> list[tuple[int, int]]:
+        if self._offs is None:
+            self._offs = self.enc.offsets
+        return self._offs
+
+
+class Piece:
+    """A run of tokens at character `start` of a text: one piece between added tokens, or one added token
+    (`atomic`, its span the token's content without the whitespace it strips)."""
+
+    __slots__ = ("start", "run", "atomic")
+
+    def __init__(self, start: int, run: Run, atomic: bool = False):
+        self.start, self.run, self.atomic = start, run, atomic
+
+    @property
+    def ids(self) -> list[int]:
+        return self.run.ids
+
+    def span(self, j: int) -> tuple[int, int]:
+        r = self.run
+        s, e = r.offs[j + r.skip]
+        d = self.start - r.shift
+        return s + d, e + d
+
+    def end(self) -> int:
+        return self.span(len(self.ids) - 1)[1] if self.ids else self.start
+
+    def find(self, c: int) -> int:
+        """Index of the first token that starts at or after character c of the text."""
+        r = self.run
+        return bisect.bisect_left(r.offs, c - self.start + r.shift, lo=r.skip, key=_first) - r.skip
+
+
+def _first(o):
+    return o[0]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -67,132 +106,145 @@ class TextTokens:
         self.tokenizer = tokenizer
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         if self.backend is None:
+            name = type(tokenizer).__name__
+            why = ("it encodes conversations with mistral-common, not with a chat template the rendering can be "
+                   "checked against" if name == "MistralCommonBackend" else
+                   "it is not a fast (Rust `tokenizers`) tokenizer, so its tokens cannot be mapped to the rendered text")
             raise TemplateError(
-                f"{type(tokenizer).__name__} is not a fast (Rust `tokenizers`) tokenizer, so chatmask cannot "
-                "map its tokens to the rendered text; load the model's tokenizer.json with "
-                "transformers.AutoTokenizer.from_pretrained(name) (or PreTrainedTokenizerFast) instead",
+                f"{name} cannot be used for labels: {why}. Load the model's fast tokenizer instead, e.g. "
+                "transformers.AutoTokenizer.from_pretrained(name) or PreTrainedTokenizerFast.from_pretrained(name) "
+                "(with a chat template: the model's own, or --template mistral); --stream segments then encodes "
+                "prompts and answers the way mistral-common does",
                 reason="unsupported tokenizer",
             )
-        conf = json.loads(self.backend.to_str())
-        added = [a for a in conf.get("added_tokens") or [] if a.get("content")]
+        added = [{"id": i, "content": t.content, "lstrip": t.lstrip, "rstrip": t.rstrip, "single_word": t.single_word,
+                  "normalized": t.normalized, "special": t.special}
+                 for i, t in sorted(self.backend.get_added_tokens_decoder().items()) if t.content]
         self.added = {a["content"]: a for a in added}
         self.added_ids = {a["id"] for a in added}
         self._split_re = self._splitter(added)
-        plain = [a for a in added if not (a.get("lstrip") or a.get("rstrip") or a.get("single_word"))]
+        plain = [a for a in added if not (a["lstrip"] or a["rstrip"] or a["single_word"])]
         self.anchor = plain[0]["content"] if plain else None
         # how a piece of text is spelt in the vocabulary, to re-spell a token split at a boundary
-        self.byte_level = bool(_find_types(conf.get("pre_tokenizer"), "ByteLevel"))
-        meta = _find_types(conf.get("pre_tokenizer"), "Metaspace")
-        repl = [r for r in _find_types(conf.get("normalizer"), "Replace") if r.get("content") == "▁"]
+        pre = _state(self.backend.pre_tokenizer)
+        self.byte_level = bool(_find_types(pre, "ByteLevel"))
+        meta = _find_types(pre, "Metaspace")
+        repl = [r for r in _find_types(_state(self.backend.normalizer), "Replace") if r.get("content") == "▁"]
         self.space = meta[0].get("replacement", "▁") if meta else ("▁" if repl else None)
-        self.memo: dict[tuple[str, bool], tuple[list[int], list[tuple[int, int]]]] = {}
+        self.memo: dict[str, tuple] = {}  # piece -> (ids, offsets, skip, shift), pieces that do not start the text
+        self.memo_first: dict[str, tuple] = {}  # the same for pieces that start it
         self.memo_chars = 0
-        self._long: dict = {}  # this call's pieces too long for the memo
         self.piecewise = self._split_re is not None and self.anchor is not None and self._probe()
 
     # ---------------------------------------------------------------- pieces
 
     @staticmethod
     def _splitter(added):
-        """A regex that finds the added tokens as the tokenizer does (longest first, with the whitespace an
-        lstrip/rstrip token absorbs); None when there are none or one is matched on normalized text."""
+        """A regex that splits a text at the added tokens as the tokenizer does (longest first, with the
+        whitespace an lstrip/rstrip token absorbs); None when piecewise encoding cannot mirror it."""
         if not added:
             return None
         alts = []
         for a in sorted(added, key=lambda a: -len(a["content"])):
-            if a.get("normalized") and not a.get("special"):
-                return None  # matched after normalization: piecewise splitting cannot mirror it
-            pat = ("(?P<l>\\s*)" if a.get("lstrip") else "") + "(?P<c>" + re.escape(a["content"]) + ")" + (
-                "(?P<r>\\s*)" if a.get("rstrip") else "")
-            if a.get("single_word"):
+            c = a["content"]
+            if (a["normalized"] and not a["special"]) or c != c.strip():
+                return None  # matched after normalization, or its own whitespace is ambiguous with stripping
+            pat = (r"\s*" if a["lstrip"] else "") + re.escape(c) + (r"\s*" if a["rstrip"] else "")
+            if a["single_word"]:
                 pat = r"(?<!\w)" + pat + r"(?!\w)"
             alts.append(pat)
-        # named groups may not repeat: number each alternative's groups; a look-ahead on the first
-        # characters makes most positions fail at once
-        alts = [re.sub(r"\(\?P<([lcr])>", lambda m, k=k: f"(?P<{m.group(1)}{k}>", p) for k, p in enumerate(alts)]
-        first = {a["content"][0] for a in added}
-        ws = r"\s" if any(a.get("lstrip") for a in added) else ""
-        return re.compile("(?=[" + ws + "".join(re.escape(c) for c in sorted(first)) + "])(?:" + "|".join(alts) + ")")
+        return re.compile("(" + "|".join(alts) + ")")
 
-    def _cut(self, text: str):
-        """[(start, end, None)] for plain pieces and [(start, end, (token, core start, core end))] for added
-        tokens, in order; spans include absorbed whitespace."""
-        out, pos = [], 0
-        for m in self._split_re.finditer(text):
-            k = next(g for g, v in m.groupdict().items() if g[0] == "c" and v is not None)[1:]
-            s, e = m.start(), m.end()
-            if s > pos:
-                out.append((pos, s, None))
-            out.append((s, e, (m.group("c" + k), m.start("c" + k), m.end("c" + k))))
-            pos = e
-        if pos < len(text):
-            out.append((pos, len(text), None))
-        return out
+    def _core(self, m: str) -> tuple[str, int]:
+        """The added token in a match and where it starts in it (a match may hold stripped whitespace)."""
+        if m in self.added:
+            return m, 0
+        c = m.strip()
+        return c, len(m) - len(m.lstrip())
 
-    def _encode_pieces(self, keys: list[tuple[str, bool]]) -> None:
-        """Fill the memo for (piece, first) keys: a first piece alone, any other after the anchor token, so
-        that a dummy prefix is added exactly where the whole-text encoding adds one."""
+    def _encode_pieces(self, keys: list[tuple[str, bool]]) -> dict:
+        """Encode (piece, first) keys: a first piece alone, any other after the anchor token, so that a dummy
+        prefix is added exactly where the whole-text encoding adds one. Memoized unless long."""
         texts = [p if first else self.anchor + p for p, first in keys]
         encs = self.backend.encode_batch(texts, add_special_tokens=False)
         a = len(self.anchor or "")
-        for (p, first), enc in zip(keys, encs):
-            ids, offs = enc.ids, enc.offsets
-            if not first:
-                if not ids or ids[0] not in self.added_ids or offs[0] != (0, a):
-                    raise TemplateError(f"the tokenizer does not keep {self.anchor!r} apart", reason="tokenizer")
-                ids, offs = ids[1:], [(s - a, e - a) for s, e in offs[1:]]
-            v = (list(ids), [(max(s, 0), max(e, 0)) for s, e in offs])
-            if len(p) <= _MEMO_LONGEST:
-                self.memo[(p, first)] = v
-                self.memo_chars += len(p)
+        fresh = {}
+        for key, enc in zip(keys, encs):
+            p, first = key
+            ids = enc.ids
+            if first:
+                v = Run(ids, enc)
             else:
-                self._long[(p, first)] = v
+                if not ids or ids[0] not in self.added_ids or enc.offsets[0] != (0, a):
+                    raise TemplateError(f"the tokenizer does not keep {self.anchor!r} apart", reason="tokenizer")
+                v = Run(ids[1:], enc, 1, a)
+            fresh[key] = v
+            if len(p) <= _MEMO_LONGEST:
+                (self.memo_first if first else self.memo)[p] = v
+                self.memo_chars += len(p)
+        return fresh
 
-    def _piecewise(self, texts: list[str]) -> list[Encoded]:
-        cuts = [self._cut(t) for t in texts]
-        self._long = {}
-        todo = list(dict.fromkeys((t[s:e], s == 0) for t, cut in zip(texts, cuts) for s, e, tok in cut
-                                  if tok is None and (t[s:e], s == 0) not in self.memo))
+    def _piecewise(self, texts: list[str]) -> list[list[Piece]]:
         if self.memo_chars > _MEMO_CHARS:
             self.memo.clear()
+            self.memo_first.clear()
             self.memo_chars = 0
-            todo = list(dict.fromkeys((t[s:e], s == 0) for t, cut in zip(texts, cuts) for s, e, tok in cut if tok is None))
-        if todo:
-            self._encode_pieces(todo)
-        out = []
-        for t, cut in zip(texts, cuts):
-            ids, spans, atomic = [], [], set()
-            for s, e, tok in cut:
-                if tok is None:
-                    key = (t[s:e], s == 0)
-                    p_ids, p_offs = self.memo.get(key) or self._long[key]
-                    ids += p_ids
-                    spans += [(s + a, s + b) for a, b in p_offs]
+        memo, memo_first, added = self.memo, self.memo_first, self.added
+        rows, todo = [], {}
+        for t in texts:
+            parts = self._split_re.split(t)  # text, token, text, token, ..., text
+            row, pos = [], 0
+            for k, part in enumerate(parts):
+                if not part:
+                    continue
+                if k % 2:
+                    c, off = self._core(part)
+                    row.append(Piece(pos + off, Run([added[c]["id"]], offs=[(0, len(c))]), atomic=True))
                 else:
-                    atomic.add(len(ids))
-                    ids.append(self.added[tok[0]]["id"])
-                    spans.append((tok[1], tok[2]))
-            out.append(Encoded(ids, spans, atomic))
-        self._long = {}
-        return out
+                    v = (memo_first if pos == 0 else memo).get(part)
+                    if v is None:
+                        todo[(part, pos == 0)] = None
+                        row.append((pos, part))
+                    else:
+                        row.append(Piece(pos, v))
+                pos += len(part)
+            rows.append(row)
+        if todo:
+            fresh = self._encode_pieces(list(todo))
+            for row in rows:
+                for k, x in enumerate(row):
+                    if type(x) is tuple:
+                        row[k] = Piece(x[0], fresh[(x[1], x[0] == 0)])
+        return rows
 
-    def whole(self, texts: list[str]) -> list[Encoded]:
-        """The tokenizer's own encoding of each whole text (the reference the piecewise one must equal)."""
+    def whole(self, texts: list[str]) -> list[list[Piece]]:
+        """The tokenizer's own encoding of each whole text (the reference the piecewise one must equal), in
+        pieces: runs of ordinary tokens, and each added token alone with the span of its content."""
         out = []
         for t, enc in zip(texts, self.backend.encode_batch(texts, add_special_tokens=False)):
-            atomic, spans = set(), []
-            for k, (i, (s, e)) in enumerate(zip(enc.ids, enc.offsets)):
+            pieces, run, run_offs = [], [], []
+            for i, (s, e) in zip(enc.ids, enc.offsets):
                 if i in self.added_ids:
-                    atomic.add(k)
+                    if run:
+                        pieces.append(Piece(0, Run(run, offs=run_offs)))
+                        run, run_offs = [], []
                     c = self.backend.id_to_token(i)
                     j = t.find(c, s, e) if c else -1
                     if j >= 0:
                         s, e = j, j + len(c)
-                spans.append((s, e))
-            out.append(Encoded(list(enc.ids), spans, atomic))
+                    pieces.append(Piece(s, Run([i], offs=[(0, e - s)]), atomic=True))
+                else:
+                    run.append(i)
+                    run_offs.append((s, e))
+            if run:
+                pieces.append(Piece(0, Run(run, offs=run_offs)))
+            out.append(pieces)
         return out
 
-    def encode(self, texts: list[str]) -> list[Encoded]:
+    def whole_ids(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def encode(self, texts: list[str]) -> list[list[Piece]]:
         return self._piecewise(texts) if self.piecewise else self.whole(texts)
 
     def _probe(self) -> bool:
@@ -210,12 +262,13 @@ class TextTokens:
             return False
         finally:
             self.memo.clear()
+            self.memo_first.clear()
             self.memo_chars = 0
-        return all(a.ids == b.ids for a, b in zip(got, self.whole(probes)))
+        return all(ids_of(a) == b for a, b in zip(got, self.whole_ids(probes)))
 
-    def same_as_whole(self, texts: list[str], encoded: list[Encoded]) -> bool:
+    def same_as_whole(self, texts: list[str], encoded: list[list[Piece]]) -> bool:
         """Check piecewise encodings against whole-text ones by ids (a sample of rows, by the caller)."""
-        return all(a.ids == e.ids for a, e in zip(self.whole(texts), encoded))
+        return all(a == ids_of(e) for a, e in zip(self.whole_ids(texts), encoded))
 
     # ---------------------------------------------------------------- splitting one token
 
@@ -253,11 +306,19 @@ class TextTokens:
 
     def fragment_ids(self, text: str) -> list[int]:
         """`text` encoded as a piece that does not start the text (fallback for splitting a token)."""
-        self._long = {}
-        self._encode_pieces([(text, False)])
-        ids = (self.memo.get((text, False)) or self._long[(text, False)])[0]
-        self._long = {}
-        return ids
+        return self._piecewise([self.anchor + text])[0][1].ids if self.piecewise else self.whole_ids([text])[0]
+
+
+def _state(component) -> dict | None:
+    """A normalizer's or pre-tokenizer's settings as tokenizer.json writes them."""
+    return json.loads(component.__getstate__()) if component is not None else None
+
+
+def ids_of(pieces: list[Piece]) -> list[int]:
+    out = []
+    for p in pieces:
+        out += p.ids
+    return out
 
 
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
