@@ -80,3 +80,24 @@ def bpe_tok():
 @pytest.fixture(scope="session")
 def post_tok():
     return make_post_tokenizer()
+
+
+def make_base_bpe_tokenizer():
+    """A byte-level BPE with only <s>, </s>, <unk>, <pad>: a base model's tokenizer before a chat
+    template's tokens are added (the post's situation), so template markers are plain text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<unk>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def base_tok():
+    return make_base_bpe_tokenizer()
