@@ -37,6 +37,23 @@ class Run:
             self._offs = self.enc.offsets
         return self._offs
 
+    def span(self, j: int) -> tuple[int, int]:
+        """Characters of token j (without the anchor), in the coordinates of the encoded text."""
+        if self._offs is None:
+            return self.enc.token_to_chars(j + self.skip)
+        return self._offs[j + self.skip]
+
+    def find(self, x: int) -> int:
+        """Index of the first token that starts at or after character x of the encoded text."""
+        if self._offs is None:  # the encoding answers in O(log n) without converting every offset
+            k = self.enc.char_to_token(x)
+            if k is not None and k >= self.skip:
+                s = self.enc.token_to_chars(k)[0]
+                while k > self.skip and self.enc.token_to_chars(k - 1)[0] >= x:  # tokens sharing a character
+                    k -= 1
+                return k - self.skip + (s < x)
+        return bisect.bisect_left(self.offs, x, lo=self.skip, key=_first) - self.skip
+
 
 class Piece:
     """A run of tokens at character `start` of a text: one piece between added tokens, or one added token
@@ -52,9 +69,8 @@ class Piece:
         return self.run.ids
 
     def span(self, j: int) -> tuple[int, int]:
-        r = self.run
-        s, e = r.offs[j + r.skip]
-        d = self.start - r.shift
+        s, e = self.run.span(j)
+        d = self.start - self.run.shift
         return s + d, e + d
 
     def end(self) -> int:
@@ -62,8 +78,7 @@ class Piece:
 
     def find(self, c: int) -> int:
         """Index of the first token that starts at or after character c of the text."""
-        r = self.run
-        return bisect.bisect_left(r.offs, c - self.start + r.shift, lo=r.skip, key=_first) - r.skip
+        return self.run.find(c - self.start + self.run.shift)
 
 
 def _first(o):
@@ -175,7 +190,7 @@ class TextTokens:
             if first:
                 v = Run(ids, enc)
             else:
-                if not ids or ids[0] not in self.added_ids or enc.offsets[0] != (0, a):
+                if not ids or ids[0] not in self.added_ids or enc.token_to_chars(0) != (0, a):
                     raise TemplateError(f"the tokenizer does not keep {self.anchor!r} apart", reason="tokenizer")
                 v = Run(ids[1:], enc, 1, a)
             fresh[key] = v
