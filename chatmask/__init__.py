@@ -1,12 +1,13 @@
 """chatmask: fine-tune chat LLMs with the loss on the assistant's tokens only."""
 
-from .errors import ChatmaskError, ConfigError, ConversationError, TemplateError
+from .errors import ChatmaskError, ChatmaskWarning, ConfigError, ConversationError, TemplateError
 from .labels import IGNORE, Example, check_template, encode, encode_turns
 from .templates import add_template_tokens
 
 __all__ = [
     "IGNORE",
     "ChatmaskError",
+    "ChatmaskWarning",
     "ConfigError",
     "ConversationError",
     "Example",

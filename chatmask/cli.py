@@ -369,6 +369,17 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from .errors import ChatmaskWarning
+
+    plain = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # chatmask's own: one plain line
+        if issubclass(category, ChatmaskWarning):
+            print(f"warning: {message}", file=file or sys.stderr)
+        else:
+            plain(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     try:
         from transformers.utils import logging as hf_logging

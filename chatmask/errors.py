@@ -32,6 +32,10 @@ class ConfigError(ChatmaskError):
     """Options that do not fit together or name something that does not exist."""
 
 
+class ChatmaskWarning(UserWarning):
+    """Something about the data or template that makes labels less than exact (said once, not per row)."""
+
+
 def short(text: object, width: int = 60) -> str:
     """A short repr of user data for error messages: `'Hello wor…'`."""
     r = repr(text)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .errors import ChatmaskError, ConfigError, ConversationError, TemplateError
 from .messages import normalize_messages, weights as _weights
 from .spans import Renderer, Turn, answer_regions, content_spans, renderer, resolve_template
-from .tokens import Piece, TextTokens, text_tokens
+from .tokens import Run, TextTokens, text_tokens
 
 __all__ = ["IGNORE", "Example", "check_template", "content_spans", "encode", "encode_many", "encode_turns",
            "normalize_messages", "renderer", "resolve_template", "truncate"]
@@ -101,25 +101,25 @@ def _regions(plan: _Plan):
     return cuts, owner, [plan.train_on == "all" or w in plan.trained for w in owner]
 
 
-def _assemble(plan: _Plan, pieces: list[Piece], tt: TextTokens):
+def _assemble(plan: _Plan, pieces: list[tuple[int, Run]], tt: TextTokens):
     """input_ids and labels from the whole-text tokens cut at the answer boundaries; also (token index
     just past each answer, whether it is trained) for truncation. Works per run of tokens, not per
     token: a row costs a few list copies. A row where a token straddles a boundary goes the slow way."""
     cuts, owner, trained = _regions(plan)
     input_ids, firsts, starts = [], [], []
-    for p in pieces:
+    for start, run in pieces:
         firsts.append(len(input_ids))
-        starts.append(p.start)
-        input_ids += p.ids
+        starts.append(start)
+        input_ids += run.ids
     at = [0]  # token index where each region starts
     for c in cuts[1:]:
         k = bisect.bisect_right(starts, c) - 1
         if k < 0:
             at.append(0)
             continue
-        p = pieces[k]
-        j = p.find(c)
-        if j > 0 and p.span(j - 1)[1] > c:
+        start, run = pieces[k]
+        j = run.find(start, c)
+        if j > 0 and run.span(start, j - 1)[1] > c:
             return _assemble_split(plan, pieces, tt, cuts, owner, trained)
         at.append(firsts[k] + j)
     at.append(len(input_ids))
@@ -132,7 +132,7 @@ def _assemble(plan: _Plan, pieces: list[Piece], tt: TextTokens):
     return Example(input_ids, labels, plan.source, plan.preserving), ends
 
 
-def _assemble_split(plan: _Plan, pieces: list[Piece], tt: TextTokens, cuts, owner, trained):
+def _assemble_split(plan: _Plan, pieces: list[tuple[int, Run]], tt: TextTokens, cuts, owner, trained):
     """`_assemble` for a row where a token straddles a boundary: that token is re-spelt as its parts."""
     R = plan.text
     input_ids, labels, last, split = [], [], {}, 0
@@ -143,16 +143,16 @@ def _assemble_split(plan: _Plan, pieces: list[Piece], tt: TextTokens, cuts, owne
             labels.extend(ids if trained[reg] else [IGNORE] * len(ids))
             last[reg] = len(input_ids)
 
-    for p in pieces:
-        reg = bisect.bisect_right(cuts, p.start) - 1
-        lo, hi = bisect.bisect_right(cuts, p.start), bisect.bisect_left(cuts, p.end())
+    for start, p in pieces:
+        reg = bisect.bisect_right(cuts, start) - 1
+        lo, hi = bisect.bisect_right(cuts, start), bisect.bisect_left(cuts, p.end(start))
         t, ci = 0, lo  # next token of p to emit; next cut inside p
         while ci < hi:
             c = cuts[ci]
-            k = p.find(c)
-            if k > t and p.span(k - 1)[1] > c:  # token k-1 straddles the boundary
+            k = p.find(start, c)
+            if k > t and p.span(start, k - 1)[1] > c:  # token k-1 straddles the boundary
                 j = k - 1
-                s, e = p.span(j)
+                s, e = p.span(start, j)
                 if p.atomic:
                     raise TemplateError(
                         f"{plan.source or 'conversation'}: the added token {R[s:e]!r} spans an answer boundary; "
@@ -223,7 +223,7 @@ def _finish(plans, r: Renderer, tokenizer, max_length, truncation, stream="rende
             else:  # each segment encoded as a text of its own, placed where it stands in the rendering
                 pieces, pos = [], 0
                 for seg in _segments(plan):
-                    pieces += [Piece(p.start + pos, p.run, p.atomic) for p in next(it)]
+                    pieces += [(start + pos, run) for start, run in next(it)]
                     pos += len(seg)
             ex, ends = _assemble(plan, pieces, tt)
             if max_length is not None and len(ex.input_ids) > max_length:

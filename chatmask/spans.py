@@ -15,7 +15,7 @@ import weakref
 from dataclasses import dataclass, field
 
 from . import templates
-from .errors import TemplateError, short
+from .errors import ChatmaskWarning, TemplateError, short
 from .messages import normalize_messages
 
 # Private-use characters: a sentinel never meets real text and is never tokenized.
@@ -79,16 +79,16 @@ class Renderer:
         import warnings
 
         for n in self.notes:
-            warnings.warn(f"chat template: {n}", stacklevel=3)
+            warnings.warn(f"chat template: {n}", ChatmaskWarning, stacklevel=3)
         odd = sorted({m.strip() for m in self.markers.values() if m.strip() and m.strip() not in self.specials})
         if odd:
             warnings.warn(
                 f"chat template: end-of-turn marker {' / '.join(map(repr, odd))} is not a token of this tokenizer, "
                 "so it is trained as ordinary tokens that may merge with the text around it; add it "
-                "(chatmask.add_template_tokens) or use the model's own template", stacklevel=3)
+                "(chatmask.add_template_tokens) or use the model's own template", ChatmaskWarning, stacklevel=3)
         if not any(self.markers.values()):
             warnings.warn("chat template: no end-of-turn marker follows the answers, so the model is not taught "
-                          "to stop", stacklevel=3)
+                          "to stop", ChatmaskWarning, stacklevel=3)
 
     # -- rendering
     def render(self, messages, add_generation_prompt=False, source="") -> str:

@@ -22,14 +22,16 @@ _MEMO_LONGEST = 4096  # longer pieces hardly ever repeat: not kept
 
 
 class Run:
-    """The tokens of one piece of text as the tokenizer returned them: `ids` without the anchor token
-    (`skip` tokens, `shift` characters) that led it; character offsets read from the encoding only when
-    a boundary falls inside (keeping them as Python tuples for every piece would feed the GC)."""
+    """The tokens of one piece of a text as the tokenizer returned them: a piece between added tokens
+    (`ids` without the anchor token that led it: `skip` tokens, `shift` characters), or one added token
+    (`atomic`, its span the token's content without the whitespace it strips). A text's encoding is a
+    list of (start, Run): the Run placed at character `start`. Offsets are read from the encoding only
+    where a boundary falls (keeping them as Python tuples for every piece would feed the GC)."""
 
-    __slots__ = ("ids", "enc", "skip", "shift", "_offs")
+    __slots__ = ("ids", "enc", "skip", "shift", "_offs", "atomic")
 
-    def __init__(self, ids, enc=None, skip=0, shift=0, offs=None):
-        self.ids, self.enc, self.skip, self.shift, self._offs = ids, enc, skip, shift, offs
+    def __init__(self, ids, enc=None, skip=0, shift=0, offs=None, atomic=False):
+        self.ids, self.enc, self.skip, self.shift, self._offs, self.atomic = ids, enc, skip, shift, offs, atomic
 
     @property
     def offs(self) -> list[tuple[int, int]]:
@@ -37,48 +39,27 @@ class Run:
             self._offs = self.enc.offsets
         return self._offs
 
-    def span(self, j: int) -> tuple[int, int]:
-        """Characters of token j (without the anchor), in the coordinates of the encoded text."""
-        if self._offs is None:
-            return self.enc.token_to_chars(j + self.skip)
-        return self._offs[j + self.skip]
+    def span(self, start: int, j: int) -> tuple[int, int]:
+        """Characters of token j of this run placed at `start`."""
+        s, e = self.enc.token_to_chars(j + self.skip) if self._offs is None else self._offs[j + self.skip]
+        d = start - self.shift
+        return s + d, e + d
 
-    def find(self, x: int) -> int:
-        """Index of the first token that starts at or after character x of the encoded text."""
+    def end(self, start: int) -> int:
+        return self.span(start, len(self.ids) - 1)[1] if self.ids else start
+
+    def find(self, start: int, c: int) -> int:
+        """Index of the first token that starts at or after character c (this run placed at `start`)."""
+        x = c - start + self.shift
         if self._offs is None:  # the encoding answers in O(log n) without converting every offset
-            k = self.enc.char_to_token(x)
+            enc = self.enc
+            k = enc.char_to_token(x)
             if k is not None and k >= self.skip:
-                s = self.enc.token_to_chars(k)[0]
-                while k > self.skip and self.enc.token_to_chars(k - 1)[0] >= x:  # tokens sharing a character
+                s = enc.token_to_chars(k)[0]
+                while k > self.skip and enc.token_to_chars(k - 1)[0] >= x:  # tokens sharing a character
                     k -= 1
                 return k - self.skip + (s < x)
         return bisect.bisect_left(self.offs, x, lo=self.skip, key=_first) - self.skip
-
-
-class Piece:
-    """A run of tokens at character `start` of a text: one piece between added tokens, or one added token
-    (`atomic`, its span the token's content without the whitespace it strips)."""
-
-    __slots__ = ("start", "run", "atomic")
-
-    def __init__(self, start: int, run: Run, atomic: bool = False):
-        self.start, self.run, self.atomic = start, run, atomic
-
-    @property
-    def ids(self) -> list[int]:
-        return self.run.ids
-
-    def span(self, j: int) -> tuple[int, int]:
-        s, e = self.run.span(j)
-        d = self.start - self.run.shift
-        return s + d, e + d
-
-    def end(self) -> int:
-        return self.span(len(self.ids) - 1)[1] if self.ids else self.start
-
-    def find(self, c: int) -> int:
-        """Index of the first token that starts at or after character c of the text."""
-        return self.run.find(c - self.start + self.run.shift)
 
 
 def _first(o):
@@ -149,6 +130,8 @@ class TextTokens:
         self.memo: dict[str, tuple] = {}  # piece -> (ids, offsets, skip, shift), pieces that do not start the text
         self.memo_first: dict[str, tuple] = {}  # the same for pieces that start it
         self.memo_chars = 0
+        # the Run of each added token as the text holds it (stripped whitespace: looked up by _core)
+        self._atomic = {c: self._atomic_run(c) for c in self.added}
         self.piecewise = self._split_re is not None and self.anchor is not None and self._probe()
 
     # ---------------------------------------------------------------- pieces
@@ -199,40 +182,43 @@ class TextTokens:
                 self.memo_chars += len(p)
         return fresh
 
-    def _piecewise(self, texts: list[str]) -> list[list[Piece]]:
+    def _piecewise(self, texts: list[str]) -> list[list[tuple[int, Run]]]:
         if self.memo_chars > _MEMO_CHARS:
             self.memo.clear()
             self.memo_first.clear()
             self.memo_chars = 0
-        memo, memo_first, added = self.memo, self.memo_first, self.added
+        memo, memo_first, atomic = self.memo, self.memo_first, self._atomic
         rows, todo = [], {}
         for t in texts:
             parts = self._split_re.split(t)  # text, token, text, token, ..., text
-            row, pos = [], 0
-            for k, part in enumerate(parts):
-                if not part:
-                    continue
-                if k % 2:
-                    c, off = self._core(part)
-                    row.append(Piece(pos + off, Run([added[c]["id"]], offs=[(0, len(c))]), atomic=True))
+            first = parts[0]
+            row = [(0, memo_first.get(first) or todo.setdefault((first, True), None) or (first, True))] if first else []
+            pos = len(first)
+            for k in range(1, len(parts), 2):
+                tok, text = parts[k], parts[k + 1]
+                run = atomic.get(tok)
+                if run is None:
+                    c, off = self._core(tok)
+                    row.append((pos + off, self._atomic_run(c)))
                 else:
-                    v = (memo_first if pos == 0 else memo).get(part)
-                    if v is None:
-                        todo[(part, pos == 0)] = None
-                        row.append((pos, part))
-                    else:
-                        row.append(Piece(pos, v))
-                pos += len(part)
+                    row.append((pos, run))
+                pos += len(tok)
+                if text:
+                    row.append((pos, memo.get(text) or todo.setdefault((text, False), None) or (text, False)))
+                    pos += len(text)
             rows.append(row)
         if todo:
             fresh = self._encode_pieces(list(todo))
             for row in rows:
-                for k, x in enumerate(row):
-                    if type(x) is tuple:
-                        row[k] = Piece(x[0], fresh[(x[1], x[0] == 0)])
+                for k, (pos, run) in enumerate(row):
+                    if type(run) is tuple:
+                        row[k] = (pos, fresh[run])
         return rows
 
-    def whole(self, texts: list[str]) -> list[list[Piece]]:
+    def _atomic_run(self, content: str) -> Run:
+        return Run([self.added[content]["id"]], offs=[(0, len(content))], atomic=True)
+
+    def whole(self, texts: list[str]) -> list[list[tuple[int, Run]]]:
         """The tokenizer's own encoding of each whole text (the reference the piecewise one must equal), in
         pieces: runs of ordinary tokens, and each added token alone with the span of its content."""
         out = []
@@ -241,25 +227,25 @@ class TextTokens:
             for i, (s, e) in zip(enc.ids, enc.offsets):
                 if i in self.added_ids:
                     if run:
-                        pieces.append(Piece(0, Run(run, offs=run_offs)))
+                        pieces.append((0, Run(run, offs=run_offs)))
                         run, run_offs = [], []
                     c = self.backend.id_to_token(i)
                     j = t.find(c, s, e) if c else -1
                     if j >= 0:
                         s, e = j, j + len(c)
-                    pieces.append(Piece(s, Run([i], offs=[(0, e - s)]), atomic=True))
+                    pieces.append((s, Run([i], offs=[(0, e - s)], atomic=True)))
                 else:
                     run.append(i)
                     run_offs.append((s, e))
             if run:
-                pieces.append(Piece(0, Run(run, offs=run_offs)))
+                pieces.append((0, Run(run, offs=run_offs)))
             out.append(pieces)
         return out
 
     def whole_ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
-    def encode(self, texts: list[str]) -> list[list[Piece]]:
+    def encode(self, texts: list[str]) -> list[list[tuple[int, Run]]]:
         return self._piecewise(texts) if self.piecewise else self.whole(texts)
 
     def _probe(self) -> bool:
@@ -281,7 +267,7 @@ class TextTokens:
             self.memo_chars = 0
         return all(ids_of(a) == b for a, b in zip(got, self.whole_ids(probes)))
 
-    def same_as_whole(self, texts: list[str], encoded: list[list[Piece]]) -> bool:
+    def same_as_whole(self, texts: list[str], encoded: list[list[tuple[int, Run]]]) -> bool:
         """Check piecewise encodings against whole-text ones by ids (a sample of rows, by the caller)."""
         return all(a == ids_of(e) for a, e in zip(self.whole_ids(texts), encoded))
 
@@ -321,7 +307,7 @@ class TextTokens:
 
     def fragment_ids(self, text: str) -> list[int]:
         """`text` encoded as a piece that does not start the text (fallback for splitting a token)."""
-        return self._piecewise([self.anchor + text])[0][1].ids if self.piecewise else self.whole_ids([text])[0]
+        return self._piecewise([self.anchor + text])[0][1][1].ids if self.piecewise else self.whole_ids([text])[0]
 
 
 def _state(component) -> dict | None:
@@ -329,10 +315,10 @@ def _state(component) -> dict | None:
     return json.loads(component.__getstate__()) if component is not None else None
 
 
-def ids_of(pieces: list[Piece]) -> list[int]:
+def ids_of(pieces: list[tuple[int, Run]]) -> list[int]:
     out = []
-    for p in pieces:
-        out += p.ids
+    for _, run in pieces:
+        out += run.ids
     return out
 
 

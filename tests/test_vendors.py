@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,26 +35,10 @@ pytest.importorskip("sentencepiece")
 import chatmask  # noqa: E402
 
 import sp_tokenizers as S  # noqa: E402
-from test_tokenizer_families import IGNORE, piece_text, runs  # noqa: E402
+from test_tokenizer_families import IGNORE, a, piece_text, read_template, runs, system, u  # noqa: E402
 
-TEMPLATES_DIR = Path(__file__).parent / "data" / "templates"
 SUMMARY: dict[str, tuple[int, int, int, int]] = {}  # pair -> (exact, total, differing, split rows)
 
-
-def template(name: str) -> str:
-    return (TEMPLATES_DIR / f"{name}.jinja").read_text(encoding="utf-8")
-
-
-def u(text):
-    return {"role": "user", "content": text}
-
-
-def a(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
 
 
 CONVERSATIONS = [
@@ -123,18 +106,9 @@ def mistral_vendor(version: str):
 
 
 @functools.cache
-def _tmp() -> Path:
-    import atexit
-
-    d = Path(tempfile.mkdtemp(prefix="chatmask-vendors-"))
-    atexit.register(shutil.rmtree, d, True)
-    return d
-
-
-@functools.cache
 def mistral_hf(version: str, layout: str):
     src = _mistral_data() / MISTRAL_FILES[version]
-    folder = _tmp() / f"{version}-{layout}"
+    folder = S._tmp_root() / f"{version}-{layout}"
     folder.mkdir()
     specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     if version.startswith("tekken"):
@@ -329,7 +303,7 @@ def squash(text: str) -> str:
 @pytest.mark.parametrize("pair", PAIRS)
 def test_chat_matches_vendor(pair: Pair):
     tok = pair.hf()
-    jinja = template(pair.template)
+    jinja = read_template(pair.template)
     exact = differ = split_rows = total = 0
     problems = []
     for k, messages in enumerate(CONVERSATIONS):
@@ -381,7 +355,7 @@ def test_segments_stream_is_the_vendors_way(pair: Pair):
     message: on Mistral's SentencePiece files it must match the vendor's ids wherever the whole-text
     encoding does, and on more rows (the answers glued to [/INST] get the vendor's dummy prefix)."""
     tok = pair.hf()
-    jinja = template(pair.template)
+    jinja = read_template(pair.template)
     whole_ok = seg_ok = total = 0
     for messages in CONVERSATIONS:
         if has_system(messages) and not pair.system:
