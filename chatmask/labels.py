@@ -32,7 +32,6 @@ STREAMS = ("rendering", "segments")
 re-spelt as its two parts; or `segments`, each prompt and answer segment encoded as a text of its own, the
 way mistral-common (and mistral-finetune) encode a conversation: a SentencePiece tokenizer then gives each
 segment its dummy prefix."""
-VERIFY_ROWS = 4  # rows of each encode_many call whose ids are checked against a whole-text encoding
 
 
 @dataclass
@@ -202,12 +201,16 @@ def encode_many(rows, tokenizer, *, train_on="assistant", max_length=None, templ
 def _finish(plans, r: Renderer, tokenizer, max_length, truncation, stream="rendering"):
     tt = text_tokens(tokenizer)
     live = [p for p in plans if not isinstance(p, ChatmaskError)]
-    texts = [p.text for p in live] if stream == "rendering" else [s for p in live for s in _segments(p)]
+    texts, owner = [], []  # the texts to encode (a row's rendering, or its segments), and their row
+    for k, p in enumerate(live):
+        row = [p.text] if stream == "rendering" else _segments(p)
+        texts += row
+        owner += [k] * len(row)
     encs = tt.encode(texts)
     if tt.piecewise and live:
-        k = len(_segments(live[0])) if stream == "segments" else 1
-        k *= min(VERIFY_ROWS, len(live))
-        if not tt.same_as_whole(texts[:k], encs[:k]):
+        due = {k for k in range(len(live)) if tt.due_for_check()}
+        picked = [j for j, k in enumerate(owner) if k in due]
+        if picked and not tt.same_as_whole([texts[j] for j in picked], [encs[j] for j in picked]):
             # a case the probe missed: encode whole texts from now on, for every row
             tt.piecewise = False
             encs = tt.encode(texts)

@@ -19,6 +19,7 @@ from .errors import TemplateError
 
 _MEMO_CHARS = 4_000_000  # text whose token ids are kept (~50 MB at most), then started again
 _MEMO_LONGEST = 4096  # longer pieces hardly ever repeat: not kept
+CHECK_FIRST, CHECK_EVERY = 32, 128  # rows whose ids are checked against a whole-text encoding
 
 
 class Run:
@@ -130,6 +131,7 @@ class TextTokens:
         self.memo: dict[str, tuple] = {}  # piece -> (ids, offsets, skip, shift), pieces that do not start the text
         self.memo_first: dict[str, tuple] = {}  # the same for pieces that start it
         self.memo_chars = 0
+        self.rows_seen = 0
         # the Run of each added token as the text holds it (stripped whitespace: looked up by _core)
         self._atomic = {c: self._atomic_run(c) for c in self.added}
         self.piecewise = self._split_re is not None and self.anchor is not None and self._probe()
@@ -266,6 +268,12 @@ class TextTokens:
             self.memo_first.clear()
             self.memo_chars = 0
         return all(ids_of(a) == b for a, b in zip(got, self.whole_ids(probes)))
+
+    def due_for_check(self) -> bool:
+        """Whether the next row's piecewise ids are compared with its whole-text encoding: the first
+        CHECK_FIRST rows a tokenizer labels, then every CHECK_EVERY-th (besides the probes)."""
+        self.rows_seen += 1
+        return self.rows_seen <= CHECK_FIRST or self.rows_seen % CHECK_EVERY == 0
 
     def same_as_whole(self, texts: list[str], encoded: list[list[tuple[int, Run]]]) -> bool:
         """Check piecewise encodings against whole-text ones by ids (a sample of rows, by the caller)."""
