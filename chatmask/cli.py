@@ -84,6 +84,9 @@ def cmd_check(args) -> int:
     r = renderer(tok, args.template, args.end_of_turn)
     notes = check_template(tok, args.template, args.end_of_turn)
     print(f"end-of-turn marker: {r.marker!r}" if r.marker else "end-of-turn marker: none")
+    others = {ctx: m for ctx, m in r.markers.items() if m != r.marker}
+    for ctx, m in others.items():  # e.g. gpt-oss: <|end|>, and <|return|> after the last answer
+        print(f"  {'after the last answer' if ctx == 'last' else f'before a {ctx} message'}: {m!r}")
     for n in notes:
         print(f"- {n}")
     if not notes:
@@ -203,6 +206,10 @@ def cmd_stats(args) -> int:
         print(f"user:assistant tokens = {ua:.2f} : 1" if ua is not None else "user:assistant: no assistant tokens")
         print(f"truncated rows: {s['truncated_rows']:,}; rows whose final end-of-turn is not trained: "
               f"{s['rows_final_eot_untrained']:,}")
+        if s.get("rows_split_at_boundary"):
+            print(f"rows whose input_ids are not exactly the tokenizer's encoding of the rendering: "
+                  f"{s['rows_split_at_boundary']:,} ({s['tokens_split_at_boundary']:,} tokens straddled a "
+                  "prompt/answer boundary and were re-spelt as two)")
         print("lengths: " + ", ".join(f"{k}: {v:,}" for k, v in s["length_histogram"].items()))
     failed = [e for e in args.fail_if or [] if _check_expr(e, s)]
     for e in failed:

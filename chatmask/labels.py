@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import bisect
 import gc
+import itertools
 from dataclasses import dataclass
 
 from .errors import ChatmaskError, ConfigError, ConversationError, TemplateError
 from .messages import normalize_messages, weights as _weights
 from .spans import Renderer, Turn, answer_regions, content_spans, renderer, resolve_template
-from .tokens import Run, TextTokens, text_tokens
+from .tokens import TextTokens, text_tokens
 
 __all__ = ["IGNORE", "Example", "check_template", "content_spans", "encode", "encode_many", "encode_turns",
            "normalize_messages", "renderer", "resolve_template", "truncate"]
@@ -100,26 +101,24 @@ def _regions(plan: _Plan):
     return cuts, owner, [plan.train_on == "all" or w in plan.trained for w in owner]
 
 
-def _assemble(plan: _Plan, pieces: list[tuple[int, Run]], tt: TextTokens):
+def _assemble(plan: _Plan, row, tt: TextTokens):
     """input_ids and labels from the whole-text tokens cut at the answer boundaries; also (token index
     just past each answer, whether it is trained) for truncation. Works per run of tokens, not per
     token: a row costs a few list copies. A row where a token straddles a boundary goes the slow way."""
     cuts, owner, trained = _regions(plan)
-    input_ids, firsts, starts = [], [], []
-    for start, run in pieces:
-        firsts.append(len(input_ids))
-        starts.append(start)
-        input_ids += run.ids
+    starts, runs = row
+    ids = [r.ids for r in runs]
+    firsts = list(itertools.accumulate(map(len, ids), initial=0))
+    input_ids = list(itertools.chain.from_iterable(ids))
     at = [0]  # token index where each region starts
     for c in cuts[1:]:
         k = bisect.bisect_right(starts, c) - 1
         if k < 0:
             at.append(0)
             continue
-        start, run = pieces[k]
-        j = run.find(start, c)
-        if j > 0 and run.span(start, j - 1)[1] > c:
-            return _assemble_split(plan, pieces, tt, cuts, owner, trained)
+        j = runs[k].cut(c - starts[k])  # (index of the first token at or after c, or None: one straddles c)
+        if j is None:
+            return _assemble_split(plan, row, tt, cuts, owner, trained)
         at.append(firsts[k] + j)
     at.append(len(input_ids))
     labels, ends = [], []
@@ -131,7 +130,7 @@ def _assemble(plan: _Plan, pieces: list[tuple[int, Run]], tt: TextTokens):
     return Example(input_ids, labels, plan.source, plan.preserving), ends
 
 
-def _assemble_split(plan: _Plan, pieces: list[tuple[int, Run]], tt: TextTokens, cuts, owner, trained):
+def _assemble_split(plan: _Plan, row, tt: TextTokens, cuts, owner, trained):
     """`_assemble` for a row where a token straddles a boundary: that token is re-spelt as its parts."""
     R = plan.text
     input_ids, labels, last, split = [], [], {}, 0
@@ -142,7 +141,7 @@ def _assemble_split(plan: _Plan, pieces: list[tuple[int, Run]], tt: TextTokens, 
             labels.extend(ids if trained[reg] else [IGNORE] * len(ids))
             last[reg] = len(input_ids)
 
-    for start, p in pieces:
+    for start, p in zip(*row):
         reg = bisect.bisect_right(cuts, start) - 1
         lo, hi = bisect.bisect_right(cuts, start), bisect.bisect_left(cuts, p.end(start))
         t, ci = 0, lo  # next token of p to emit; next cut inside p
@@ -222,13 +221,15 @@ def _finish(plans, r: Renderer, tokenizer, max_length, truncation, stream="rende
             continue
         try:
             if stream == "rendering":
-                pieces = next(it)
+                row = next(it)
             else:  # each segment encoded as a text of its own, placed where it stands in the rendering
-                pieces, pos = [], 0
+                row, pos = ([], []), 0
                 for seg in _segments(plan):
-                    pieces += [(start + pos, run) for start, run in next(it)]
+                    starts, runs = next(it)
+                    row[0].extend(s + pos for s in starts)
+                    row[1].extend(runs)
                     pos += len(seg)
-            ex, ends = _assemble(plan, pieces, tt)
+            ex, ends = _assemble(plan, row, tt)
             if max_length is not None and len(ex.input_ids) > max_length:
                 ex = truncate(ex, max_length, truncation, ends)
             out.append(ex)

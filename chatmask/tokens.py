@@ -11,6 +11,7 @@ probe is encoded whole, row by row. `split_token` re-spells one token as two at 
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import re
 import weakref
@@ -29,10 +30,28 @@ class Run:
     list of (start, Run): the Run placed at character `start`. Offsets are read from the encoding only
     where a boundary falls (keeping them as Python tuples for every piece would feed the GC)."""
 
-    __slots__ = ("ids", "enc", "skip", "shift", "_offs", "atomic")
+    __slots__ = ("ids", "enc", "skip", "shift", "_offs", "atomic", "_cuts")
 
     def __init__(self, ids, enc=None, skip=0, shift=0, offs=None, atomic=False):
         self.ids, self.enc, self.skip, self.shift, self._offs, self.atomic = ids, enc, skip, shift, offs, atomic
+        self._cuts = None
+
+    def cut(self, x: int) -> int | None:
+        """Where a boundary x characters into this run falls: the index of the first token at or after it,
+        or None when a token straddles it. Remembered per run: memoized pieces meet the same boundaries
+        again (every CrossNER answer starts at the same place of `assistant\nI've read this text.`)."""
+        if x == 0:
+            return 0
+        c = self._cuts
+        if c is None:
+            c = self._cuts = {}
+        j = c.get(x, -1)
+        if j == -1:
+            j = self.find(0, x)
+            if j > 0 and self.span(0, j - 1)[1] > x:
+                j = None
+            c[x] = j
+        return j
 
     @property
     def offs(self) -> list[tuple[int, int]]:
@@ -61,6 +80,10 @@ class Run:
                     k -= 1
                 return k - self.skip + (s < x)
         return bisect.bisect_left(self.offs, x, lo=self.skip, key=_first) - self.skip
+
+
+_EMPTY = Run([], offs=[])
+Row = tuple  # (starts, runs): Run k placed at character starts[k] of the text, in order
 
 
 def _first(o):
@@ -102,6 +125,9 @@ class TextTokens:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        if isinstance(tokenizer, str):
+            raise TemplateError(f"a tokenizer object is needed, not the name {tokenizer!r}: load it with "
+                                f"chatmask.models.load_tokenizer({tokenizer!r})", reason="unsupported tokenizer")
         if self.backend is None:
             name = type(tokenizer).__name__
             why = ("it encodes conversations with mistral-common, not with a chat template the rendering can be "
@@ -184,70 +210,74 @@ class TextTokens:
                 self.memo_chars += len(p)
         return fresh
 
-    def _piecewise(self, texts: list[str]) -> list[list[tuple[int, Run]]]:
+    def _piecewise(self, texts: list[str]) -> list[Row]:
         if self.memo_chars > _MEMO_CHARS:
             self.memo.clear()
             self.memo_first.clear()
             self.memo_chars = 0
-        memo, memo_first, atomic = self.memo, self.memo_first, self._atomic
+        memo, memo_first, atomic, split = self.memo, self.memo_first, self._atomic, self._split_re.split
         rows, todo = [], {}
         for t in texts:
-            parts = self._split_re.split(t)  # text, token, text, token, ..., text
+            parts = split(t)  # text, token, text, token, ..., text: Runs for each, empty texts included
+            starts = list(itertools.accumulate(map(len, parts), initial=0))
+            starts.pop()
+            runs = parts[:]
+            runs[0::2] = [memo.get(x) or (todo.setdefault((x, False), None) or (x, False)) if x else _EMPTY
+                          for x in parts[0::2]]
             first = parts[0]
-            row = [(0, memo_first.get(first) or todo.setdefault((first, True), None) or (first, True))] if first else []
-            pos = len(first)
-            for k in range(1, len(parts), 2):
-                tok, text = parts[k], parts[k + 1]
-                run = atomic.get(tok)
-                if run is None:
-                    c, off = self._core(tok)
-                    row.append((pos + off, self._atomic_run(c)))
-                else:
-                    row.append((pos, run))
-                pos += len(tok)
-                if text:
-                    row.append((pos, memo.get(text) or todo.setdefault((text, False), None) or (text, False)))
-                    pos += len(text)
-            rows.append(row)
+            if first:
+                runs[0] = memo_first.get(first) or (todo.setdefault((first, True), None) or (first, True))
+            toks = [atomic.get(x) for x in parts[1::2]]
+            if None in toks:  # a token with the whitespace it strips: its content starts later
+                for k, x in enumerate(parts[1::2]):
+                    if toks[k] is None:
+                        c, off = self._core(x)
+                        toks[k] = atomic[c]
+                        starts[2 * k + 1] += off
+            runs[1::2] = toks
+            rows.append((starts, runs))
         if todo:
             fresh = self._encode_pieces(list(todo))
-            for row in rows:
-                for k, (pos, run) in enumerate(row):
-                    if type(run) is tuple:
-                        row[k] = (pos, fresh[run])
+            for _, runs in rows:
+                for k in range(0, len(runs), 2):
+                    if type(runs[k]) is tuple:
+                        runs[k] = fresh[runs[k]]
         return rows
 
     def _atomic_run(self, content: str) -> Run:
         return Run([self.added[content]["id"]], offs=[(0, len(content))], atomic=True)
 
-    def whole(self, texts: list[str]) -> list[list[tuple[int, Run]]]:
+    def whole(self, texts: list[str]) -> list[Row]:
         """The tokenizer's own encoding of each whole text (the reference the piecewise one must equal), in
-        pieces: runs of ordinary tokens, and each added token alone with the span of its content."""
+        runs: runs of ordinary tokens, and each added token alone with the span of its content."""
         out = []
         for t, enc in zip(texts, self.backend.encode_batch(texts, add_special_tokens=False)):
-            pieces, run, run_offs = [], [], []
+            starts, runs, run, run_offs = [], [], [], []
             for i, (s, e) in zip(enc.ids, enc.offsets):
                 if i in self.added_ids:
                     if run:
-                        pieces.append((0, Run(run, offs=run_offs)))
+                        starts.append(0)
+                        runs.append(Run(run, offs=run_offs))
                         run, run_offs = [], []
                     c = self.backend.id_to_token(i)
                     j = t.find(c, s, e) if c else -1
                     if j >= 0:
                         s, e = j, j + len(c)
-                    pieces.append((s, Run([i], offs=[(0, e - s)], atomic=True)))
+                    starts.append(s)
+                    runs.append(Run([i], offs=[(0, e - s)], atomic=True))
                 else:
                     run.append(i)
                     run_offs.append((s, e))
             if run:
-                pieces.append((0, Run(run, offs=run_offs)))
-            out.append(pieces)
+                starts.append(0)
+                runs.append(Run(run, offs=run_offs))
+            out.append((starts, runs))
         return out
 
     def whole_ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
-    def encode(self, texts: list[str]) -> list[list[tuple[int, Run]]]:
+    def encode(self, texts: list[str]) -> list[Row]:
         return self._piecewise(texts) if self.piecewise else self.whole(texts)
 
     def _probe(self) -> bool:
@@ -275,7 +305,7 @@ class TextTokens:
         self.rows_seen += 1
         return self.rows_seen <= CHECK_FIRST or self.rows_seen % CHECK_EVERY == 0
 
-    def same_as_whole(self, texts: list[str], encoded: list[list[tuple[int, Run]]]) -> bool:
+    def same_as_whole(self, texts: list[str], encoded: list[Row]) -> bool:
         """Check piecewise encodings against whole-text ones by ids (a sample of rows, by the caller)."""
         return all(a == ids_of(e) for a, e in zip(self.whole_ids(texts), encoded))
 
@@ -315,7 +345,7 @@ class TextTokens:
 
     def fragment_ids(self, text: str) -> list[int]:
         """`text` encoded as a piece that does not start the text (fallback for splitting a token)."""
-        return self._piecewise([self.anchor + text])[0][1][1].ids if self.piecewise else self.whole_ids([text])[0]
+        return self._piecewise([self.anchor + text])[0][1][2].ids if self.piecewise else self.whole_ids([text])[0]
 
 
 def _state(component) -> dict | None:
@@ -323,11 +353,8 @@ def _state(component) -> dict | None:
     return json.loads(component.__getstate__()) if component is not None else None
 
 
-def ids_of(pieces: list[tuple[int, Run]]) -> list[int]:
-    out = []
-    for _, run in pieces:
-        out += run.ids
-    return out
+def ids_of(row: Row) -> list[int]:
+    return list(itertools.chain.from_iterable(r.ids for r in row[1]))
 
 
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -335,11 +362,14 @@ _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def text_tokens(tokenizer) -> TextTokens:
     """The cached TextTokens of a tokenizer (rebuilt when tokens are added to it)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return TextTokens(tokenizer)  # raises the TemplateError that says what to load instead
     try:
         per = _cache.setdefault(tokenizer, {})
     except TypeError:
         per = {}
-    n = len(tokenizer)
+    n = backend.get_vocab_size(with_added_tokens=True)
     t = per.get(n)
     if t is None:
         per.clear()

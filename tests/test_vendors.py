@@ -379,3 +379,17 @@ def test_segments_stream_is_the_vendors_way(pair: Pair):
         # each text mistral-common encodes (a "first"-only Metaspace drops it after the <s> that opens a
         # segment, so there only the answers match)
         assert seg_ok > whole_ok == 0
+
+
+def test_mistral_common_backend_is_a_clear_error():
+    """transformers 5's MistralCommonBackend (a tokenizer that encodes conversations with mistral-common and
+    has no Jinja template nor offsets) gets a ChatmaskError that says what to load instead."""
+    from transformers import MistralCommonBackend
+
+    folder = S._tmp_root() / "mistral-common-backend"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(_mistral_data() / MISTRAL_FILES["tekken-240911"], folder / "tekken.json")
+    tok = MistralCommonBackend.from_pretrained(str(folder))
+    for template in (None, "mistral"):
+        with pytest.raises(chatmask.TemplateError, match="MistralCommonBackend cannot be used.*AutoTokenizer"):
+            chatmask.encode([u("Hi"), a("Hello")], tok, template=template)
