@@ -8,9 +8,11 @@ highlighted, special tokens marked, token boundaries visible. Reads an Example, 
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 
 from .labels import IGNORE
+from .tokens import text_tokens
 
 
 @dataclass
@@ -26,6 +28,9 @@ class TokenRow:
         return self.label != IGNORE
 
 
+_BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
 def visible(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
 
@@ -35,7 +40,10 @@ def rows(example, tokenizer) -> list[TokenRow]:
     dec = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     specials |= {i for i, t in dec.items() if getattr(t, "special", False)}
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
+    space = text_tokens(tokenizer).space if backend is not None else None
+    if space is not None:  # SentencePiece: decoding one token alone drops its leading space; show the piece
+        texts = [_piece_text(backend.id_to_token(i) or "", space) for i in example.input_ids]
+    elif backend is not None:
         texts = backend.decode_batch([[i] for i in example.input_ids], skip_special_tokens=False)
     else:
         texts = [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in example.input_ids]
@@ -43,6 +51,15 @@ def rows(example, tokenizer) -> list[TokenRow]:
         TokenRow(k, visible(t), i, lab, i in specials)
         for k, (t, i, lab) in enumerate(zip(texts, example.input_ids, example.labels))
     ]
+
+
+def _piece_text(piece: str, space: str) -> str:
+    """A SentencePiece piece as text: its space marks as spaces, a byte-fallback piece as its character
+    when it is one (`<0x0A>` is a newline); other bytes of a longer character stay as `<0xE2>`."""
+    if _BYTE.fullmatch(piece):
+        b = int(piece[3:5], 16)
+        return chr(b) if b < 128 else piece
+    return piece.replace(space, " ")
 
 
 def summary_line(example) -> str:

@@ -129,3 +129,19 @@ def test_a_tokenizer_without_offsets_is_a_clear_error():
 def test_unknown_stream_is_a_config_error(bpe_tok):
     with pytest.raises(chatmask.ConfigError, match="stream"):
         chatmask.encode(CONV, bpe_tok, stream="vendor")
+
+
+def test_view_shows_sentencepiece_spaces():
+    """Decoding one SentencePiece token alone drops its leading space; the view shows the piece's text, so
+    the rows spell the rendering and `▁I` differs visibly from `I`."""
+    sp = pytest.importorskip("sp_tokenizers")
+    from chatmask.view import rows
+
+    tok = sp.hf_tokenizer("llama", layout="llama-default")
+    t = chatmask.templates.get("mistral").jinja
+    msgs = [{"role": "user", "content": "Hi there\n"}, {"role": "assistant", "content": "Hello world"}]
+    R = chatmask.labels.renderer(tok, t).render(msgs)
+    shown = rows(chatmask.encode(msgs, tok, template=t), tok)
+    assert "".join(r.text for r in shown).replace("\\n", "\n") == R
+    seg = rows(chatmask.encode(msgs, tok, template=t, stream="segments"), tok)
+    assert [r.text for r in seg if r.trained][0].startswith(" ")
