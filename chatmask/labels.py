@@ -200,11 +200,14 @@ def encode_many(rows, tokenizer, *, train_on="assistant", max_length=None, templ
 def _finish(plans, r: Renderer, tokenizer, max_length, truncation, stream="rendering"):
     tt = text_tokens(tokenizer)
     live = [p for p in plans if not isinstance(p, ChatmaskError)]
-    texts, owner = [], []  # the texts to encode (a row's rendering, or its segments), and their row
-    for k, p in enumerate(live):
-        row = [p.text] if stream == "rendering" else _segments(p)
-        texts += row
-        owner += [k] * len(row)
+    if stream == "rendering":  # the texts to encode (a row's rendering, or its segments), and their row
+        texts, owner = [p.text for p in live], range(len(live))
+    else:
+        texts, owner = [], []
+        for k, p in enumerate(live):
+            row = _segments(p)
+            texts += row
+            owner += [k] * len(row)
     encs = tt.encode(texts)
     if tt.piecewise and live:
         due = {k for k in range(len(live)) if tt.due_for_check()}
