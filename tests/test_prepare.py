@@ -71,6 +71,10 @@ def test_cache_hit_and_invalidation(tmp_path, bpe_tok):
     write_jsonl(tmp_path / "d.jsonl", ROWS[:-1])
     assert not prepare(data, DataConfig(), out, tokenizer=bpe_tok, progress=False).cached
     assert not prepare(data, DataConfig(template="llama3"), out, tokenizer=bpe_tok, progress=False).cached
+    assert not prepare(data, DataConfig(template="llama3", stream="segments"), out, tokenizer=bpe_tok,
+                       progress=False).cached
+    assert not prepare(data, DataConfig(template="llama3", end_of_turn="<|eot_id|>"), out, tokenizer=bpe_tok,
+                       progress=False).cached
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # no temporary folders left
 
 
@@ -182,6 +186,17 @@ def test_cli_prepare_view_stats(tmp_path, tok_dir, capsys):
     assert cli.main(["stats", data, "--tokenizer", tok_dir, "--quiet", "--fail-if", "trained_fraction<0.99"]) == 1
     assert cli.main(["stats", data, "--tokenizer", tok_dir, "--quiet", "--fail-if", "trained_fraction<0.01"]) == 0
     assert cli.main(["stats", data, "--tokenizer", tok_dir, "--quiet", "--fail-if", "nonsense<1"]) == 2
+    # a template whose generation prompt ends in a space that merges with the answer's first word
+    spaced = ("{% for m in messages %}{% if m.role == 'user' %}User: {{ m.content }}\n{% else %}Assistant: "
+              "{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
+    capsys.readouterr()
+    assert cli.main(["stats", data, "--tokenizer", tok_dir, "--template", spaced, "--json", "--quiet"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["rows_split_at_boundary"] == 6 and s["tokens_split_at_boundary"] >= 6
+    assert cli.main(["stats", data, "--tokenizer", tok_dir, "--template", spaced, "--quiet",
+                     "--fail-if", "rows_split_at_boundary>0"]) == 1
+    assert cli.main(["view", data, "--tokenizer", tok_dir, "--template", spaced, "--stream", "segments",
+                     "--end-of-turn", "<|im_end|>"]) == 0
 
 
 def test_cli_errors_have_no_traceback(tmp_path, tok_dir):
