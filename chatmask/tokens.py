@@ -4,8 +4,9 @@
 gives, each with the character span it covers. It cuts the text where the tokenizer itself cuts it
 first (at its added tokens: nothing is merged across one), and tokenizes each distinct piece once
 (a memo: prompts repeat across rows). The piecewise result is checked against whole-text encodings on
-probes when the tokenizer is first seen, and on sampled rows by the caller; a tokenizer that fails the
-probe is encoded whole, row by row. `split_token` re-spells one token as two at a character boundary.
+probes when the tokenizer is first seen, and on the rows `due_for_check` picks (the caller compares);
+a tokenizer that fails either is encoded whole, row by row. `split_token` re-spells one token as its
+parts at character boundaries.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Run:
     """The tokens of one piece of a text as the tokenizer returned them: a piece between added tokens
     (`ids` without the anchor token that led it: `skip` tokens, `shift` characters), or one added token
     (`atomic`, its span the token's content without the whitespace it strips). A text's encoding is a
-    list of (start, Run): the Run placed at character `start`. Offsets are read from the encoding only
+    Row: (starts, runs), run k placed at character starts[k]. Offsets are read from the encoding only
     where a boundary falls (keeping them as Python tuples for every piece would feed the GC)."""
 
     __slots__ = ("ids", "enc", "skip", "shift", "_offs", "atomic", "_cuts")
@@ -123,7 +124,6 @@ class TextTokens:
     """A tokenizer's whole-text encoding, computed piecewise between its added tokens and memoized."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         if isinstance(tokenizer, str):
             raise TemplateError(f"a tokenizer object is needed, not the name {tokenizer!r}: load it with "
@@ -154,8 +154,8 @@ class TextTokens:
         meta = _find_types(pre, "Metaspace")
         repl = [r for r in _find_types(_state(self.backend.normalizer), "Replace") if r.get("content") == "▁"]
         self.space = meta[0].get("replacement", "▁") if meta else ("▁" if repl else None)
-        self.memo: dict[str, tuple] = {}  # piece -> (ids, offsets, skip, shift), pieces that do not start the text
-        self.memo_first: dict[str, tuple] = {}  # the same for pieces that start it
+        self.memo: dict[str, Run] = {}  # piece -> its Run, for pieces that do not start the text
+        self.memo_first: dict[str, Run] = {}  # the same for pieces that start it
         self.memo_chars = 0
         self.rows_seen = 0
         # the Run of each added token as the text holds it (stripped whitespace: looked up by _core)
@@ -173,7 +173,7 @@ class TextTokens:
         alts = []
         for a in sorted(added, key=lambda a: -len(a["content"])):
             c = a["content"]
-            if (a["normalized"] and not a["special"]) or c != c.strip():
+            if (a["normalized"] and not a["special"]) or ((a["lstrip"] or a["rstrip"]) and c != c.strip()):
                 return None  # matched after normalization, or its own whitespace is ambiguous with stripping
             pat = (r"\s*" if a["lstrip"] else "") + re.escape(c) + (r"\s*" if a["rstrip"] else "")
             if a["single_word"]:
