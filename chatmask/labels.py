@@ -391,7 +391,10 @@ def check_template(tokenizer, template: str | None = None, end_of_turn: str | No
                 f"end-of-turn marker {r.marker!r} is trained but is not the tokenizer's eos_token {eos!r}: "
                 "make generation stop on it (generation_config.eos_token_id)"
             )
-    if r.gen_prompt_empty:
+    if r.gen_prompt_empty and r.gen_always:
+        notes.append("the template ignores add_generation_prompt and always ends with the assistant header: answers "
+                     "are trained from the end of that header")
+    elif r.gen_prompt_empty:
         notes.append(
             "add_generation_prompt renders nothing: answers are trained from their content, the assistant header is not"
         )

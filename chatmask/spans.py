@@ -61,6 +61,7 @@ class Renderer:
         self._skeletons: dict[tuple, _Skeleton | None] = {}
         self._srenders: dict[tuple, str | None] = {}
         self.end_of_turn = end_of_turn
+        self.gen_always = False
         self.markers, self.gen_prompt_empty, self.notes = self._analyse()
         # the marker after an answer followed by a user message (else the last one): what `check` shows
         self.marker = self.markers.get("user", self.markers.get("last", ""))
@@ -141,6 +142,18 @@ class Renderer:
         sent = lambda roles: [{"role": r, "content": f"{_S0}{j}{_S1}"} for j, r in enumerate(roles)]  # noqa: E731
         try:
             gen_empty = self.render(sent(base[:a]), True) == self.render(sent(base[:a]), False)
+            # a template that ignores add_generation_prompt and always ends with the assistant header (it
+            # ends a conversation that ends with an answer the same way): the header is there, the text
+            # between it and the content (Command-R's <|START_RESPONSE|>) is the model's to write
+            if gen_empty:
+                T = _common_suffix(self.render(sent(base[:a])), self.render(sent(base)))
+                pre = self.render(sent(base)).split(tag, 1)[0]
+                k = pre.rfind(T) if T.strip() else -1
+                if k >= 0:  # T also opens the answer, with at most special tokens between: a header
+                    between = pre[k + len(T):]
+                    for s in self.specials:
+                        between = between.replace(s, "")
+                    self.gen_always = not any(c.isalnum() for c in between)
         except TemplateError:
             pass
         g = ""  # the assistant header after an answer: the generation prompt of a conversation ending with one
@@ -186,7 +199,7 @@ class Renderer:
                 continue
             f = self._first_special(A)
             if f is not None and all(v == A[f[0]:f[1]] for v in inner.values()) and A[f[0]:f[1]] not in header_tokens:
-                markers[ctx] = A[: f[1]]
+                markers[ctx] = self._with_eos(A, f[1])
             elif ctx == "assistant" and g.strip() and g in A:
                 markers[ctx] = A[: A.index(g)].rstrip()
         plain = markers.get("assistant")
@@ -204,7 +217,7 @@ class Renderer:
             A = after["last"]
             ref = markers.get("user") or markers.get("assistant") or next((m for m in markers.values() if m), "")
             f = self._first_special(A)
-            markers["last"] = ref if ref and A.startswith(ref) else A[: f[1]] if f else A.rstrip()
+            markers["last"] = ref if ref and A.startswith(ref) else self._with_eos(A, f[1]) if f else A.rstrip()
             for ctx in guessed:  # a guess is not a marker: it must end the last answer as well
                 m = markers[ctx]
                 if (m and not A.startswith(m)) or (not m and A.strip()):
@@ -215,6 +228,15 @@ class Renderer:
                         "(chatmask.add_template_tokens) or name the marker (end_of_turn=..., --end-of-turn)",
                         reason="ambiguous end of turn")
         return markers, gen_empty, notes
+
+    def _with_eos(self, A: str, k: int) -> str:
+        """A[:k], and the eos token if the template writes it right after (Command-R: <|END_RESPONSE|> then
+        <|END_OF_TURN_TOKEN|>): the model must write it too, or it never learns to stop."""
+        eos = self.kwargs.get("eos_token")
+        eos = getattr(eos, "content", eos)
+        if isinstance(eos, str) and eos and A.startswith(eos, k) and not A[:k].endswith(eos):
+            k += len(eos)
+        return A[:k]
 
     def _last_special(self, text: str) -> tuple[int, int] | None:
         best, k = None, 0
@@ -300,7 +322,8 @@ class Renderer:
         if not (len(G) <= content_start and R.startswith(G)):
             return self._align_head(G, R, content_start), False
         between = R[len(G) : content_start]
-        if self.gen_prompt_empty and (any(c.isalnum() for c in between) or any(s in between for s in self.specials)):
+        if self.gen_prompt_empty and not self.gen_always and (
+                any(c.isalnum() for c in between) or any(s in between for s in self.specials)):
             return 0, False  # no generation prompt: this is the assistant header, never trained
         return len(between), True
 

@@ -142,3 +142,24 @@ def test_special_marker_needs_no_warning(bpe_tok):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         chatmask.encode(copy.deepcopy(CONV), bpe_tok, template="chatml")
+
+
+# Command-R7B's shape: the template always ends with the chatbot header (add_generation_prompt or not), the
+# model writes <|START_RESPONSE|> ... <|END_RESPONSE|> and then the eos <|END_OF_TURN_TOKEN|>
+COMMAND_R = (
+    "{{ bos_token }}{% for m in messages %}<|START_OF_TURN_TOKEN|>"
+    "{% if m.role == 'user' %}<|USER_TOKEN|>{{ m.content }}<|END_OF_TURN_TOKEN|>"
+    "{% else %}<|CHATBOT_TOKEN|><|START_RESPONSE|>{{ m.content }}<|END_RESPONSE|><|END_OF_TURN_TOKEN|>{% endif %}"
+    "{% endfor %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+)
+
+
+def test_command_r_trains_what_follows_its_always_rendered_header_and_its_eos():
+    tok = with_tokens("<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
+                      "<|START_RESPONSE|>", "<|END_RESPONSE|>")
+    tok.add_special_tokens({"eos_token": "<|END_OF_TURN_TOKEN|>"})
+    ex = chatmask.encode(CONV, tok, template=COMMAND_R)
+    assert trained_texts(tok, ex) == [
+        "<|START_RESPONSE|>I've read this text.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>",
+        '<|START_RESPONSE|>["Unity"]<|END_RESPONSE|><|END_OF_TURN_TOKEN|>']
+    assert any("always ends with the assistant header" in n for n in chatmask.check_template(tok, COMMAND_R))
