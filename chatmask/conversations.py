@@ -32,6 +32,17 @@ class Conversation:
     source: str
 
 
+def drop_line(dropped: dict[str, int], first: dict[str, str], rows_read: int) -> str:
+    """The one line that says what was dropped, by reading or by labelling:
+    'dropped 3 of 1,000 rows: 2 no assistant turn, 1 role order; first: d.jsonl:17: ...'."""
+    if not dropped:
+        return ""
+    by_count = sorted(dropped.items(), key=lambda kv: -kv[1])
+    counts = ", ".join(f"{n:,} {reason}" for reason, n in by_count)
+    msg = first.get(by_count[0][0], "").split("\n")[0].replace(" " + FIX_ROW, "").rstrip(".")
+    return f"dropped {sum(dropped.values()):,} of {rows_read:,} rows: {counts}; first: {msg}"
+
+
 @dataclass
 class LoadReport:
     """What `load` read, kept and dropped; filled in as the iterator is consumed."""
@@ -47,12 +58,7 @@ class LoadReport:
 
     def summary(self) -> str:
         """One line for the user, "" when nothing was dropped or salvaged."""
-        parts = []
-        if self.dropped:
-            by_count = sorted(self.dropped.items(), key=lambda kv: -kv[1])
-            counts = ", ".join(f"{n:,} {reason}" for reason, n in by_count)
-            first = self.first.get(by_count[0][0], "").replace(" " + FIX_ROW, "").rstrip(".")
-            parts.append(f"dropped {sum(self.dropped.values()):,} of {self.rows_read:,} rows: {counts}; first: {first}")
+        parts = [drop_line(self.dropped, self.first, self.rows_read)] if self.dropped else []
         if self.salvaged_from:
             parts.append(self.salvaged_from)
         return "; ".join(parts)

@@ -18,6 +18,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from . import config as cfgmod
@@ -107,17 +108,34 @@ def _init_worker(tok):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
 
 
-def _label_batch(batch, cfg: DataConfig, tok=None):
-    """[(messages, source)] -> [(input_ids, labels, source, truncated, split) | (reason, message)]."""
+class Labelled(NamedTuple):
+    """A row that became an example, as a worker sends it back (plain data: cheap to pickle)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str
+    truncated: int
+    split: int
+
+
+class Dropped(NamedTuple):
+    """A row that did not: the reason it is counted under, and the message that names it."""
+
+    reason: str
+    message: str
+
+
+def _label_batch(batch, cfg: DataConfig, tok=None) -> list[Labelled | Dropped]:
+    """[(messages, source)] -> one Labelled or Dropped per row, in order."""
     tok = tok or _worker_tok
     out = []
     for r in labels.encode_many(batch, tok, train_on=cfg.train_on, max_length=cfg.max_length,
                                 template=cfg.template, truncation=cfg.truncation, end_of_turn=cfg.end_of_turn,
                                 stream=cfg.stream):
         if isinstance(r, ChatmaskError):
-            out.append((r.reason, str(r)))
+            out.append(Dropped(r.reason, str(r)))
         else:
-            out.append((r.input_ids, r.labels, r.source, r.truncated, r.split))
+            out.append(Labelled(r.input_ids, r.labels, r.source, r.truncated, r.split))
     return out
 
 
@@ -173,11 +191,10 @@ class _Stats:
         self.lengths = collections.Counter()
         self.marker_ids = marker_ids
 
-    def add(self, row):
-        if len(row) == 2:
-            reason, msg = row
-            self.dropped[reason] += 1
-            self.first.setdefault(reason, msg)
+    def add(self, row: Labelled | Dropped):
+        if isinstance(row, Dropped):
+            self.dropped[row.reason] += 1
+            self.first.setdefault(row.reason, row.message)
             return
         ids, labs, _, truncated, split = row
         self.split_rows += bool(split)
@@ -221,14 +238,8 @@ class _Stats:
 
 
 def drop_summary(stats: dict) -> str:
-    """One line: 'dropped 3 of 1,000 rows: 2 no assistant turn, 1 role order; first: d.jsonl:17: ...'."""
-    n = stats["rows_dropped"]
-    if not n:
-        return ""
-    parts = ", ".join(f"{c:,} {r}" for r, c in stats["dropped_by_reason"].items())
-    top = next(iter(stats["dropped_by_reason"]))
-    first = stats["first_dropped"].get(top, "").split(" Fix the row")[0].split("\n")[0]
-    return f"dropped {n:,} of {stats['rows_read']:,} rows: {parts}; first {top}: {first}"
+    """One line: what reading and labelling dropped (conversations.drop_line)."""
+    return conversations.drop_line(stats["dropped_by_reason"], stats["first_dropped"], stats["rows_read"])
 
 
 # ---------------------------------------------------------------- writing
@@ -249,17 +260,17 @@ def _write_shards(tmp: Path, rows_iter, stats: _Stats, progress, skip_invalid: b
     for batch in rows_iter:
         for row in batch:
             stats.add(row)
-            if len(row) == 2:
+            if isinstance(row, Dropped):
                 if not skip_invalid:
-                    raise ChatmaskError(f"{row[1]}\n  Fix the row, or pass --skip-invalid to drop such rows and count them.",
-                                        reason=row[0])
+                    raise ChatmaskError(f"{row.message}\n  Fix the row, or pass --skip-invalid to drop such rows and "
+                                        "count them.", reason=row.reason)
                 continue
             if writer is None:
                 writer = ArrowWriter(features=features(), path=str(tmp / f"shard-{shard:05d}.arrow"))
                 n_shards += 1
-            cols["input_ids"].append(row[0])
-            cols["labels"].append(row[1])
-            cols["source"].append(row[2])
+            cols["input_ids"].append(row.input_ids)
+            cols["labels"].append(row.labels)
+            cols["source"].append(row.source)
             in_shard += 1
             if len(cols["source"]) >= 1000:
                 flush()
@@ -279,8 +290,6 @@ def _finish_layout(tmp: Path, n_shards: int, key: str, data: str) -> None:
     """Name the shards and write the two JSON files `datasets.load_from_disk` reads."""
     import datasets
 
-    if n_shards == 0:
-        raise ConversationError(f"{data}: no row became an example (every row was dropped)", reason="no rows")
     names = []
     for k in range(n_shards):
         name = f"data-{k:05d}-of-{n_shards:05d}.arrow"
@@ -330,6 +339,9 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
                 bar.close()
         s = stats.as_dict(report)
         s["seconds"] = round(time.perf_counter() - t0, 3)
+        if n_shards == 0:
+            why = drop_summary(s) or "the data has no rows"
+            raise ConversationError(f"{data}: no row became an example: {why}", reason="no rows")
         _finish_layout(tmp, n_shards, key, data)
         resolved = {"data": str(data), "cache_key": key, "format_version": FORMAT_VERSION,
                     "tokenizer_fingerprint": tokenizer_fingerprint(tok), "end_of_turn_marker": r.marker,

@@ -90,6 +90,10 @@ def test_skip_invalid_counts_by_reason(tmp_path, bpe_tok):
     assert s["rows_kept"] == 5 and s["rows_dropped"] == 3
     assert s["dropped_by_reason"] == {"no assistant turn": 1, "invalid JSON": 1, "first answer too long": 1}
     assert "d.jsonl:8" in s["first_dropped"]["first answer too long"]
+    # every row dropped: the error says why, in the same one line
+    with pytest.raises(chatmask.ConversationError, match=r"no row became an example: dropped 8 of 8 rows: 6 first "
+                                                         r"answer too long, 1 no assistant turn, 1 invalid JSON"):
+        prepare(data, DataConfig(skip_invalid=True, max_length=4), tmp_path / "o2", tokenizer=bpe_tok, progress=False)
 
 
 def test_truncation_keeps_whole_turns_and_counts(tmp_path, bpe_tok):
