@@ -1,5 +1,6 @@
 """Checkpoints of a training run: `save_checkpoint` writes OUT/checkpoints/step-N atomically (trainable
-weights as safetensors, optimizer, scheduler and RNG), `load_checkpoint` restores them with
+weights as safetensors, optimizer, scheduler and every RNG: CPU, each GPU, Python's), `load_checkpoint`
+restores them with
 `torch.load(weights_only=True)`; FSDP / DeepSpeed runs go through accelerate's `save_state`.
 """
 
@@ -33,13 +34,30 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, state: dict, keep: 
     save_file(_trainable(model), str(tmp / "weights.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     torch.save(sched.state_dict(), tmp / "scheduler.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+    torch.save(rng_states(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "python_random": random.getstate()}, default=list))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def rng_states() -> dict:
+    """Every torch random generator a training step can draw from (dropout, LoRA dropout): the CPU one and,
+    where CUDA is in use, each GPU's. Python's `random` goes in state.json."""
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states:
+        if not torch.cuda.is_available():
+            raise ConfigError("this checkpoint holds GPU random states but no GPU is available; resume it on a GPU")
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def is_sharded(acc) -> bool:
@@ -79,7 +97,7 @@ def load_checkpoint(path: Path, model, opt, sched) -> dict:
             params[n].copy_(t)
     opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    set_rng_states(torch.load(path / "rng.pt", weights_only=True))
     state = json.loads((path / "state.json").read_text())
     pr = state.pop("python_random")
     random.setstate((pr[0], tuple(pr[1]), pr[2]))

@@ -302,3 +302,32 @@ def test_varlen_model_generates_and_scores_padded_batches_as_sdpa(bpe_tok):
     b = batches.collate(encoded(bpe_tok, 3), bpe_tok.pad_token_id)
     with torch.no_grad():
         assert torch.equal(model(**b).logits, ref(**b).logits)
+
+
+def test_checkpoint_restores_every_rng_a_step_draws_from(monkeypatch, tmp_path):
+    """A resumed run draws the same dropout masks only if every generator comes back: the CPU one, Python's,
+    and on a GPU each device's (faked here: this machine has none)."""
+    import random
+
+    import torch
+
+    from chatmask import checkpoints
+
+    gpu = {"state": [torch.tensor([1, 2, 3], dtype=torch.uint8)]}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [t.clone() for t in gpu["state"]])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: gpu.update(state=list(s)))
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    torch.manual_seed(0)
+    random.seed(0)
+    path = checkpoints.save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, keep=1)
+    want = (torch.rand(3).tolist(), random.random())
+    torch.manual_seed(1)
+    random.seed(1)
+    gpu["state"] = [torch.tensor([9, 9, 9], dtype=torch.uint8)]
+    checkpoints.load_checkpoint(path, model, opt, sched)
+    assert (torch.rand(3).tolist(), random.random()) == want
+    assert gpu["state"][0].tolist() == [1, 2, 3]
