@@ -141,20 +141,17 @@ def _load_rows(args, n_rows):
 
 def cmd_view(args) -> int:
     """Show which tokens of a row are trained: the token / id / label table (terminal or HTML)."""
-    import json
-    from pathlib import Path
-
     from .labels import Example, encode
+    from .prepare import prepared_config
     from .view import html_page, print_table
 
     rows = list(range(args.row, args.row + args.rows))
-    prepared = Path(args.data) / "config.json"
-    if prepared.exists() and Path(args.data, "state.json").exists():
+    conf = prepared_config(args.data)
+    if conf is not None:
         import datasets
 
         from .models import load_tokenizer
 
-        conf = json.loads(prepared.read_text())
         tok = load_tokenizer(args.tokenizer or args.model or conf.get("tokenizer") or "smollm2")
         ds = datasets.load_from_disk(args.data)
         if args.row >= len(ds):
@@ -177,16 +174,12 @@ def cmd_stats(args) -> int:
     """Dataset-wide audit: rows kept/dropped, tokens by role, trained fraction, lengths; --fail-if for CI."""
     import json
 
-    from .models import cache_dir
-    from .prepare import cache_key, drop_summary, prepare, role_tokens
-
-    cfg = _data_config(args)
     from . import config
+    from .prepare import drop_summary, prepare_cached, role_tokens
 
-    cfg = config.replace(cfg, skip_invalid=True)
+    cfg = config.replace(_data_config(args), skip_invalid=True)
     tok = _tokenizer(args)
-    out = cache_dir() / "prepared" / cache_key(args.data, cfg, tok)[:24]
-    s = dict(prepare(args.data, cfg, out, tokenizer=tok, progress=not args.quiet, log=None).stats)
+    s = dict(prepare_cached(args.data, cfg, tok, progress=not args.quiet, log=None).stats)
     roles = role_tokens(args.data, cfg, tok, max_rows=args.role_rows)
     s["tokens_by_role"] = {k: roles[k] for k in ("system", "user", "assistant", "tool", "template")}
     s["tokens_by_role_rows"] = roles["rows"]

@@ -376,22 +376,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _cached(out: Path, key: str) -> Prepared | None:
+def prepared_config(folder) -> dict | None:
+    """The resolved config of a folder written by `prepare`, or None when `folder` is not one (the one
+    test of "is this a prepared folder": cli, train and the cache all ask it)."""
+    p = Path(str(folder))
     try:
-        conf = json.loads((out / "config.json").read_text())
-        stats = json.loads((out / "stats.json").read_text())
+        if not (p / "state.json").exists():
+            return None
+        return json.loads((p / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    if conf.get("cache_key") == key and (out / "state.json").exists():
-        return Prepared(out, stats, True)
-    return None
+
+
+def prepare_cached(data: str, cfg: DataConfig, tok, **kw) -> Prepared:
+    """`prepare` into chatmask's cache folder, named by the cache key (what train and stats use)."""
+    from .models import cache_dir
+
+    return prepare(data, cfg, cache_dir() / "prepared" / cache_key(data, cfg, tok)[:24], tokenizer=tok, **kw)
+
+
+def _cached(out: Path, key: str) -> Prepared | None:
+    conf = prepared_config(out)
+    if conf is None or conf.get("cache_key") != key:
+        return None
+    try:
+        return Prepared(out, json.loads((out / "stats.json").read_text()), True)
+    except (OSError, ValueError):
+        return None
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
     """Replace `out` by the finished `tmp` folder; a kill at any moment leaves either the old complete
     folder, or none (and a hidden .tmp folder that the next run ignores), never a half-written one."""
     if out.exists():
-        if not (out / "config.json").exists() and any(out.iterdir()):
+        if prepared_config(out) is None and any(out.iterdir()):
             raise ConfigError(f"{out} exists and is not a chatmask prepared folder; choose another --out")
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
         os.replace(out, old / "x")

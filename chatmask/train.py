@@ -234,20 +234,16 @@ def _prepared(data, data_cfg: DataConfig, tok, log):
     """A prepared folder as is (it must hold assistant labels), or prepare `data` into the cache."""
     import datasets
 
-    from .models import cache_dir
-    from .prepare import cache_key, prepare
+    from .prepare import prepare_cached, prepared_config
 
-    p = Path(str(data))
-    if (p / "state.json").exists() and (p / "config.json").exists():
-        conf = json.loads((p / "config.json").read_text())
+    conf = prepared_config(data)
+    if conf is not None:
         if conf.get("train_on") != "assistant":
             raise ConfigError(f"{data} was prepared with --train-on {conf.get('train_on')}; training needs the "
                               "assistant labels (for validation): prepare it with --train-on assistant and pass "
                               "--train-on to train instead")
-        return datasets.load_from_disk(str(p))
-    cfg = config.replace(data_cfg, train_on="assistant")
-    folder = cache_dir() / "prepared" / cache_key(str(data), cfg, tok)[:24]
-    return prepare(str(data), cfg, folder, tokenizer=tok, log=log).dataset()
+        return datasets.load_from_disk(str(data))
+    return prepare_cached(str(data), config.replace(data_cfg, train_on="assistant"), tok, log=log).dataset()
 
 
 def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, model=None, log=print,
