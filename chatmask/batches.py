@@ -2,9 +2,8 @@
 so a resumed run continues exactly; `micro_batches` cuts them per process), and the tensors they become
 (`collate` pads a batch, `pack` concatenates rows).
 
-Labels stay unshifted (the loss shifts once). `apply_train_on` turns assistant labels into the labels
-of another arm (`all`: every token; `last_assistant`: the last trained run) so every arm trains on the
-same prepared rows. Packed rows carry position ids that restart per example and either the examples'
+Labels stay unshifted (the loss shifts once). `labels.select` (the one definition of `train_on`) turns
+assistant labels into the labels of another arm, so every arm trains on the same prepared rows. Packed rows carry position ids that restart per example and either the examples'
 boundaries (`attention="varlen"`: `cu_seq_lens_*`, which flash-attention's varlen kernel and
 `attention.VARLEN` read) or a block-diagonal 4D mask (`attention="mask"`), so no token attends to, or is
 labelled from, another example.
@@ -16,24 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .labels import IGNORE
+from .labels import IGNORE, select
 
 if TYPE_CHECKING:
     from .train import TrainConfig
-
-
-def apply_train_on(input_ids: list[int], labels: list[int], train_on: str) -> list[int]:
-    if train_on == "assistant":
-        return labels
-    if train_on == "all":
-        return list(input_ids)
-    if train_on == "last_assistant":
-        end = max((i for i, x in enumerate(labels) if x != IGNORE), default=-1)
-        start = end
-        while start > 0 and labels[start - 1] != IGNORE:
-            start -= 1
-        return [x if start <= i <= end else IGNORE for i, x in enumerate(labels)]
-    raise ValueError(f"unknown train_on {train_on!r}")
 
 
 def collate(rows: list[dict], pad_id: int, train_on: str = "assistant") -> dict[str, torch.Tensor]:
@@ -46,7 +31,7 @@ def collate(rows: list[dict], pad_id: int, train_on: str = "assistant") -> dict[
         n = len(r["input_ids"])
         ids[b, :n] = torch.tensor(r["input_ids"])
         att[b, :n] = 1
-        lab[b, :n] = torch.tensor(apply_train_on(r["input_ids"], r["labels"], train_on))
+        lab[b, :n] = torch.tensor(select(r["input_ids"], r["labels"], train_on))
     return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 
@@ -93,7 +78,7 @@ def pack(rows: list[dict], pad_id: int, train_on: str = "assistant", max_tokens:
         for k, r in enumerate(group):
             n = len(r["input_ids"])
             ids[b, o:o + n] = torch.tensor(r["input_ids"])
-            lab[b, o:o + n] = torch.tensor(apply_train_on(r["input_ids"], r["labels"], train_on))
+            lab[b, o:o + n] = torch.tensor(select(r["input_ids"], r["labels"], train_on))
             # the first token of an example is never a target of the previous example's last position
             pos[b, o:o + n] = torch.arange(n)
             seg[b, o:o + n] = k

@@ -59,18 +59,30 @@ class Example:
 # ---------------------------------------------------------------- labelling
 
 
+def select(input_ids: list[int], labels: list[int], train_on: str) -> list[int]:
+    """The labels of one `train_on` arm from a row's assistant labels: the one definition of the switch,
+    used by `encode` and by training on prepared rows (which hold assistant labels) alike. `assistant`:
+    as they are; `all`: every token (the unmasked baseline); `last_assistant`: the last trained answer
+    that is left (after weights and truncation), i.e. the last run of trained tokens."""
+    if train_on == "assistant":
+        return labels
+    if train_on == "all":
+        return list(input_ids)
+    if train_on == "last_assistant":
+        end = max((i for i in range(len(labels) - 1, -1, -1) if labels[i] != IGNORE), default=-1)
+        start = end
+        while start > 0 and labels[start - 1] != IGNORE:
+            start -= 1
+        return [IGNORE] * start + labels[start : end + 1] + [IGNORE] * (len(labels) - end - 1)
+    raise ConfigError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
+
+
 def _trained_turns(msgs, weights, turns: list[Turn], train_on, source) -> set[int]:
+    """The answers the assistant labels train (weight 1); `select` then makes the other arms from them."""
     if not turns:
         raise ConversationError(f"{source}: no assistant turn to train on", reason="no assistant turn")
-    if train_on == "last_assistant":
-        last = turns[-1].index
-        if not weights[last]:
-            raise ConversationError(
-                f"{source}: the last assistant turn has weight 0; nothing to train on", reason="all weights 0"
-            )
-        return {last}
     chosen = {t.index for t in turns if weights[t.index]}
-    if not chosen and train_on == "assistant":
+    if not chosen and train_on != "all":
         raise ConversationError(f"{source}: every assistant turn has weight 0; nothing to train on", reason="all weights 0")
     return chosen
 
@@ -98,7 +110,7 @@ def _regions(plan: _Plan):
             else:
                 cuts.append(pos)
                 owner.append(who)
-    return cuts, owner, [plan.train_on == "all" or w in plan.trained for w in owner]
+    return cuts, owner, [w in plan.trained for w in owner]
 
 
 def _assemble(plan: _Plan, row, tt: TextTokens):
@@ -234,7 +246,9 @@ def _finish(plans, r: Renderer, tokenizer, max_length, truncation, stream="rende
                     pos += len(seg)
             ex, ends = _assemble(plan, row, tt)
             if max_length is not None and len(ex.input_ids) > max_length:
-                ex = truncate(ex, max_length, truncation, ends)
+                ex = truncate(ex, max_length, truncation, ends, plan.train_on)
+            if plan.train_on != "assistant":
+                ex.labels = select(ex.input_ids, ex.labels, plan.train_on)
             out.append(ex)
         except ChatmaskError as e:
             out.append(e)
@@ -268,11 +282,14 @@ def _plan_row(r: Renderer, messages, source, train_on) -> _Plan:
     return _Plan(source, R, turns, trained, train_on, all(t.preserving for t in turns))
 
 
-def truncate(ex: Example, max_length: int, policy: str, turn_ends) -> Example:
+def truncate(ex: Example, max_length: int, policy: str, turn_ends, train_on: str = "assistant") -> Example:
     """Cut `ex` to `max_length` tokens by `policy` (see TRUNCATION); raises ConversationError when the
-    row must be dropped. `turn_ends`: (token index just past an answer, whether it is trained)."""
+    row must be dropped. `turn_ends`: (token index just past an answer, whether it is trained); `ex`
+    holds assistant labels, and `train_on="all"` trains every token, so any answer that fits will do."""
     where = f"{ex.source}: " if ex.source else ""
     n = len(ex.input_ids)
+    if train_on == "all":
+        turn_ends = [(e, True) for e, _ in turn_ends]
     if policy == "drop":
         raise ConversationError(f"{where}{n} tokens exceed max_length {max_length}", reason="too long")
     if policy == "turns":
@@ -288,8 +305,8 @@ def truncate(ex: Example, max_length: int, policy: str, turn_ends) -> Example:
         cut = max_length
     else:
         raise ConfigError(f"truncation must be one of {', '.join(TRUNCATION)}, not {policy!r}")
-    out = Example(ex.input_ids[:cut], ex.labels[:cut], ex.source, ex.prefix_preserving, n - cut)
-    if out.num_trained == 0:
+    out = Example(ex.input_ids[:cut], ex.labels[:cut], ex.source, ex.prefix_preserving, n - cut, ex.split)
+    if out.num_trained == 0 and train_on != "all":
         raise ConversationError(f"{where}no trained token left after cutting to {max_length}", reason="too long")
     return out
 

@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
+import chatmask
 from chatmask import IGNORE, batches
+from chatmask.labels import select
 from chatmask.batches import global_batch
 from chatmask.config import DataConfig
 from chatmask.train import TrainConfig, token_loss_sum, train
@@ -167,12 +169,31 @@ def test_pack_respects_budget_and_cuts_first_labels(bpe_tok):
     assert (p["labels"][starts] == IGNORE).all()
 
 
-def test_apply_train_on():
+def test_select_makes_each_arm_from_assistant_labels():
     ids = [1, 2, 3, 4, 5, 6, 7]
     lab = [IGNORE, 2, 3, IGNORE, IGNORE, 6, IGNORE]
-    assert batches.apply_train_on(ids, lab, "assistant") == lab
-    assert batches.apply_train_on(ids, lab, "all") == ids
-    assert batches.apply_train_on(ids, lab, "last_assistant") == [IGNORE] * 5 + [6, IGNORE]
+    assert select(ids, lab, "assistant") == lab
+    assert select(ids, lab, "all") == ids
+    assert select(ids, lab, "last_assistant") == [IGNORE] * 5 + [6, IGNORE]
+    assert select(ids, [IGNORE] * 7, "last_assistant") == [IGNORE] * 7
+
+
+def test_train_on_is_one_rule_for_encode_and_for_training(bpe_tok):
+    """`encode(train_on=X)` (what view shows) and training's arm X made from prepared assistant labels train
+    the same tokens, also when the last answer has weight 0 and when truncation cut the last answer off."""
+    conv = [{"role": "user", "content": "Hello! How are you today?"}, {"role": "assistant", "content": "I am fine."},
+            {"role": "user", "content": "The quick brown fox?"}, {"role": "assistant", "content": "Jumps over the lazy dog."}]
+    last_w0 = [*conv[:3], {**conv[3], "weight": 0}]
+    full = len(chatmask.encode(conv, bpe_tok).input_ids)
+    cases = [(conv, None), (last_w0, None), (conv, full - 3)]  # the last: turns truncation drops the last answer
+    for train_on in ("assistant", "all", "last_assistant"):
+        for msgs, max_length in cases:
+            shown = chatmask.encode(msgs, bpe_tok, train_on=train_on, max_length=max_length)
+            kept = chatmask.encode(msgs, bpe_tok, max_length=max_length)
+            batch = batches.collate([{"input_ids": kept.input_ids, "labels": kept.labels}], 0, train_on)
+            assert batch["labels"][0].tolist() == shown.labels, (train_on, max_length)
+    last = chatmask.encode(last_w0, bpe_tok, train_on="last_assistant")
+    assert bpe_tok.decode([t for t in last.labels if t != IGNORE]) == "I am fine.<|im_end|>"
 
 
 def test_global_batches_cover_epochs_in_seeded_order():
