@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .errors import FIX_ROW, ConfigError, ConversationError, short
-from .messages import ROLES
+from .messages import bad, check_message
 from .sources import Cut
 from .sources import rows as read_rows
 
@@ -67,16 +67,11 @@ class LoadReport:
 # ---------------------------------------------------------------- rows -> messages
 
 
-def _bad(source: str, what: str, reason: str, index: int | None = None) -> ConversationError:
-    where = source if index is None else f"{source}, message {index}"
-    return ConversationError(f"{where}: {what}. {FIX_ROW}", reason=reason)
-
-
 def detect_format(row: dict, source: str = "") -> str:
     """The row format by its keys: "openai" | "sharegpt" | "alpaca" | "prompt_completion"."""
     where = source or "row"
     if not isinstance(row, dict):
-        raise _bad(where, f"a row must be a JSON object; found {short(row)}", "row not an object")
+        raise bad(where, f"a row must be a JSON object; found {short(row)}", "row not an object")
     if "messages" in row:
         return "openai"
     if "conversations" in row:
@@ -93,48 +88,15 @@ def detect_format(row: dict, source: str = "") -> str:
     )
 
 
-def _message(m, i: int, source: str) -> dict:
-    """Check one OpenAI-style message; a copy without None-valued keys (Parquet fills absent fields)."""
-    if not isinstance(m, dict):
-        raise _bad(source, f"expected a dict with 'role' and 'content'; found {short(m)}", "message not a dict", i)
-    role = m.get("role")
-    if role not in ROLES:
-        what = "no 'role'" if role is None else f"unknown role {short(role)}"
-        reason = "missing role" if role is None else "unknown role"
-        raise _bad(source, f"{what}; expected one of {', '.join(ROLES)}", reason, i)
-    content = m.get("content")
-    if isinstance(content, list):
-        for k, p in enumerate(content):
-            if not (isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str)):
-                raise _bad(source, f"content part {k} is not a text part; found {short(p)}; only "
-                           "{'type': 'text', 'text': ...} parts can be trained on", "non-text content", i)
-    elif content is None:
-        if not (role == "assistant" and m.get("tool_calls")):
-            raise _bad(source, f"{role} content is missing or null; give it a string", "null content", i)
-    elif not isinstance(content, str):
-        raise _bad(source, f"content must be a string or a list of text parts; found {type(content).__name__} "
-                   f"{short(content)}", "bad content type", i)
-    if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
-        raise _bad(source, f"tool_calls must be a list; found {short(m['tool_calls'])}", "bad tool_calls", i)
-    out = {k: v for k, v in m.items() if v is not None}
-    out["content"] = content
-    if "weight" in out:
-        w = out["weight"]
-        if not (isinstance(w, (int, float)) and w in (0, 1)):
-            raise _bad(source, f"weight must be 0 or 1; found {short(w)}", "bad weight", i)
-        out["weight"] = int(w)
-    return out
-
-
 def _message_list(msgs, key: str, source: str, offset: int = 0) -> list[dict]:
     if not isinstance(msgs, list):
-        raise _bad(source, f"'{key}' must be a list of messages; found {short(msgs)}", "messages not a list")
-    return [_message(m, offset + i, source) for i, m in enumerate(msgs)]
+        raise bad(source, f"'{key}' must be a list of messages; found {short(msgs)}", "messages not a list")
+    return [check_message(m, offset + i, source) for i, m in enumerate(msgs)]
 
 
 def _get(row: dict, key: str, fmt: str, source: str):
     if key not in row:
-        raise _bad(source, f"no '{key}' key for the {fmt} format; found keys {short(list(row))}; "
+        raise bad(source, f"no '{key}' key for the {fmt} format; found keys {short(list(row))}; "
                    "pass --format if this file is in another format", "missing key")
     return row[key]
 
@@ -142,23 +104,23 @@ def _get(row: dict, key: str, fmt: str, source: str):
 def _sharegpt(row: dict, source: str) -> list[dict]:
     turns = _get(row, "conversations", "sharegpt", source)
     if not isinstance(turns, list):
-        raise _bad(source, f"'conversations' must be a list of turns; found {short(turns)}", "messages not a list")
+        raise bad(source, f"'conversations' must be a list of turns; found {short(turns)}", "messages not a list")
     msgs = []
     if isinstance(row.get("system"), str) and row["system"]:  # LLaMA-Factory keeps the system prompt beside the turns
         msgs.append({"role": "system", "content": row["system"]})
     for i, t in enumerate(turns, start=len(msgs)):
         if not isinstance(t, dict):
-            raise _bad(source, f"expected a dict with 'from' and 'value'; found {short(t)}", "message not a dict", i)
+            raise bad(source, f"expected a dict with 'from' and 'value'; found {short(t)}", "message not a dict", i)
         frm = t.get("from", t.get("role"))  # some ShareGPT exports use role/content keys
         role = SHAREGPT_ROLES.get(frm.lower()) if isinstance(frm, str) else None
         if role is None:
             what = "no 'from'" if frm is None else f"unknown speaker {short(frm)} in 'from'"
-            raise _bad(source, f"{what}; expected one of {', '.join(SHAREGPT_ROLES)}",
+            raise bad(source, f"{what}; expected one of {', '.join(SHAREGPT_ROLES)}",
                        "missing role" if frm is None else "unknown role", i)
         m = {"role": role, "content": t.get("value", t.get("content"))}
         if "weight" in t:
             m["weight"] = t["weight"]
-        msgs.append(_message(m, i, source))
+        msgs.append(check_message(m, i, source))
     return msgs
 
 
@@ -167,7 +129,7 @@ def _text(row: dict, key: str, fmt: str, source: str, optional: bool = False) ->
     if v is None and optional:
         return ""
     if not isinstance(v, str):
-        raise _bad(source, f"'{key}' must be a string; found {type(v).__name__} {short(v)}", "bad content type")
+        raise bad(source, f"'{key}' must be a string; found {type(v).__name__} {short(v)}", "bad content type")
     return v
 
 
@@ -179,7 +141,7 @@ def to_messages(row, fmt: str, source: str) -> list[dict]:
     [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]
     """
     if not isinstance(row, dict):
-        raise _bad(source, f"a row must be a JSON object; found {short(row)}", "row not an object")
+        raise bad(source, f"a row must be a JSON object; found {short(row)}", "row not an object")
     if fmt == "openai":
         return _message_list(_get(row, "messages", fmt, source), "messages", source)
     if fmt == "sharegpt":
@@ -198,7 +160,7 @@ def to_messages(row, fmt: str, source: str) -> list[dict]:
             if isinstance(v, list):  # TRL's conversational form: message lists
                 msgs += _message_list(v, key, source, len(msgs))
             else:
-                msgs.append(_message({"role": role, "content": _text(row, key, fmt, source)}, len(msgs), source))
+                msgs.append(check_message({"role": role, "content": _text(row, key, fmt, source)}, len(msgs), source))
         return msgs
     raise ConfigError(f"format must be one of auto, {', '.join(FORMATS)}; not {fmt!r}")
 
@@ -207,26 +169,26 @@ def validate(messages, source: str) -> None:
     """Raise ConversationError unless `messages` can be trained on: shape, role order, an assistant turn
     with weight 1. A conversation may open with an assistant turn (after an optional system message)."""
     if not isinstance(messages, list):
-        raise _bad(source, f"messages must be a list; found {short(messages)}", "messages not a list")
+        raise bad(source, f"messages must be a list; found {short(messages)}", "messages not a list")
     if not messages:
-        raise _bad(source, "empty conversation", "empty conversation")
+        raise bad(source, "empty conversation", "empty conversation")
     prev = None
     for i, m in enumerate(messages):
-        role = _message(m, i, source)["role"]
+        role = check_message(m, i, source)["role"]
         if role == "system" and i > 0:
-            raise _bad(source, f"a system message must come first; found one after {prev!r}", "role order", i)
+            raise bad(source, f"a system message must come first; found one after {prev!r}", "role order", i)
         if role == prev and role in ("user", "assistant"):
             expected = "'assistant'" if role == "user" else "'user' or 'tool'"
-            raise _bad(source, f"role {role!r} follows {prev!r}; expected {expected}", "role order", i)
+            raise bad(source, f"role {role!r} follows {prev!r}; expected {expected}", "role order", i)
         if role == "tool" and prev not in ("assistant", "tool"):
-            raise _bad(source, f"a tool message must follow an assistant or tool message; found it after "
+            raise bad(source, f"a tool message must follow an assistant or tool message; found it after "
                        f"{'the start' if prev is None else repr(prev)}", "role order", i)
         prev = role
     weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
     if not weights:
-        raise _bad(source, "no assistant turn; there is nothing to train on", "no assistant turn")
+        raise bad(source, "no assistant turn; there is nothing to train on", "no assistant turn")
     if not any(weights):
-        raise _bad(source, "every assistant message has weight 0; there is nothing to train on", "all weights 0")
+        raise bad(source, "every assistant message has weight 0; there is nothing to train on", "all weights 0")
 
 
 def load(path_or_name: str, *, format: str = "auto", salvage: bool = False, skip_invalid: bool = False,

@@ -7,68 +7,68 @@ The ground floor: it imports nothing of chatmask but its errors.
 
 from __future__ import annotations
 
-from .errors import ConversationError, short
+from .errors import FIX_ROW, ConversationError, short
 
 ROLES = ("system", "user", "assistant", "tool")
 
 
+def bad(source: str, what: str, reason: str, index: int | None = None) -> ConversationError:
+    """The error for a bad row or message: where (file:line, message index), what, and the fix."""
+    where = source if index is None else f"{source}, message {index}"
+    return ConversationError(f"{where}: {what}. {FIX_ROW}", reason=reason)
+
+
+def check_message(m, i: int, source: str) -> dict:
+    """Check one message ({"role", "content", ...}); a copy without None-valued keys (Parquet fills absent
+    fields), `weight` as an int. Raises ConversationError naming the message."""
+    if not isinstance(m, dict):
+        raise bad(source, f"expected a dict with 'role' and 'content'; found {short(m)}", "message not a dict", i)
+    role = m.get("role")
+    if role not in ROLES:
+        what = "no 'role'" if role is None else f"unknown role {short(role)}"
+        reason = "missing role" if role is None else "unknown role"
+        raise bad(source, f"{what}; expected one of {', '.join(ROLES)}", reason, i)
+    content = m.get("content")
+    if isinstance(content, (list, tuple)):
+        for k, p in enumerate(content):
+            if not (isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str)):
+                raise bad(source, f"content part {k} is not a text part; found {short(p)}; only "
+                          "{'type': 'text', 'text': ...} parts can be trained on", "non-text content", i)
+    elif content is None:
+        if not (role == "assistant" and m.get("tool_calls")):
+            raise bad(source, f"{role} content is missing or null; give it a string", "null content", i)
+    elif not isinstance(content, str):
+        raise bad(source, f"content must be a string or a list of text parts; found {type(content).__name__} "
+                  f"{short(content)}", "bad content type", i)
+    if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
+        raise bad(source, f"tool_calls must be a list; found {short(m['tool_calls'])}", "bad tool_calls", i)
+    out = {k: v for k, v in m.items() if v is not None}
+    out["content"] = content
+    if "weight" in out:
+        w = out["weight"]
+        if not (isinstance(w, (int, float)) and w in (0, 1)):
+            raise bad(source, f"weight must be 0 or 1; found {short(w)}", "bad weight", i)
+        out["weight"] = int(w)
+    return out
+
+
 def normalize_messages(messages, source: str = "") -> list[dict]:
-    """Check the message shape and return plain dicts as templates expect them (content parts joined,
-    `None` values and `weight` removed). Raises ConversationError naming the message."""
-    where = f"{source}: " if source else ""
+    """Check a conversation's shape (`check_message` on each) and return plain dicts as templates expect
+    them: content parts joined, `None` values and `weight` removed. Raises ConversationError."""
+    where = source or "conversation"
     if not isinstance(messages, (list, tuple)):
-        raise ConversationError(
-            f"{where}messages must be a list of {{'role', 'content'}} dicts, found {short(messages)}",
-            reason="messages not a list",
-        )
+        raise bad(where, f"messages must be a list of {{'role', 'content'}} dicts, found {short(messages)}",
+                  "messages not a list")
     if not messages:
-        raise ConversationError(f"{where}empty conversation", reason="empty conversation")
+        raise ConversationError(f"{where}: empty conversation", reason="empty conversation")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ConversationError(
-                f"{where}message {i}: expected a dict with 'role' and 'content', found {short(m)}",
-                reason="message not a dict",
-            )
-        role = m.get("role")
-        if role not in ROLES:
-            what = "no 'role'" if role is None else f"unknown role {short(role)}"
-            raise ConversationError(
-                f"{where}message {i}: {what}; expected one of {', '.join(ROLES)}",
-                reason="missing role" if role is None else "unknown role",
-            )
-        content = m.get("content")
-        if isinstance(content, (list, tuple)):
-            parts = []
-            for k, p in enumerate(content):
-                if isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str):
-                    parts.append(p["text"])
-                else:
-                    raise ConversationError(
-                        f"{where}message {i}: content part {k} is not a text part, found {short(p)}; "
-                        "only {'type': 'text', 'text': ...} parts can be trained on",
-                        reason="non-text content",
-                    )
-            content = "".join(parts)
-        elif content is None:
-            if not (role == "assistant" and m.get("tool_calls")):
-                raise ConversationError(
-                    f"{where}message {i} ({role}): content is missing or null", reason="null content"
-                )
-        elif not isinstance(content, str):
-            raise ConversationError(
-                f"{where}message {i} ({role}): content must be a string or a list of text parts, "
-                f"found {type(content).__name__} {short(content)}",
-                reason="bad content type",
-            )
-        w = m.get("weight", 1)
-        if w not in (0, 1) or isinstance(w, float) and w not in (0.0, 1.0):
-            raise ConversationError(
-                f"{where}message {i}: weight must be 0 or 1, found {short(w)}", reason="bad weight"
-            )
-        d = {k: v for k, v in m.items() if v is not None and k != "weight"}
-        if content is not None:
-            d["content"] = content
+        d = check_message(m, i, where)
+        d.pop("weight", None)
+        if isinstance(d["content"], (list, tuple)):
+            d["content"] = "".join(p["text"] for p in d["content"])
+        elif d["content"] is None:
+            del d["content"]
         out.append(d)
     return out
 
