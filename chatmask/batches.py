@@ -18,7 +18,7 @@ import torch
 from .labels import IGNORE, select
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .config import TrainConfig
 
 
 def collate(rows: list[dict], pad_id: int, train_on: str = "assistant") -> dict[str, torch.Tensor]:

@@ -50,9 +50,8 @@ def cmd_demo(args) -> int:
     import shlex
 
     from . import config, encode
-    from .compare import CompareConfig, compare
-    from .config import DataConfig
-    from .train import TrainConfig
+    from .compare import compare
+    from .config import CompareConfig, DataConfig, TrainConfig
     from .view import html_page, print_table
 
     tok = _tokenizer(args)
@@ -227,9 +226,7 @@ def _check_expr(expr: str, stats: dict) -> bool:
 
 def _run_configs(args, *, demo=False):
     from . import config
-    from .compare import CompareConfig
-    from .config import DataConfig
-    from .train import TrainConfig
+    from .config import CompareConfig, DataConfig, TrainConfig
 
     doc = config.load_yaml(getattr(args, "config", None), getattr(args, "set", None) or ())
     unknown = sorted(set(doc) - {"data", "train", "compare"})
@@ -341,8 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role-rows", type=int, default=20000, help="rows read for tokens by role (default: 20000)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_stats)
-    from .compare import CompareConfig
-    from .train import TrainConfig
+    from .config import CompareConfig, TrainConfig
 
     for name, func, extra in (("train", cmd_train, ()), ("compare", cmd_compare, (CompareConfig,))):
         p = sub.add_parser(name, help=func.__doc__)

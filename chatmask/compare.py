@@ -14,38 +14,12 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from . import config
-from .config import DataConfig
+from .config import ARMS, CompareConfig, DataConfig, TrainConfig
 from .errors import ConfigError
-from .train import TrainConfig, train
-
-ARMS = {"masked": "assistant", "unmasked": "all"}
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    """What to compare."""
-
-    seeds: int = 1
-    """seeds per arm (the same seeds for both arms)"""
-    arms: str = "masked,unmasked"
-    """arms to run: masked (train_on=assistant), unmasked (train_on=all)"""
-    metric: Literal["none", "ner-f1"] = "none"
-    """task metric by greedy generation: ner-f1 for UniversalNER-style data"""
-    metric_data: str | None = None
-    """conversations for the metric (e.g. a domain left out of training); default: the validation rows"""
-    metric_questions: int = 100
-    """at most this many questions for the metric"""
-    role_rows: int = 2000
-    """rows read for the user:assistant token ratio"""
-
-    def _problems(self):
-        bad = [a for a in self.arms.split(",") if a not in ARMS]
-        return [f"--arms: unknown arm(s) {', '.join(bad)}; known: {', '.join(ARMS)}"] if bad else []
+from .train import train
 
 
 def _mean_std(xs):

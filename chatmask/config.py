@@ -51,6 +51,114 @@ class DataConfig:
     """processes that label rows (output identical for any number)"""
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to fine-tune."""
+
+    model: str = "smollm2"
+    """causal LM: hub name, local folder, .gguf file, or 'smollm2' (the embedded default)"""
+    finetune: Literal["lora", "full"] = "lora"
+    """LoRA adapters (peft) or full fine-tuning"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA alpha (scale = alpha / r)"""
+    lora_dropout: float = 0.05
+    """dropout on the LoRA path"""
+    lora_targets: str = "all-linear"
+    """modules that get adapters: 'all-linear' or comma-separated names (q_proj,v_proj)"""
+    merge_lora: bool = False
+    """save the final model with the adapters merged into the weights"""
+    lr: float | None = None
+    """peak learning rate (default: 2e-4 for LoRA, 5e-5 for full fine-tuning)"""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """learning-rate schedule after warm-up"""
+    warmup: float = 0.1
+    """warm-up, as a fraction of the steps"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0: none)"""
+    steps: int = 100
+    """optimizer steps"""
+    batch_size: int = 4
+    """rows per micro-batch per process"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
+    packing: bool = False
+    """pack a micro-batch into one row without padding (position ids restart per example, attention kept
+    inside each; rows of --pack-tokens with a block-diagonal mask where that is unavailable)"""
+    pack_tokens: int = 2048
+    """token budget of a packed row where a block-diagonal mask is used (attention per example packs a
+    micro-batch into one row with no padding)"""
+    group_by_length: bool = False
+    """put rows of similar length in the same micro-batch (less padding; order still seeded)"""
+    sparse_loss: bool = True
+    """apply the LM head only at trained positions (same loss and gradients, less time and memory)"""
+    seed: int = 0
+    """seed of the data order, LoRA init and dropout"""
+    val_split: float = 0.02
+    """fraction of the rows held out for validation (seeded by --split-seed, the same for every arm)"""
+    split_seed: int = 0
+    """seed of the validation split"""
+    val_data: str | None = None
+    """validation data instead of a split (any form `prepare` takes)"""
+    val_rows: int | None = 200
+    """at most this many validation rows"""
+    eval_every: int = 20
+    """evaluate every N steps (and at the end)"""
+    eval_batch_size: int = 8
+    """rows per evaluation batch"""
+    save_every: int = 50
+    """checkpoint every N steps (and at the end); --resume continues from the last one"""
+    keep_checkpoints: int = 2
+    """checkpoints kept on disk"""
+    resume: bool = False
+    """continue from the last checkpoint in --out"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """weights' dtype"""
+    tensorboard: bool = True
+    """write TensorBoard logs under OUT/tb"""
+    trust_remote_code: bool = False
+    """allow a model's own code from the hub (off: untrusted code never runs)"""
+
+    def _problems(self):
+        p = []
+        if not 0 <= self.val_split < 1:
+            p.append(f"--val-split must be in [0, 1), not {self.val_split}")
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "eval_batch_size", "pack_tokens"):
+            if getattr(self, name) < 1:
+                p.append(f"{flag(name)} must be at least 1")
+        if self.val_split == 0 and not self.val_data:
+            p.append("--val-split 0 needs --val-data (evaluation needs held-out rows)")
+        return p
+
+
+ARMS = {"masked": "assistant", "unmasked": "all"}
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What to compare."""
+
+    seeds: int = 1
+    """seeds per arm (the same seeds for both arms)"""
+    arms: str = "masked,unmasked"
+    """arms to run: masked (train_on=assistant), unmasked (train_on=all)"""
+    metric: Literal["none", "ner-f1"] = "none"
+    """task metric by greedy generation: ner-f1 for UniversalNER-style data"""
+    metric_data: str | None = None
+    """conversations for the metric (e.g. a domain left out of training); default: the validation rows"""
+    metric_questions: int = 100
+    """at most this many questions for the metric"""
+    role_rows: int = 2000
+    """rows read for the user:assistant token ratio"""
+
+    def _problems(self):
+        bad = [a for a in self.arms.split(",") if a not in ARMS]
+        return [f"--arms: unknown arm(s) {', '.join(bad)}; known: {', '.join(ARMS)}"] if bad else []
+
+
 def _docs(cls) -> dict[str, str]:
     """The docstring under each field of a dataclass (read from its source)."""
     out = {}
