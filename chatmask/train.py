@@ -10,13 +10,14 @@ weights, optimizer, scheduler and RNG states; the data order is a pure function 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -121,6 +122,13 @@ def evaluate(model, val, pad_id: int, batch_size: int, acc=None, sparse=True) ->
     """Mean cross-entropy over the assistant tokens of `val` (labels as prepared: assistant only)."""
     was = model.training
     model.eval()
+    try:
+        return _evaluate_loss(model, val, pad_id, batch_size, acc, sparse)
+    finally:
+        model.train(was)
+
+
+def _evaluate_loss(model, val, pad_id: int, batch_size: int, acc, sparse) -> float:
     order = sorted(range(len(val)), key=lambda i: len(val[i]["input_ids"]))
     rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
     total = torch.zeros(2, dtype=torch.float64)
@@ -139,7 +147,6 @@ def evaluate(model, val, pad_id: int, batch_size: int, acc=None, sparse=True) ->
             total += torch.tensor([float(s), n], dtype=torch.float64)
     if acc and world > 1:
         total = acc.reduce(total.to(device), "sum").cpu()
-    model.train(was)
     return float(total[0] / total[1])
 
 
@@ -162,6 +169,29 @@ def _prepared(data, data_cfg: DataConfig, tok, log):
     return prepare_cached(str(data), config.replace(data_cfg, train_on="assistant"), tok, log=log).dataset()
 
 
+@dataclass
+class _Run:
+    """What one training run holds while it runs: built by `_setup`, advanced by `_step`."""
+
+    acc: object
+    cfg: TrainConfig
+    data_cfg: DataConfig
+    out: Path
+    say: object
+    tok: object
+    pad_id: int
+    split: Split
+    model: object
+    opt: object
+    sched: object
+    attention: str
+    sparse: bool
+    mask_dtype: object
+    state: dict = field(default_factory=lambda: {"step": 0, "history": [], "evals": [], "trained_tokens": 0,
+                                                 "input_tokens": 0, "seconds": 0.0})
+    lengths: list[int] | None = None
+
+
 def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, model=None, log=print,
           progress: bool = True, stop_after: int | None = None, on_end=None) -> dict:
     """Fine-tune `cfg.model` on `data` with `data_cfg.train_on` labels; evaluate on assistant tokens.
@@ -171,6 +201,47 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     `on_end(model, split) -> dict`: run on the main process after training (a task metric); stored as
     result["metric"].
     """
+    run = _setup(data, data_cfg, cfg, Path(out), tokenizer, model, log)
+    _resume(run)
+    acc, state = run.acc, run.state
+    writer = _tensorboard(run.out, cfg, acc)
+    bar = None
+    try:
+        if progress and acc.is_main_process:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train ({data_cfg.train_on})", unit="step",
+                       disable=None)
+        if state["step"] == 0 and not state["evals"]:  # the curve starts where every arm starts: the same model
+            _evaluate(run)
+        run.model.train()
+        done_here = 0
+        while state["step"] < cfg.steps:
+            rec = _step(run)
+            if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
+                rec["val_loss"] = _evaluate(run)
+            if acc.is_main_process:
+                _log_step(run.out, rec, writer)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['train_loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                                    tok_s=f"{rec['tokens_per_s']:.0f}",
+                                    **({"val": f"{rec['val_loss']:.4f}"} if "val_loss" in rec else {}))
+            if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
+                _save(run)
+            done_here += 1
+            if stop_after is not None and done_here >= stop_after and state["step"] < cfg.steps:
+                return {"stopped_at": state["step"]}
+    finally:  # on every exit: finished, stopped, or an error
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    return _finish(run, on_end)
+
+
+def _setup(data, data_cfg: DataConfig, cfg: TrainConfig, out: Path, tokenizer, model, log) -> _Run:
+    """The accelerator, the prepared rows and their split, the model (with LoRA), optimizer and schedule."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
@@ -181,9 +252,8 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     no_device = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()) \
         and not torch.backends.mps.is_available()
     acc = Accelerator(cpu=no_device)
-    out = Path(out)
     say = (log or (lambda *a: None)) if acc.is_main_process else (lambda *a: None)
-    world, rank = acc.num_processes, acc.process_index
+    world = acc.num_processes
     if is_sharded(acc) and cfg.finetune == "lora" and cfg.merge_lora:
         raise ConfigError("--merge-lora cannot merge adapters into sharded (FSDP / DeepSpeed) weights; train "
                           "without it and merge the saved adapters on one device")
@@ -225,116 +295,101 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     model, opt = acc.prepare(model, opt)
     if is_sharded(acc):
         acc.register_for_checkpointing(sched)
-
-    state = {"step": 0, "history": [], "evals": [], "trained_tokens": 0, "input_tokens": 0, "seconds": 0.0}
-    ck = latest_checkpoint(out) if cfg.resume else None
-    if ck is not None:
-        if is_sharded(acc):
-            acc.load_state(str(ck / "accelerate"))  # sharded weights and optimizer: accelerate's own format
-            state = json.loads((ck / "state.json").read_text())
-            state.pop("python_random", None)
-        else:
-            state = load_checkpoint(ck, acc.unwrap_model(model), opt, sched)
-        say(f"resumed from {ck} (step {state['step']})")
-
-    writer = _tensorboard(out, cfg, acc)
-    bar = None
-    if progress and acc.is_main_process:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train ({data_cfg.train_on})", unit="step", disable=None)
-    mask_dtype = dtype
     lengths = [len(x) for x in split.train["input_ids"]] if cfg.group_by_length else None
-    if state["step"] == 0 and not state["evals"]:  # the curve starts where every arm starts: the same model
-        t1 = time.perf_counter()
-        v = evaluate(model, split.val, pad_id, cfg.eval_batch_size, acc, sparse)
-        state["evals"].append({"step": 0, "val_loss": v, "seconds": time.perf_counter() - t1})
-    model.train()
-    done_here = 0
-    while state["step"] < cfg.steps:
-        step = state["step"]
-        t0 = time.perf_counter()
-        rows = batches.global_batch(len(split.train), cfg, step, world, lengths)
-        mbs, n_total = batches.micro_batches(split.train, rows, cfg, rank, world, pad_id, data_cfg.train_on,
-                                             mask_dtype, attention)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        tokens = 0
-        for k, (mb, n_tok) in enumerate(mbs):
-            mb = batches.to_device(mb, acc.device)
-            tokens += n_tok
-            sync = acc.no_sync(model) if k < len(mbs) - 1 else _nullcontext()
-            with sync:
-                s, _ = token_loss_sum(model, mb, sparse)
-                # every process divides by the step's global count; DDP averages gradients over processes
-                acc.backward(s * world / max(n_total, 1))
-            loss_sum += s.detach().double().cpu()
-        if cfg.max_grad_norm:
-            # the prepared model's parameters: FSDP2 replaced the ones the optimizer was built from
-            acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if world > 1:
-            loss_sum = acc.reduce(loss_sum.to(acc.device), "sum").cpu()
-            tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum"))
-        train_loss = float(loss_sum / max(n_total, 1))
-        dt = time.perf_counter() - t0
-        state["step"] = step + 1
-        state["trained_tokens"] += n_total
-        state["input_tokens"] += tokens
-        state["seconds"] += dt
-        rec = {"step": step + 1, "train_loss": train_loss, "lr": sched.get_last_lr()[0], "trained_tokens": n_total,
-               "tokens_per_s": tokens / dt if dt else 0.0}
-        state["history"].append(rec)
-        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
-            t1 = time.perf_counter()
-            v = evaluate(model, split.val, pad_id, cfg.eval_batch_size, acc, sparse)
-            state["evals"].append({"step": state["step"], "val_loss": v, "seconds": time.perf_counter() - t1})
-            rec["val_loss"] = v
-        if acc.is_main_process:
-            _log_step(out, rec, writer)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                **({"val": f"{rec['val_loss']:.4f}"} if "val_loss" in rec else {}))
-        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
-            acc.wait_for_everyone()
-            if is_sharded(acc):
-                save_sharded(acc, out, state, cfg.keep_checkpoints)
-            elif acc.is_main_process:
-                save_checkpoint(out, state["step"], acc.unwrap_model(model), opt, sched, state, cfg.keep_checkpoints)
-            acc.wait_for_everyone()
-        done_here += 1
-        if stop_after is not None and done_here >= stop_after and state["step"] < cfg.steps:
-            if bar is not None:
-                bar.close()
-            return {"stopped_at": state["step"]}
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
-    result = _result(state, split, data_cfg)
+    return _Run(acc, cfg, data_cfg, out, say, tok, pad_id, split, model, opt, sched, attention, sparse, dtype,
+                lengths=lengths)
+
+
+def _resume(run: _Run) -> None:
+    """With --resume: weights, optimizer, schedule, RNG and the loop state from the last checkpoint."""
+    ck = latest_checkpoint(run.out) if run.cfg.resume else None
+    if ck is None:
+        return
+    acc = run.acc
+    if is_sharded(acc):
+        acc.load_state(str(ck / "accelerate"))  # sharded weights and optimizer: accelerate's own format
+        state = json.loads((ck / "state.json").read_text())
+        state.pop("python_random", None)
+    else:
+        state = load_checkpoint(ck, acc.unwrap_model(run.model), run.opt, run.sched)
+    run.state = state
+    run.say(f"resumed from {ck} (step {state['step']})")
+
+
+def _step(run: _Run) -> dict:
+    """One optimizer step over the step's global batch (every process, every micro-batch); its log record."""
+    acc, cfg, state, model = run.acc, run.cfg, run.state, run.model
+    world, rank = acc.num_processes, acc.process_index
+    step = state["step"]
+    t0 = time.perf_counter()
+    rows = batches.global_batch(len(run.split.train), cfg, step, world, run.lengths)
+    mbs, n_total = batches.micro_batches(run.split.train, rows, cfg, rank, world, run.pad_id,
+                                         run.data_cfg.train_on, run.mask_dtype, run.attention)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    for k, (mb, n_tok) in enumerate(mbs):
+        mb = batches.to_device(mb, acc.device)
+        tokens += n_tok
+        with acc.no_sync(model) if k < len(mbs) - 1 else contextlib.nullcontext():
+            s, _ = token_loss_sum(model, mb, run.sparse)
+            # every process divides by the step's global count; DDP averages gradients over processes
+            acc.backward(s * world / max(n_total, 1))
+        loss_sum += s.detach().double().cpu()
+    if cfg.max_grad_norm:
+        # the prepared model's parameters: FSDP2 replaced the ones the optimizer was built from
+        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    if world > 1:
+        loss_sum = acc.reduce(loss_sum.to(acc.device), "sum").cpu()
+        tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum"))
+    dt = time.perf_counter() - t0
+    state["step"] = step + 1
+    state["trained_tokens"] += n_total
+    state["input_tokens"] += tokens
+    state["seconds"] += dt
+    rec = {"step": step + 1, "train_loss": float(loss_sum / max(n_total, 1)), "lr": run.sched.get_last_lr()[0],
+           "trained_tokens": n_total, "tokens_per_s": tokens / dt if dt else 0.0}
+    state["history"].append(rec)
+    return rec
+
+
+def _evaluate(run: _Run) -> float:
+    t1 = time.perf_counter()
+    v = evaluate(run.model, run.split.val, run.pad_id, run.cfg.eval_batch_size, run.acc, run.sparse)
+    run.state["evals"].append({"step": run.state["step"], "val_loss": v, "seconds": time.perf_counter() - t1})
+    return v
+
+
+def _save(run: _Run) -> None:
+    acc = run.acc
+    acc.wait_for_everyone()
+    if is_sharded(acc):
+        save_sharded(acc, run.out, run.state, run.cfg.keep_checkpoints)
+    elif acc.is_main_process:
+        save_checkpoint(run.out, run.state["step"], acc.unwrap_model(run.model), run.opt, run.sched, run.state,
+                        run.cfg.keep_checkpoints)
+    acc.wait_for_everyone()
+
+
+def _finish(run: _Run, on_end) -> dict:
+    """The result, the task metric (`on_end`), OUT/model and OUT/result.json."""
+    acc = run.acc
+    result = _result(run.state, run.split, run.data_cfg)
     acc.wait_for_everyone()
     # FSDP / DeepSpeed hold shards: every process takes part in gathering the full weights
-    full = acc.get_state_dict(model) if is_sharded(acc) else None
-    if acc.is_main_process and on_end is not None and full is not None and world > 1:
+    full = acc.get_state_dict(run.model) if is_sharded(acc) else None
+    if acc.is_main_process and on_end is not None and full is not None and acc.num_processes > 1:
         # generating on one process would wait forever for the other shards
         result["metric"] = {"error": "not computed in a sharded multi-process run; score OUT/model on one device"}
-        say(f"note: {result['metric']['error']}")
+        run.say(f"note: {result['metric']['error']}")
     elif acc.is_main_process and on_end is not None:
-        result["metric"] = on_end(acc.unwrap_model(model), split)
+        result["metric"] = on_end(acc.unwrap_model(run.model), run.split)
     if acc.is_main_process:
-        _save_final(out, acc.unwrap_model(model), tok, cfg, full)
-        (out / "result.json").write_text(json.dumps(result, indent=2))
+        _save_final(run.out, acc.unwrap_model(run.model), run.tok, run.cfg, full)
+        (run.out / "result.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _tensorboard(out: Path, cfg: TrainConfig, acc):

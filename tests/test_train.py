@@ -352,3 +352,39 @@ def test_checkpoint_restores_every_rng_a_step_draws_from(monkeypatch, tmp_path):
     checkpoints.load_checkpoint(path, model, opt, sched)
     assert (torch.rand(3).tolist(), random.random()) == want
     assert gpu["state"][0].tolist() == [1, 2, 3]
+
+
+def test_tensorboard_writer_and_eval_mode_survive_every_exit(data, bpe_tok, tmp_path, monkeypatch):
+    """The TensorBoard writer is closed when a run finishes, stops early, or fails in a step; evaluation
+    gives the model back in the mode it found it, even when it raises."""
+    from chatmask import train as train_mod
+
+    closed = []
+
+    class Writer:
+        def add_scalar(self, *a):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(train_mod, "_tensorboard", lambda *a: Writer())
+    cfg = TrainConfig(steps=2, eval_every=2, val_split=0.1, batch_size=4, lora_r=4)
+    assert train(data, DataConfig(), cfg, tmp_path / "a", tokenizer=bpe_tok, model=tiny(bpe_tok), progress=False,
+                 log=None, stop_after=1) == {"stopped_at": 1}
+    assert closed == [True]
+
+    def boom(run):
+        raise RuntimeError("a failing step")
+
+    monkeypatch.setattr(train_mod, "_step", boom)
+    with pytest.raises(RuntimeError, match="failing step"):
+        train(data, DataConfig(), cfg, tmp_path / "b", tokenizer=bpe_tok, model=tiny(bpe_tok), progress=False, log=None)
+    assert closed == [True, True]
+
+    model = tiny(bpe_tok)
+    model.train()
+    monkeypatch.setattr(train_mod, "_evaluate_loss", lambda *a: (_ for _ in ()).throw(RuntimeError("eval failed")))
+    with pytest.raises(RuntimeError, match="eval failed"):
+        train_mod.evaluate(model, [], 0, 8)
+    assert model.training
