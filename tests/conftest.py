@@ -101,3 +101,15 @@ def make_base_bpe_tokenizer():
 @pytest.fixture(scope="session")
 def base_tok():
     return make_base_bpe_tokenizer()
+
+
+def tiny_llama(tok, seed: int = 0, layers: int = 2, hidden: int = 32, **config):
+    """The one tiny model of the tests: a random 2-layer Llama (hidden 32) sized to `tok`'s vocabulary;
+    `config` overrides LlamaConfig fields (e.g. initializer_range, pad_token_id)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+               num_attention_heads=2, num_key_value_heads=2, attn_implementation="sdpa")
+    return LlamaForCausalLM(LlamaConfig(**{**cfg, **config}))

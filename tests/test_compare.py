@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-import torch
+from conftest import tiny_llama
 
 from chatmask.compare import CompareConfig, compare
 from chatmask.config import DataConfig
@@ -26,12 +26,8 @@ NER = [{"conversations": [
 
 
 def tiny_factory(tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     def make():
-        torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=2, num_key_value_heads=2))
+        return tiny_llama(tok)
     return make
 
 

@@ -302,11 +302,11 @@ def test_truncation_policies(bpe_tok):
 
 def test_add_template_tokens():
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import tiny_llama
 
     tok = make_bpe_tokenizer_without_chatml()
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                          num_attention_heads=2, num_key_value_heads=2))
+    model = tiny_llama(tok, layers=1, hidden=16)
     n = chatmask.add_template_tokens(tok, "chatml", model)
     assert n == 2 and model.get_input_embeddings().weight.shape[0] == len(tok)
     ex = chatmask.encode(SHAPES["single"], tok)

@@ -5,8 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import UNINER, make_bpe_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import UNINER, make_bpe_tokenizer, tiny_llama
 
 from chatmask import conversations, metrics
 from chatmask.errors import ChatmaskError
@@ -126,11 +125,8 @@ def test_ner_questions_on_crossner_rows():
 
 
 def _tiny_llama():
-    torch.manual_seed(0)
     # initializer_range 0.2 (not 0.02): at the default a random model gives every prompt the same answer
-    cfg = LlamaConfig(vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, initializer_range=0.2)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(TOK, initializer_range=0.2)
 
 
 TOK = make_bpe_tokenizer()

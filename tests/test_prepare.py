@@ -125,11 +125,9 @@ def test_num_proc_output_identical(tmp_path, bpe_tok, monkeypatch):
 
 
 def _tiny_model(tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_llama
 
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(tok, pad_token_id=tok.pad_token_id)
 
 
 def test_folder_trains_under_transformers_trainer(tmp_path, bpe_tok):

@@ -8,6 +8,7 @@ import torch
 
 import chatmask
 from chatmask import IGNORE, batches
+from conftest import tiny_llama
 from chatmask.labels import select
 from chatmask.batches import global_batch
 from chatmask.config import DataConfig
@@ -20,11 +21,7 @@ ROWS = [{"messages": [{"role": "user", "content": f"What is {k} plus {k}? Tell m
 
 
 def tiny(tok, seed=0, layers=2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                        num_attention_heads=2, num_key_value_heads=2, attn_implementation="sdpa"))
+    return tiny_llama(tok, seed=seed, layers=layers)
 
 
 @pytest.fixture()
@@ -262,7 +259,7 @@ def test_sparse_head_is_checked_on_a_probe_and_training_falls_back_to_full_logit
 
 def test_training_lowers_loss_and_saves(data, bpe_tok, tmp_path):
     r = _run(data, bpe_tok, tmp_path / "o", steps=12, eval_every=6)
-    assert r["evals"][-1]["val_loss"] < r["evals"][0]["val_loss"] or r["train_losses"][-1] < r["train_losses"][0]
+    assert r["evals"][-1]["val_loss"] < r["evals"][0]["val_loss"] and r["train_losses"][-1] < r["train_losses"][0]
     assert (tmp_path / "o" / "model" / "config.json").exists()
     lines = (tmp_path / "o" / "log.jsonl").read_text().splitlines()
     assert len(lines) == 12 and "val_loss" in json.loads(lines[5])
