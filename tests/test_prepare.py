@@ -231,3 +231,21 @@ def test_html_view_in_a_real_browser(tmp_path, bpe_tok):
     colours = img.getcolors(maxcolors=1 << 20)
     green = sum(n for n, (r, g, b) in colours if (r, g, b) == (0xB9, 0xF6, 0xB9))  # trained tokens' background
     assert green > 500, "trained tokens are not highlighted in the rendered page"
+
+
+def test_every_option_that_changes_rows_is_in_the_cache_key(tmp_path, bpe_tok):
+    """The prepared folder is a cache: an option the key ignored would hand back rows made another way."""
+    import dataclasses
+
+    from chatmask.prepare import cache_key
+
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    other = {"template": "llama3", "train_on": "all", "max_length": 77, "truncation": "right", "end_of_turn": "</s>",
+             "stream": "segments", "format": "openai", "split": "test", "skip_invalid": True, "salvage": True,
+             "limit": 3}
+    base = cache_key(data, DataConfig(), bpe_tok)
+    fields = {f.name for f in dataclasses.fields(DataConfig)} - {"tokenizer", "num_proc"}  # num_proc: same rows
+    assert fields == set(other), "a new DataConfig field: say here how it changes the rows"
+    for name, value in other.items():
+        assert cache_key(data, DataConfig(**{name: value}), bpe_tok) != base, name
+    assert cache_key(data, DataConfig(num_proc=2), bpe_tok) == base

@@ -385,3 +385,33 @@ def test_tensorboard_writer_and_eval_mode_survive_every_exit(data, bpe_tok, tmp_
     with pytest.raises(RuntimeError, match="eval failed"):
         train_mod.evaluate(model, [], 0, 8)
     assert model.training
+
+
+def test_a_step_descends_the_mean_loss_over_the_steps_trained_tokens(data, bpe_tok, tmp_path, monkeypatch):
+    """The gradient of one optimizer step is that of (sum of token losses) / (trained tokens of the whole
+    step), over every micro-batch of the accumulation window: with plain SGD at lr 1 the update is exactly
+    minus that gradient (AdamW would hide a wrong scale)."""
+    import datasets
+
+    from chatmask import train as train_mod
+
+    monkeypatch.setattr(train_mod, "adamw", lambda params, **kw: torch.optim.SGD(params, lr=1.0))
+    cfg = TrainConfig(steps=1, batch_size=2, grad_accum=2, finetune="full", max_grad_norm=0.0, val_split=0.1,
+                      eval_every=1, save_every=1, tensorboard=False, warmup=0.0, schedule="constant")
+    model = tiny(bpe_tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(data, DataConfig(), cfg, tmp_path / "o", tokenizer=bpe_tok, model=model, progress=False, log=None)
+    after = dict(model.named_parameters())
+
+    # the same step by hand: the rows of step 0, every micro-batch's token losses summed, divided once
+    ref = tiny(bpe_tok)
+    ds = datasets.load_from_disk(str(next((tmp_path / "cache").glob("prepared/*"))))
+    split = train_mod.split_rows(ds, cfg)
+    rows = batches.global_batch(len(split.train), cfg, 0, 1)
+    mbs, n_total = batches.micro_batches(split.train, rows, cfg, 0, 1, bpe_tok.pad_token_id, "assistant",
+                                         torch.float32, "mask")
+    assert len(mbs) == 2  # two micro-batches: the division must span both
+    total = sum(token_loss_sum(ref, mb)[0] for mb, _ in mbs)
+    (total / n_total).backward()
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(before[n] - after[n].detach(), p.grad, rtol=1e-4, atol=1e-6, msg=n)
