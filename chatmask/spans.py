@@ -1,4 +1,5 @@
-"""Render a conversation with its chat template and find each assistant answer's span in the text.
+"""Render a conversation with its chat template and find each assistant answer's span in the text
+(what ends each turn is `markers.py`'s).
 
 The spans come from the template itself: a conversation *shape* (its roles) is rendered once with
 sentinel contents and the skeleton cached (`Renderer.skeleton`); a row whose rendering is exactly its
@@ -16,12 +17,11 @@ from dataclasses import dataclass, field
 
 from . import templates
 from .errors import ChatmaskWarning, TemplateError, short
+from .markers import S0, S1, analyse, common_suffix
 from .messages import normalize_messages
 
-# Private-use characters: a sentinel never meets real text and is never tokenized.
-_S0, _S1 = "\ue000", "\ue001"
 _PAD = " \n "  # around a sentinel, tells whether the template strips a message's content
-_SENTINEL_RE = re.compile(_S0 + r"(\d+)" + _S1)
+_SENTINEL_RE = re.compile(S0 + r"(\d+)" + S1)
 
 
 # ---------------------------------------------------------------- rendering
@@ -61,8 +61,7 @@ class Renderer:
         self._skeletons: dict[tuple, _Skeleton | None] = {}
         self._srenders: dict[tuple, str | None] = {}
         self.end_of_turn = end_of_turn
-        self.gen_always = False
-        self.markers, self.gen_prompt_empty, self.notes = self._analyse()
+        self.markers, self.gen_prompt_empty, self.gen_always, self.notes = analyse(self)
         # the marker after an answer followed by a user message (else the last one): what `check` shows
         self.marker = self.markers.get("user", self.markers.get("last", ""))
         self.warned = False
@@ -104,145 +103,6 @@ class Renderer:
                 f"{where}the chat template raised {type(e).__name__}: {e}",
                 reason="template error",
             ) from None
-
-    # -- template-level analysis, done once
-    def _probe(self, roles):
-        msgs = [{"role": r, "content": f"{_S0}{j}{_S1}"} for j, r in enumerate(roles)]
-        return msgs, self.render(msgs)
-
-    def _first_special(self, text: str, start: int = 0) -> tuple[int, int] | None:
-        """(start, end) of the earliest added/special token in text[start:], longest at a tie."""
-        best = None
-        for s in self.specials:  # longest first
-            k = text.find(s, start)
-            if k >= 0 and (best is None or k < best[0]):
-                best = (k, k + len(s))
-        return best
-
-    def _analyse(self):
-        """The end-of-turn marker after an answer in each context (followed by a user, tool, system or
-        assistant message, or last): the text the template writes after the answer up to the next
-        message's header. Where that is a special token, through the first one that does not open the next
-        header; else up to the assistant header (the generation prompt, known exactly) or, where the
-        template allows no answer after an answer, the header found in front of the first message and
-        checked against the last turn's ending. A marker no rule settles is a TemplateError."""
-        notes, gen_empty, base = [], False, None
-        for roles in (("user", "assistant"), ("system", "user", "assistant")):
-            try:
-                self._probe(roles)
-                base = roles
-                break
-            except TemplateError as e:
-                notes.append(f"probe {'/'.join(roles)}: {e}")
-        if base is None:
-            notes.append("no end-of-turn marker could be found: the template fails on a plain user/assistant conversation")
-            return {}, gen_empty, notes
-        a = len(base) - 1
-        tag = f"{_S0}{a}{_S1}"
-        sent = lambda roles: [{"role": r, "content": f"{_S0}{j}{_S1}"} for j, r in enumerate(roles)]  # noqa: E731
-        try:
-            gen_empty = self.render(sent(base[:a]), True) == self.render(sent(base[:a]), False)
-            # a template that ignores add_generation_prompt and always ends with the assistant header (it
-            # ends a conversation that ends with an answer the same way): the header is there, the text
-            # between it and the content (Command-R's <|START_RESPONSE|>) is the model's to write
-            if gen_empty:
-                T = _common_suffix(self.render(sent(base[:a])), self.render(sent(base)))
-                pre = self.render(sent(base)).split(tag, 1)[0]
-                k = pre.rfind(T) if T.strip() else -1
-                if k >= 0:  # T also opens the answer, with at most special tokens between: a header
-                    between = pre[k + len(T):]
-                    for s in self.specials:
-                        between = between.replace(s, "")
-                    self.gen_always = not any(c.isalnum() for c in between)
-        except TemplateError:
-            pass
-        g = ""  # the assistant header after an answer: the generation prompt of a conversation ending with one
-        try:
-            Rb, Gb = self.render(sent(base)), self.render(sent(base), True)
-            g = Gb[len(Rb):] if Gb.startswith(Rb) else ""
-        except TemplateError:
-            Rb = ""
-        x0 = Rb.split(f"{_S0}0{_S1}", 1)[0]  # what precedes the first message's content
-        after = {}
-        for ctx in ("user", "tool", "system", "assistant", "last"):
-            for roles in ((base + (ctx, "assistant"), base + (ctx,)) if ctx != "last" else (base,)):
-                try:
-                    R = self.render(sent(roles))
-                except TemplateError:
-                    continue
-                if R.count(tag) == 1:
-                    after[ctx] = R.split(tag, 1)[1].split(_S0, 1)[0]
-                    break
-        if self.end_of_turn is not None:  # named by the user: it ends every answer it follows
-            m = self.end_of_turn
-            bad = [c for c, A in after.items() if c != "last" and not A.startswith(m)]
-            if bad or not after:
-                raise TemplateError(
-                    f"end_of_turn {m!r} does not follow the answers this template renders "
-                    f"(followed by: {', '.join(repr(after[c][:30]) for c in bad)})", reason="template error")
-            out = {c: m for c in after if c != "last"}
-            if "last" in after:
-                A = after["last"]
-                f = self._first_special(A)
-                out["last"] = m if A.startswith(m) else A[: f[1]] if f else A.rstrip()
-            return out, gen_empty, notes
-
-        def first(text):
-            f = self._first_special(text)
-            return text[f[0]:f[1]] if f else None
-
-        header_tokens = {first(g), (lambda f: x0[f[0]:f[1]] if f else None)(self._last_special(x0))} - {None}
-        inner = {c: first(A) for c, A in after.items() if c != "last"}
-        markers, guessed = {}, []
-        for ctx, A in after.items():
-            if ctx == "last":
-                continue
-            f = self._first_special(A)
-            if f is not None and all(v == A[f[0]:f[1]] for v in inner.values()) and A[f[0]:f[1]] not in header_tokens:
-                markers[ctx] = self._with_eos(A, f[1])
-            elif ctx == "assistant" and g.strip() and g in A:
-                markers[ctx] = A[: A.index(g)].rstrip()
-        plain = markers.get("assistant")
-        for ctx in sorted(after, key=lambda c: c != "user"):  # the user context first: the others follow it
-            A = after[ctx]
-            if ctx == "last" or ctx in markers:
-                continue
-            ref = plain if plain is not None else markers.get("user")
-            if ref is not None and A.startswith(ref):
-                markers[ctx] = ref
-            else:  # the next header taken as what precedes the first message too: checked below
-                markers[ctx] = A[: len(A) - len(_common_suffix(A, x0))].rstrip()
-                guessed.append(ctx)
-        if "last" in after:
-            A = after["last"]
-            ref = markers.get("user") or markers.get("assistant") or next((m for m in markers.values() if m), "")
-            f = self._first_special(A)
-            markers["last"] = ref if ref and A.startswith(ref) else self._with_eos(A, f[1]) if f else A.rstrip()
-            for ctx in guessed:  # a guess is not a marker: it must end the last answer as well
-                m = markers[ctx]
-                if (m and not A.startswith(m)) or (not m and A.strip()):
-                    raise TemplateError(
-                        f"the end-of-turn marker is ambiguous: after an answer followed by a {ctx} message the "
-                        f"template writes {after[ctx]!r}, after the last answer {A!r}, and no special token marks "
-                        "where the turn ends; add the template's tokens to the tokenizer "
-                        "(chatmask.add_template_tokens) or name the marker (end_of_turn=..., --end-of-turn)",
-                        reason="ambiguous end of turn")
-        return markers, gen_empty, notes
-
-    def _with_eos(self, A: str, k: int) -> str:
-        """A[:k], and the eos token if the template writes it right after (Command-R: <|END_RESPONSE|> then
-        <|END_OF_TURN_TOKEN|>): the model must write it too, or it never learns to stop."""
-        eos = self.kwargs.get("eos_token")
-        eos = getattr(eos, "content", eos)
-        if isinstance(eos, str) and eos and A.startswith(eos, k) and not A[:k].endswith(eos):
-            k += len(eos)
-        return A[:k]
-
-    def _last_special(self, text: str) -> tuple[int, int] | None:
-        best, k = None, 0
-        while (f := self._first_special(text, k)) is not None:
-            best, k = f, f[1]
-        return best
 
     # -- per shape
     def skeleton(self, roles: tuple) -> _Skeleton | None:
@@ -301,7 +161,7 @@ class Renderer:
         share prefixes, so each prefix is rendered once). None where the template raises."""
         key = (roles, gen)
         if key not in self._srenders:
-            msgs = [{"role": r, "content": f"{_PAD}{_S0}{j}{_S1}{_PAD}"} for j, r in enumerate(roles)]
+            msgs = [{"role": r, "content": f"{_PAD}{S0}{j}{S1}{_PAD}"} for j, r in enumerate(roles)]
             try:
                 self._srenders[key] = self.render(msgs, gen)
             except TemplateError:
@@ -336,17 +196,10 @@ class Renderer:
             gap = R[content_start - b : content_start]
             if any(c.isalnum() for c in gap) or any(s in gap for s in self.specials):
                 break
-            n = len(_common_suffix(G[-200:], R[max(0, content_start - b - 200) : content_start - b]))
+            n = len(common_suffix(G[-200:], R[max(0, content_start - b - 200) : content_start - b]))
             if n > best_n:
                 best, best_n = b, n
         return best
-
-
-def _common_suffix(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return a[len(a) - n:]
 
 
 _renderers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -442,7 +295,7 @@ def _match_skeleton(r: Renderer, msgs, R):
 def _diff_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
     """Where message i's content (and whatever the template renders from the rest of that message) lies in
     R: render with the message replaced by a plain sentinel message and take what differs."""
-    tag = f"{_S0}{i}{_S1}"
+    tag = f"{S0}{i}{S1}"
     alt = list(msgs)
     alt[i] = {"role": msgs[i]["role"], "content": tag}
     A = r.render(alt, source=source)
