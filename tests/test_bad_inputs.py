@@ -144,6 +144,7 @@ def _hash(folder):
     return hashlib.sha256(json.dumps([list(ds["input_ids"]), list(ds["labels"]), list(ds["source"])]).encode()).hexdigest()
 
 
+@pytest.mark.slow  # a subprocess killed mid-run: seconds, not milliseconds
 def test_kill_9_during_prepare_never_leaves_a_usable_partial_cache(tmp_path, tok_dir):
     rows = [{"messages": [{"role": "user", "content": f"question {k} " * 30}, {"role": "assistant", "content": f"answer {k} " * 20}]}
             for k in range(3000)]

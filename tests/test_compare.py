@@ -94,6 +94,7 @@ def test_cli_compare_with_run_file(ner_file, model_dir, tmp_path):
     assert r.returncode == 2 and "unknown key(s) nope" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # a subprocess killed mid-run: seconds, not milliseconds
 def test_kill_9_then_resume_matches_uninterrupted(ner_file, model_dir, tmp_path):
     env = {"CHATMASK_CACHE": str(tmp_path / "cache")}
     common = ["--model", model_dir, "--finetune", "full", "--lr", "0.005", "--steps", "40", "--eval-every", "40",
