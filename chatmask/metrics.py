@@ -158,8 +158,9 @@ def ner_f1(model, tokenizer, conversations, *, template=None, max_questions=None
     """Entity F1 of `model` on the NER questions of `conversations` (see `score` for the keys, with
     `per_type`), plus `examples`: the first 5 questions as {type, gold, predicted, raw}.
 
-    >>> res = ner_f1(model, tok, conversations.load("CrossNER_AI.json"), max_questions=200)
-    >>> print(f"{res['f1']:.3f} over {res['questions']} questions; {res['examples'][0]}")
+    >>> res = ner_f1(model, tok, conversations.load("CrossNER_AI.json"), max_questions=200)  # doctest: +SKIP
+    >>> print(f"{res['f1']:.3f} over {res['questions']} questions")  # doctest: +SKIP
+    0.412 over 200 questions
     """
     qs = ner_questions(conversations)[:max_questions]
     raw = generate_answers(model, tokenizer, [p for p, _, _ in qs], template=template,

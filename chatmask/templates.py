@@ -163,7 +163,8 @@ def add_template_tokens(tokenizer, template: str, model=None) -> int:
     """Add the built-in `template`'s special tokens to `tokenizer`, set it as the tokenizer's chat template
     and, if `model` is given, resize its embeddings. Returns how many tokens were new.
 
-    >>> add_template_tokens(tok, "chatml", model)   # Gemma base + ChatML, as in the post
+    >>> add_template_tokens(tok, "chatml", model)   # a base model + ChatML, as the post does for Gemma
+    2
     """
     t = get(template)
     new = [s for s in t.special_tokens if s not in tokenizer.get_vocab()]
