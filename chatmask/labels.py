@@ -6,7 +6,8 @@ after its generation prompt through that turn's end-of-turn marker) is found fro
 rendering (what `apply_chat_template(tokenize=True)` feeds the model), cut at the answer boundaries by
 the tokens' character spans; a token that would straddle a boundary is re-spelt as two (counted in
 `Example.split`). `input_ids` and `labels` are built in the same loop; the piecewise encoding is checked
-against the whole-text one by ids (`tokens.py`).
+against the whole-text one by ids (`tokens.py`). `select` makes the `all` and `last_assistant` arms from
+assistant labels, here and in training alike.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .spans import Renderer, Turn, answer_regions, content_spans, renderer, reso
 from .tokens import TextTokens, text_tokens
 
 __all__ = ["IGNORE", "Example", "check_template", "content_spans", "encode", "encode_many", "encode_turns",
-           "normalize_messages", "renderer", "resolve_template", "truncate"]
+           "normalize_messages", "renderer", "resolve_template", "select", "truncate"]
 
 IGNORE = -100
 TRAIN_ON = ("assistant", "all", "last_assistant")
