@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from chatmask import conversations, labels
-from chatmask.models import load_tokenizer
+from chatmask.hub import load_tokenizer
 
 IGNORE = labels.IGNORE
 BATCH = 512  # conversations per tokenizer call, as in `chatmask prepare`

@@ -102,7 +102,7 @@ def model_for(name, tok, src, dtype):
 
 
 def tokenizer(src):
-    from chatmask.models import load_tokenizer
+    from chatmask.hub import load_tokenizer
 
     return load_tokenizer(str(Path(src) / "smollm2") if src else "smollm2")
 

@@ -1,6 +1,7 @@
 """chatmask: fine-tune chat LLMs with the loss on the assistant's tokens only."""
 
 from .errors import ChatmaskError, ChatmaskWarning, ConfigError, ConversationError, TemplateError
+from .hub import load_tokenizer
 from .labels import IGNORE, Example, check_template, encode, encode_turns
 from .templates import add_template_tokens
 
@@ -16,5 +17,6 @@ __all__ = [
     "check_template",
     "encode",
     "encode_turns",
+    "load_tokenizer",
 ]
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ POST_EXAMPLE = [
 
 
 def _tokenizer(args):
-    from .models import DEFAULT_MODEL, load_tokenizer
+    from .hub import DEFAULT_MODEL, load_tokenizer
 
     return load_tokenizer(getattr(args, "tokenizer", None) or getattr(args, "model", None) or DEFAULT_MODEL)
 
@@ -149,7 +149,7 @@ def cmd_view(args) -> int:
     if conf is not None:
         import datasets
 
-        from .models import load_tokenizer
+        from .hub import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer or args.model or conf.get("tokenizer") or "smollm2")
         ds = datasets.load_from_disk(args.data)

@@ -45,7 +45,7 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
             model_factory=None, log=print, command: str | None = None) -> dict:
     """Run every arm x seed (skipping runs already finished), then write the report. `model_factory`:
     a callable returning a fresh model (tests); default: load `train_cfg.model` for each run."""
-    from .models import load_tokenizer
+    from .hub import load_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -305,7 +305,7 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
             log=print) -> Prepared:
     """Label every conversation of `data` and write a `datasets` folder at `out` (a cache: the same
     inputs return at once). Bad rows raise ConversationError unless `cfg.skip_invalid`."""
-    from .models import DEFAULT_MODEL, load_tokenizer
+    from .hub import DEFAULT_MODEL, load_tokenizer, temp_dir
 
     tok = tokenizer or load_tokenizer(cfg.tokenizer or DEFAULT_MODEL)
     tokens.text_tokens(tok)  # an unusable tokenizer, a missing or broken template fail here, before any work
@@ -318,7 +318,7 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(out)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
+        tmp = temp_dir(out.parent, f".{out.name}.tmp-{os.getpid()}-")
     except OSError as e:
         raise ConfigError(f"cannot write the output folder {out}: {e.strerror}") from None
     try:
@@ -390,7 +390,7 @@ def prepared_config(folder) -> dict | None:
 
 def prepare_cached(data: str, cfg: DataConfig, tok, **kw) -> Prepared:
     """`prepare` into chatmask's cache folder, named by the cache key (what train and stats use)."""
-    from .models import cache_dir
+    from .hub import cache_dir
 
     return prepare(data, cfg, cache_dir() / "prepared" / cache_key(data, cfg, tok)[:24], tokenizer=tok, **kw)
 

@@ -127,7 +127,7 @@ class TextTokens:
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         if isinstance(tokenizer, str):
             raise TemplateError(f"a tokenizer object is needed, not the name {tokenizer!r}: load it with "
-                                f"chatmask.models.load_tokenizer({tokenizer!r})", reason="unsupported tokenizer")
+                                f"chatmask.load_tokenizer({tokenizer!r})", reason="unsupported tokenizer")
         if self.backend is None:
             name = type(tokenizer).__name__
             why = ("it encodes conversations with mistral-common, not with a chat template the rendering can be "

@@ -246,7 +246,8 @@ def _setup(data, data_cfg: DataConfig, cfg: TrainConfig, out: Path, tokenizer, m
     from transformers import get_scheduler
 
     from .attention import packed_attention
-    from .models import add_lora, load_model, load_tokenizer
+    from .hub import load_tokenizer
+    from .models import add_lora, load_model
 
     # with no accelerator, say so: accelerate only sets up multi-process CPU (gloo) under torchrun when told
     no_device = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()) \
@@ -433,7 +434,7 @@ def _result(state: dict, split: Split, data_cfg: DataConfig) -> dict:
 def _save_final(out: Path, model, tok, cfg: TrainConfig, state_dict=None) -> None:
     """OUT/model: the model (or its adapters) as save_pretrained writes it; `state_dict`: the full weights
     gathered from a sharded run."""
-    from .models import _atomic_dir
+    from .hub import atomic_dir
 
     def write(tmp: Path):
         m = model
@@ -444,4 +445,4 @@ def _save_final(out: Path, model, tok, cfg: TrainConfig, state_dict=None) -> Non
 
     dest = out / "model"
     shutil.rmtree(dest, ignore_errors=True)
-    _atomic_dir(dest, write)
+    atomic_dir(dest, write)

