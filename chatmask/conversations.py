@@ -34,13 +34,14 @@ class Conversation:
 
 def drop_line(dropped: dict[str, int], first: dict[str, str], rows_read: int) -> str:
     """The one line that says what was dropped, by reading or by labelling:
-    'dropped 3 of 1,000 rows: 2 no assistant turn, 1 role order; first: d.jsonl:17: ...'."""
+    'dropped 3 of 1,000 rows read: 2 no assistant turn, 1 role order; e.g. d.jsonl:17: ...' (the example
+    is the first row dropped for the commonest reason)."""
     if not dropped:
         return ""
     by_count = sorted(dropped.items(), key=lambda kv: -kv[1])
     counts = ", ".join(f"{n:,} {reason}" for reason, n in by_count)
     msg = first.get(by_count[0][0], "").split("\n")[0].replace(" " + FIX_ROW, "").rstrip(".")
-    return f"dropped {sum(dropped.values()):,} of {rows_read:,} rows: {counts}; first: {msg}"
+    return f"dropped {sum(dropped.values()):,} of {rows_read:,} rows read: {counts}; e.g. {msg}"
 
 
 @dataclass
@@ -200,7 +201,7 @@ def load(path_or_name: str, *, format: str = "auto", salvage: bool = False, skip
 
     >>> report = LoadReport()
     >>> convs = list(load("data.jsonl", skip_invalid=True, report=report)); print(report.summary())
-    dropped 1 of 3 rows: 1 no assistant turn; first: data.jsonl:2: no assistant turn; there is nothing to train on
+    dropped 1 of 3 rows read: 1 no assistant turn; e.g. data.jsonl:2: no assistant turn; there is nothing to train on
     """
     if format != "auto" and format not in FORMATS:
         raise ConfigError(f"format must be one of auto, {', '.join(FORMATS)}; not {format!r}")

@@ -22,12 +22,17 @@ from .messages import normalize_messages, weights as _weights
 from .spans import Renderer, Turn, answer_regions, content_spans, renderer, resolve_template
 from .tokens import TextTokens, text_tokens
 
-__all__ = ["IGNORE", "Example", "check_template", "content_spans", "encode", "encode_many", "encode_turns",
+__all__ = ["IGNORE", "LENGTH_REASONS", "Example", "check_template", "content_spans", "encode", "encode_many", "encode_turns",
            "normalize_messages", "renderer", "resolve_template", "select", "truncate"]
 
 IGNORE = -100
 TRAIN_ON = ("assistant", "all", "last_assistant")
 TRUNCATION = ("turns", "right", "drop")
+TOO_LONG, FIRST_ANSWER, NOTHING_TRAINED = "longer than max_length", "first answer past max_length", \
+    "nothing trained within max_length"
+LENGTH_REASONS = (TOO_LONG, FIRST_ANSWER, NOTHING_TRAINED)
+"""Why truncation drops a row: the outcome of --max-length and --truncation, not a bad row, so such rows
+are always dropped and counted (never an error), by prepare, train, compare and demo alike."""
 STREAMS = ("rendering", "segments")
 """The token stream: `rendering`, the tokenizer's encoding of the whole rendered text (what
 `apply_chat_template(tokenize=True)` feeds the model), a token that straddles a prompt/answer boundary
@@ -292,15 +297,14 @@ def truncate(ex: Example, max_length: int, policy: str, turn_ends, train_on: str
     if train_on == "all":
         turn_ends = [(e, True) for e, _ in turn_ends]
     if policy == "drop":
-        raise ConversationError(f"{where}{n} tokens exceed max_length {max_length}", reason="too long")
+        raise ConversationError(f"{where}{n:,} tokens, longer than max_length {max_length:,}: raise --max-length, "
+                                "or --truncation turns keeps the leading turns that fit", reason=TOO_LONG)
     if policy == "turns":
         fits = [e for e, trained in turn_ends if e <= max_length]
         if not any(trained for e, trained in turn_ends if e <= max_length):
             raise ConversationError(
-                f"{where}the first trained answer ends at token {next((e for e, t in turn_ends if t), n)}, "
-                f"past max_length {max_length}",
-                reason="first answer too long",
-            )
+                f"{where}the first trained answer ends at token {next((e for e, t in turn_ends if t), n):,}, "
+                f"past max_length {max_length:,}: raise --max-length to keep the row", reason=FIRST_ANSWER)
         cut = max(fits)
     elif policy == "right":
         cut = max_length
@@ -308,7 +312,8 @@ def truncate(ex: Example, max_length: int, policy: str, turn_ends, train_on: str
         raise ConfigError(f"truncation must be one of {', '.join(TRUNCATION)}, not {policy!r}")
     out = Example(ex.input_ids[:cut], ex.labels[:cut], ex.source, ex.prefix_preserving, n - cut, ex.split)
     if out.num_trained == 0 and train_on != "all":
-        raise ConversationError(f"{where}no trained token left after cutting to {max_length}", reason="too long")
+        raise ConversationError(f"{where}no trained token in the first {max_length:,} tokens: raise --max-length "
+                                "to keep the row", reason=NOTHING_TRAINED)
     return out
 
 

@@ -13,8 +13,9 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 def bad(source: str, what: str, reason: str, index: int | None = None) -> ConversationError:
-    """The error for a bad row or message: where (file:line, message index), what, and the fix."""
-    where = source if index is None else f"{source}, message {index}"
+    """The error for a bad row or message: where (file:line, message number counted from 1 like lines),
+    what, and the fix. `index` is 0-based."""
+    where = source if index is None else f"{source}, message {index + 1}"
     return ConversationError(f"{where}: {what}. {FIX_ROW}", reason=reason)
 
 

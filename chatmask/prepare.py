@@ -24,9 +24,9 @@ from pathlib import Path
 from . import config as cfgmod
 from . import conversations, labels, tokens
 from .config import DataConfig
-from .errors import ChatmaskError, ConfigError, ConversationError
+from .errors import FIX_ROW, ChatmaskError, ConfigError, ConversationError
 
-FORMAT_VERSION = 2  # 2: input_ids are the whole-text encoding of the rendering
+FORMAT_VERSION = 3  # 2: input_ids are the whole-text encoding of the rendering; 3: drops by length counted
 BATCH = 512  # conversations labelled per tokenizer call
 SHARD_ROWS = 50_000  # rows per Arrow file: bounded memory whatever the input size
 _FEATURES = None
@@ -219,6 +219,10 @@ class _Stats:
             "rows_read": report.rows_read,
             "rows_kept": self.kept,
             "rows_dropped": sum(dropped.values()),
+            # by --max-length / --truncation (always dropped and counted), and as invalid (--skip-invalid)
+            "rows_dropped_for_length": sum(dropped[r] for r in labels.LENGTH_REASONS),
+            "rows_dropped_invalid": sum(n for r, n in dropped.items() if r not in labels.LENGTH_REASONS),
+            "dropped_fraction": sum(dropped.values()) / report.rows_read if report.rows_read else 0.0,
             "dropped_by_reason": dict(dropped.most_common()),
             "first_dropped": first,
             "salvaged": report.salvaged_from,
@@ -261,7 +265,7 @@ def _write_shards(tmp: Path, rows_iter, stats: _Stats, progress, skip_invalid: b
         for row in batch:
             stats.add(row)
             if isinstance(row, Dropped):
-                if not skip_invalid:
+                if not skip_invalid and row.reason not in labels.LENGTH_REASONS:
                     raise ChatmaskError(f"{row.message}\n  Fix the row, or pass --skip-invalid to drop such rows and "
                                         "count them.", reason=row.reason)
                 continue
@@ -328,9 +332,9 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
         stats = _Stats(marker_ids)
         bar = None
         if progress:
-            from tqdm import tqdm
+            from .progress import progress as progress_bar
 
-            bar = tqdm(desc="labelling", unit=" conv", disable=None, total=cfg.limit)
+            bar = progress_bar(cfg.limit, "labelling", "conversations")
         t0 = time.perf_counter()
         try:
             n_shards = _write_shards(tmp, _labelled(data, cfg, tok, report), stats, bar, cfg.skip_invalid)
@@ -340,8 +344,10 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
         s = stats.as_dict(report)
         s["seconds"] = round(time.perf_counter() - t0, 3)
         if n_shards == 0:
-            why = drop_summary(s) or "the data has no rows"
-            raise ConversationError(f"{data}: no row became an example: {why}", reason="no rows")
+            why = drop_summary(s).split("; e.g. ")[0] or "the data has no rows"
+            each = "".join(f"\n  {reason}: {msg.splitlines()[0].replace(' ' + FIX_ROW, '')}"
+                           for reason, msg in s["first_dropped"].items())
+            raise ConversationError(f"{data}: no row became an example: {why}{each}", reason="no rows")
         _finish_layout(tmp, n_shards, key, data)
         resolved = {"data": str(data), "cache_key": key, "format_version": FORMAT_VERSION,
                     "tokenizer_fingerprint": tokenizer_fingerprint(tok), "end_of_turn_marker": r.marker,

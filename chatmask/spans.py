@@ -301,7 +301,7 @@ def _diff_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
     A = r.render(alt, source=source)
     if A.count(tag) != 1:
         raise TemplateError(
-            f"{source}: message {i}: the template renders a {msgs[i]['role']} message "
+            f"{source}, message {i + 1}: the template renders a {msgs[i]['role']} message "
             f"{'more than once' if A.count(tag) > 1 else 'nowhere'}; chatmask cannot label it",
             reason="template error",
         )
@@ -312,7 +312,7 @@ def _diff_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
         q += 1
     k = A.index(tag)
     if not (p <= k and k + len(tag) <= len(A) - q):
-        raise TemplateError(f"{source}: message {i}: cannot locate it in the rendering", reason="template error")
+        raise TemplateError(f"{source}, message {i + 1}: cannot locate it in the rendering", reason="template error")
     return p, len(R) - q
 
 
@@ -346,7 +346,7 @@ def _turns_slow(r: Renderer, msgs, R, source) -> list[Turn]:
         m = r.marker_for(msgs[i + 1]["role"] if i + 1 < len(msgs) else None)
         if not R.startswith(m, cend):
             raise TemplateError(
-                f"{source}: message {i}: the end-of-turn marker {m!r} does not follow this answer (found "
+                f"{source}, message {i + 1}: the end-of-turn marker {m!r} does not follow this answer (found "
                 f"{short(R[cend:cend + len(m) + 10])}); the template ends this turn unlike the others",
                 reason="template error")
         end = cend + len(m)
@@ -364,7 +364,7 @@ def answer_regions(r: Renderer, msgs, R, source="") -> list[Turn]:
     for t in turns:
         if t.start < prev or t.end < t.start:
             raise TemplateError(
-                f"{source}: message {t.index}: answer regions overlap; the template reorders turns",
+                f"{source}, message {t.index + 1}: answer regions overlap; the template reorders turns",
                 reason="template error",
             )
         prev = t.end

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -208,10 +209,9 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     bar = None
     try:
         if progress and acc.is_main_process:
-            from tqdm import tqdm
+            from .progress import progress as progress_bar
 
-            bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train ({data_cfg.train_on})", unit="step",
-                       disable=None)
+            bar = progress_bar(cfg.steps, f"train ({data_cfg.train_on})", "steps", initial=state["step"])
         if state["step"] == 0 and not state["evals"]:  # the curve starts where every arm starts: the same model
             _evaluate(run)
         run.model.train()
@@ -223,10 +223,9 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
             if acc.is_main_process:
                 _log_step(run.out, rec, writer)
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{rec['train_loss']:.4f}", lr=f"{rec['lr']:.2e}",
-                                    tok_s=f"{rec['tokens_per_s']:.0f}",
-                                    **({"val": f"{rec['val_loss']:.4f}"} if "val_loss" in rec else {}))
+                    bar.update(1, loss=f"{rec['train_loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                               tok_s=f"{rec['tokens_per_s']:.0f}",
+                               **({"val": f"{rec['val_loss']:.4f}"} if "val_loss" in rec else {}))
             if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
                 _save(run)
             done_here += 1
@@ -258,12 +257,16 @@ def _setup(data, data_cfg: DataConfig, cfg: TrainConfig, out: Path, tokenizer, m
     if is_sharded(acc) and cfg.finetune == "lora" and cfg.merge_lora:
         raise ConfigError("--merge-lora cannot merge adapters into sharded (FSDP / DeepSpeed) weights; train "
                           "without it and merge the saved adapters on one device")
+    saved = _saved_for_resume(out, data, data_cfg, cfg, say)
     tok = tokenizer or load_tokenizer(data_cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with acc.main_process_first():
         ds = _prepared(data, data_cfg, tok, log if acc.is_main_process else None)
         val_ds = _prepared(cfg.val_data, data_cfg, tok, None) if cfg.val_data else None
     split = split_rows(ds, cfg, val_ds)
+    if saved and saved.get("val_tokens_sha256") not in (None, split.val_sha256):
+        raise ConfigError(f"--resume: the validation tokens differ from those of the run saved in {out} (the data "
+                          "or its labels changed); pass another --out to start a new run on this data")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         resolved = {"data": str(data), "data_config": config.to_dict(data_cfg), "train_config": config.to_dict(cfg),
@@ -299,6 +302,48 @@ def _setup(data, data_cfg: DataConfig, cfg: TrainConfig, out: Path, tokenizer, m
     lengths = [len(x) for x in split.train["input_ids"]] if cfg.group_by_length else None
     return _Run(acc, cfg, data_cfg, out, say, tok, pad_id, split, model, opt, sched, attention, sparse, dtype,
                 lengths=lengths)
+
+
+def _data_id(data) -> str:
+    return os.path.realpath(data) if isinstance(data, (str, os.PathLike)) and os.path.exists(data) else str(data)
+
+
+def _saved_for_resume(out: Path, data, data_cfg: DataConfig, cfg: TrainConfig, say) -> dict | None:
+    """With --resume and a checkpoint in `out`: the saved run's config, after checking that this call
+    changes nothing that changes the run (config.RESUME_SAFE may change, and is said)."""
+    ck = latest_checkpoint(out)
+    if not cfg.resume:
+        if ck is not None or (out / "log.jsonl").exists():
+            raise ConfigError(f"{out} already holds a training run ({'checkpoints up to ' + ck.name if ck else 'its log'});"
+                              " pass --resume to continue it, or another --out (or delete the folder) to start anew")
+        return None
+    if ck is None:
+        say(f"--resume: no checkpoint in {out} yet; starting at step 0")
+        return None
+    try:
+        saved = json.loads((out / "config.json").read_text())
+        step = json.loads((ck / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        raise ConfigError(f"--resume: {out} has checkpoints but no readable config.json; pass another --out "
+                          "to start a new run") from None
+    if step > cfg.steps:
+        raise ConfigError(f"--resume: the checkpoint in {out} is at step {step}, past --steps {cfg.steps}; "
+                          f"pass --steps {step} or more")
+    diffs = {**config.changed(saved.get("data_config", {}), data_cfg), **config.changed(saved.get("train_config", {}), cfg)}
+    if "data" in saved and _data_id(saved["data"]) != _data_id(data):
+        diffs = {"data": (saved["data"], str(data)), **diffs}
+    unsafe = {k: v for k, v in diffs.items() if k not in config.RESUME_SAFE}
+    if unsafe:
+        raise ConfigError(
+            f"--resume: the run saved in {out} was started with other settings: {config.describe_changes(unsafe)}"
+            .replace("--data ", "data ")
+            + ". Drop those flags to continue it as saved (`chatmask train DATA --out OUT --resume` takes its "
+              "settings), or pass another --out to start a new run")
+    safe = {k: v for k, v in diffs.items() if k != "resume"}
+    if safe:
+        note = "; the learning-rate schedule now spans the new number of steps" if "steps" in safe else ""
+        say(f"--resume: continuing with {config.describe_changes(safe)}{note}")
+    return saved
 
 
 def _resume(run: _Run) -> None:

@@ -26,14 +26,14 @@ BAD = {
     "top-level scalar": ("d.json", "42", ["d.json:1", "array"]),
     "no messages key": ("d.jsonl", f'{OKL}\n{{"text": "hello"}}\n', ["d.jsonl:2"]),
     "messages not a list": ("d.jsonl", f'{OKL}\n{{"messages": "hi"}}\n', ["d.jsonl:2", "list"]),
-    "message without role": ("d.jsonl", f'{OKL}\n{{"messages": [{{"content": "x"}}]}}\n', ["d.jsonl:2", "message 0", "role"]),
-    "unknown role": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "robot", "content": "x"}}]}}\n', ["d.jsonl:2", "message 0", "robot"]),
-    "null content": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "user", "content": null}}, {{"role": "assistant", "content": "y"}}]}}\n', ["d.jsonl:2", "message 0"]),
-    "number content": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "user", "content": 3}}, {{"role": "assistant", "content": "y"}}]}}\n', ["d.jsonl:2", "message 0"]),
-    "non-text parts": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "user", "content": [{{"type": "image", "url": "u"}}]}}, {{"role": "assistant", "content": "y"}}]}}\n', ["d.jsonl:2", "message 0"]),
+    "message without role": ("d.jsonl", f'{OKL}\n{{"messages": [{{"content": "x"}}]}}\n', ["d.jsonl:2", "message 1", "role"]),
+    "unknown role": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "robot", "content": "x"}}]}}\n', ["d.jsonl:2", "message 1", "robot"]),
+    "null content": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "user", "content": null}}, {{"role": "assistant", "content": "y"}}]}}\n', ["d.jsonl:2", "message 1"]),
+    "number content": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "user", "content": 3}}, {{"role": "assistant", "content": "y"}}]}}\n', ["d.jsonl:2", "message 1"]),
+    "non-text parts": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "user", "content": [{{"type": "image", "url": "u"}}]}}, {{"role": "assistant", "content": "y"}}]}}\n', ["d.jsonl:2", "message 1"]),
     "empty conversation": ("d.jsonl", f'{OKL}\n{{"messages": []}}\n', ["d.jsonl:2", "empty"]),
     "no assistant turn": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "user", "content": "x"}}]}}\n', ["d.jsonl:2", "assistant"]),
-    "two assistants in a row": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "user", "content": "x"}}, {{"role": "assistant", "content": "y"}}, {{"role": "assistant", "content": "z"}}]}}\n', ["d.jsonl:2", "message 2", "follows"]),
+    "two assistants in a row": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "user", "content": "x"}}, {{"role": "assistant", "content": "y"}}, {{"role": "assistant", "content": "z"}}]}}\n', ["d.jsonl:2", "message 3", "follows"]),
 }
 
 
@@ -100,12 +100,14 @@ def test_unusual_but_valid_inputs_prepare(tmp_path, tok_dir, capsys):
     f = _write(tmp_path, "big.jsonl", (OKL + "\n" + json.dumps(big) + "\n").encode())
     rc, out, err = prep(capsys, f, "--tokenizer", tok_dir, "--out", str(tmp_path / "big"), "--max-length", "100000000")
     assert rc == 0 and "2 rows" in out, err
-    rc, out, err = prep(capsys, f, "--tokenizer", tok_dir, "--out", str(tmp_path / "big2"), "--skip-invalid")
-    assert rc == 0 and "1 first answer too long" in out, out
-    rc, out, err = prep(capsys, f, "--tokenizer", tok_dir, "--out", str(tmp_path / "big3"), "--truncation", "right",
-                        "--skip-invalid")
+    # without --skip-invalid too: a row too long for --max-length is the length policy's outcome, not a bad row
+    rc, out, err = prep(capsys, f, "--tokenizer", tok_dir, "--out", str(tmp_path / "big2"))
+    assert rc == 0 and "1 first answer past max_length" in out and "raise --max-length" in out, out
+    rc, out, err = prep(capsys, f, "--tokenizer", tok_dir, "--out", str(tmp_path / "big3"), "--truncation", "right")
     assert rc == 0 and "1 rows" in out  # cut at 2048 tokens, the answer lost: dropped and counted
-    assert "no trained token" in json.dumps(json.loads((tmp_path / "big3" / "stats.json").read_text())["first_dropped"])
+    stats = json.loads((tmp_path / "big3" / "stats.json").read_text())
+    assert stats["dropped_by_reason"] == {"nothing trained within max_length": 1}
+    assert stats["rows_dropped_for_length"] == 1 and stats["rows_dropped_invalid"] == 0
 
 
 def test_template_problems(tmp_path, tok_dir, capsys, bpe_tok):

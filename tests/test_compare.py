@@ -116,3 +116,39 @@ def test_kill_9_then_resume_matches_uninterrupted(ner_file, model_dir, tmp_path)
     b = json.loads((tmp_path / "k" / "result.json").read_text())
     assert b["train_losses"] == pytest.approx(a["train_losses"], abs=1e-6)
     assert b["final_val_loss"] == pytest.approx(a["final_val_loss"], abs=1e-6)
+
+
+def test_resume_takes_the_saved_settings_and_refuses_changes(ner_file, model_dir, tmp_path, capsys):
+    """`train DATA --out OUT --resume` (the README's form, no other flags) continues the run as it was
+    started; a flag that changes the run is refused with the list of differences; more --steps is allowed
+    and said."""
+    from chatmask import cli as cm
+
+    out = str(tmp_path / "r")
+    flags = ["--model", model_dir, "--finetune", "full", "--lr", "0.005", "--steps", "6", "--eval-every", "3",
+             "--save-every", "2", "--val-split", "0.2", "--batch-size", "2", "--no-tensorboard"]
+    dc, tc, _ = cm._run_configs(cm.build_parser().parse_args(["train", ner_file, *flags, "--out", out]))
+    from chatmask.train import train
+
+    assert train(ner_file, dc, tc, out, log=None, progress=False, stop_after=2) == {"stopped_at": 2}  # "killed"
+    assert cm.main(["train", ner_file, "--out", out, "--resume"]) == 0
+    assert "train (assistant): 6/6 steps (100%)" in capsys.readouterr().out  # not a terminal: plain progress lines
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["train_config"]
+    assert len(result["train_losses"]) == 6 and (saved["steps"], saved["batch_size"], saved["lr"]) == (6, 2, 0.005)
+    capsys.readouterr()
+    rc = cm.main(["train", ner_file, "--out", out, "--resume", "--batch-size", "4", "--lr", "0.001"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--batch-size 2 -> 4" in err and "--lr 0.005 -> 0.001" in err and "another --out" in err
+    assert cm.main(["train", ner_file, "--out", out, "--resume", "--steps", "3"]) == 2
+    assert "past --steps 3" in capsys.readouterr().err
+    assert cm.main(["train", ner_file, "--out", out, "--resume", "--steps", "8"]) == 0
+    assert "--steps 6 -> 8" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "r" / "result.json").read_text())["train_losses"]) == 8
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(NER[:-1]))
+    assert cm.main(["train", str(other), "--out", out, "--resume"]) == 2
+    assert "data " in capsys.readouterr().err
+    # the same folder without --resume: not silently mixed with the saved run (its checkpoints would win a resume)
+    assert cm.main(["train", ner_file, "--out", out, "--model", model_dir]) == 2
+    assert "already holds a training run" in capsys.readouterr().err

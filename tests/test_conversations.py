@@ -153,7 +153,7 @@ def test_sharegpt_roles_map_and_weight_is_kept():
 
 
 def test_sharegpt_unknown_speaker_lists_the_known_ones():
-    with pytest.raises(ConversationError, match=r"s:1, message 1: unknown speaker 'robot' in 'from'; expected one of human, user, gpt") as e:
+    with pytest.raises(ConversationError, match=r"s:1, message 2: unknown speaker 'robot' in 'from'; expected one of human, user, gpt") as e:
         to_messages({"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "x"}]}, "sharegpt", "s:1")
     assert e.value.reason == "unknown role"
 
@@ -195,7 +195,7 @@ def test_content_parts_kept_and_non_text_parts_rejected():
     parts = [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]
     assert to_messages({"messages": [U, {"role": "assistant", "content": parts}]}, "openai", "x")[1]["content"] == parts
     bad = [U, {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
-    with pytest.raises(ConversationError, match="x, message 1: content part 0 is not a text part") as e:
+    with pytest.raises(ConversationError, match="x, message 2: content part 0 is not a text part") as e:
         to_messages({"messages": bad}, "openai", "x")
     assert e.value.reason == "non-text content"
 
@@ -220,18 +220,18 @@ def test_weights(tmp_path):
 S = {"role": "system", "content": "S"}
 CATALOGUE = [
     ({"messages": "Hi"}, "messages not a list", "'messages' must be a list of messages; found 'Hi'"),
-    ({"messages": [U, "Hello"]}, "message not a dict", "message 1: expected a dict with 'role' and 'content'"),
-    ({"messages": [{"content": "Hi"}, A]}, "missing role", "message 0: no 'role'; expected one of system, user"),
-    ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role", "message 0: unknown role 'bot'"),
-    ({"messages": [U, {"role": "assistant", "content": None}]}, "null content", "message 1: assistant content is missing"),
-    ({"messages": [U, {"role": "assistant"}]}, "null content", "message 1: assistant content is missing"),
+    ({"messages": [U, "Hello"]}, "message not a dict", "message 2: expected a dict with 'role' and 'content'"),
+    ({"messages": [{"content": "Hi"}, A]}, "missing role", "message 1: no 'role'; expected one of system, user"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role", "message 1: unknown role 'bot'"),
+    ({"messages": [U, {"role": "assistant", "content": None}]}, "null content", "message 2: assistant content is missing"),
+    ({"messages": [U, {"role": "assistant"}]}, "null content", "message 2: assistant content is missing"),
     ({"messages": [U, {"role": "assistant", "content": 42}]}, "bad content type", "found int 42"),
     ({"messages": []}, "empty conversation", "data.jsonl:1: empty conversation"),
     ({"messages": [S, U]}, "no assistant turn", "no assistant turn"),
-    ({"messages": [U, A, A]}, "role order", "data.jsonl:1, message 2: role 'assistant' follows 'assistant'; expected 'user' or 'tool'."),
-    ({"messages": [U, U, A]}, "role order", "message 1: role 'user' follows 'user'; expected 'assistant'"),
-    ({"messages": [U, S, A]}, "role order", "message 1: a system message must come first"),
-    ({"messages": [{"role": "tool", "content": "x"}, A]}, "role order", "message 0: a tool message must follow an assistant"),
+    ({"messages": [U, A, A]}, "role order", "data.jsonl:1, message 3: role 'assistant' follows 'assistant'; expected 'user' or 'tool'."),
+    ({"messages": [U, U, A]}, "role order", "message 2: role 'user' follows 'user'; expected 'assistant'"),
+    ({"messages": [U, S, A]}, "role order", "message 2: a system message must come first"),
+    ({"messages": [{"role": "tool", "content": "x"}, A]}, "role order", "message 1: a tool message must follow an assistant"),
     ({"messages": [U, {"role": "tool", "content": "x"}, A]}, "role order", "found it after 'user'"),
     ({"instruction": "x", "output": None}, "bad content type", "'output' must be a string; found NoneType"),
     ([OK], "row not an object", "a row must be a JSON object"),
@@ -262,8 +262,8 @@ def test_invalid_json_on_a_line_and_skip_invalid_counts(tmp_path):
     assert report.dropped == {"invalid JSON": 1, "no assistant turn": 2, "role order": 1}
     assert report.first["no assistant turn"].startswith("data.jsonl:4: no assistant turn")
     assert report.summary() == (
-        "dropped 4 of 6 rows: 2 no assistant turn, 1 invalid JSON, 1 role order; "
-        "first: data.jsonl:4: no assistant turn; there is nothing to train on"
+        "dropped 4 of 6 rows read: 2 no assistant turn, 1 invalid JSON, 1 role order; "
+        "e.g. data.jsonl:4: no assistant turn; there is nothing to train on"
     )
     assert LoadReport(rows_read=5, rows_kept=5).summary() == ""
 

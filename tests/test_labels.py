@@ -294,7 +294,7 @@ def test_truncation_policies(bpe_tok):
     assert ex.input_ids == full.input_ids[: ends[1]]  # whole turns only, marker kept
     ex = chatmask.encode(msgs, bpe_tok, max_length=ends[1] + 3, truncation="right")
     assert ex.input_ids == full.input_ids[: ends[1] + 3]
-    with pytest.raises(ConversationError, match="exceed"):
+    with pytest.raises(ConversationError, match="longer than max_length"):
         chatmask.encode(msgs, bpe_tok, max_length=ends[1], truncation="drop")
     with pytest.raises(ConversationError, match="first trained answer"):
         chatmask.encode(msgs, bpe_tok, max_length=ends[0] - 1)

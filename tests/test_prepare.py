@@ -88,11 +88,12 @@ def test_skip_invalid_counts_by_reason(tmp_path, bpe_tok):
     p = prepare(data, DataConfig(skip_invalid=True, max_length=64), tmp_path / "o", tokenizer=bpe_tok, progress=False)
     s = p.stats
     assert s["rows_kept"] == 5 and s["rows_dropped"] == 3
-    assert s["dropped_by_reason"] == {"no assistant turn": 1, "invalid JSON": 1, "first answer too long": 1}
-    assert "d.jsonl:8" in s["first_dropped"]["first answer too long"]
+    assert s["dropped_by_reason"] == {"no assistant turn": 1, "invalid JSON": 1, "first answer past max_length": 1}
+    assert (s["rows_dropped_for_length"], s["rows_dropped_invalid"], s["dropped_fraction"]) == (1, 2, 3 / 8)
+    assert "d.jsonl:8" in s["first_dropped"]["first answer past max_length"]
     # every row dropped: the error says why, in the same one line
-    with pytest.raises(chatmask.ConversationError, match=r"no row became an example: dropped 8 of 8 rows: 6 first "
-                                                         r"answer too long, 1 no assistant turn, 1 invalid JSON"):
+    with pytest.raises(chatmask.ConversationError, match=r"no row became an example: dropped 8 of 8 rows read: 6 first "
+                                                         r"answer past max_length, 1 no assistant turn, 1 invalid JSON"):
         prepare(data, DataConfig(skip_invalid=True, max_length=4), tmp_path / "o2", tokenizer=bpe_tok, progress=False)
 
 
@@ -206,7 +207,7 @@ def test_cli_errors_have_no_traceback(tmp_path, tok_dir):
     bad.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"messages": [{"role": "gpt", "content": "x"}]}) + "\n")
     r = run_cli("prepare", str(bad), "--tokenizer", tok_dir, "--out", str(tmp_path / "o"), "--quiet")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "bad.jsonl:2" in r.stderr and "message 0" in r.stderr and "--skip-invalid" in r.stderr
+    assert "bad.jsonl:2" in r.stderr and "message 1" in r.stderr and "--skip-invalid" in r.stderr
     r = run_cli("prepare", str(tmp_path / "missing.jsonl"), "--tokenizer", tok_dir, "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
 

@@ -1,0 +1,77 @@
+"""Progress a person can follow on a terminal and in a log: a tqdm bar where stderr is a terminal, else a
+plain line at intervals (under nohup, a pipe or CI, tqdm draws nothing, and a run would say nothing for
+many minutes). `progress(total, desc, unit)` returns either; both take `update(n, **postfix)` and `close()`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+
+def _interval() -> float:
+    """Seconds between plain progress lines ($CHATMASK_PROGRESS_EVERY, default 30)."""
+    try:
+        return max(0.0, float(os.environ.get("CHATMASK_PROGRESS_EVERY", "30")))
+    except ValueError:
+        return 30.0
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class Lines:
+    """Plain progress lines on stdout: 'train (assistant): 12/100 steps (12%), 1m20s, ~9m10s left, loss=1.23'."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, initial: int = 0, every: float | None = None):
+        self.total, self.desc, self.unit, self.n = total, desc, unit.strip(), initial
+        self.every = _interval() if every is None else every
+        self.start = self.last = time.monotonic()
+        self.initial, self.postfix, self.printed_at = initial, {}, None
+
+    def update(self, n: int = 1, **postfix) -> None:
+        self.n += n
+        self.postfix.update(postfix)
+        now = time.monotonic()
+        if now - self.last >= self.every or (self.total is not None and self.n >= self.total):
+            self._print(now)
+
+    def _print(self, now: float) -> None:
+        self.last, self.printed_at = now, self.n
+        elapsed = now - self.start
+        done = self.n - self.initial
+        head = f"{self.desc}: {self.n:,}" + (f"/{self.total:,}" if self.total else "") + f" {self.unit}"
+        parts = [head + (f" ({self.n / self.total:.0%})" if self.total else ""), _duration(elapsed)]
+        if self.total and 0 < done and self.n < self.total:
+            parts.append(f"~{_duration(elapsed / done * (self.total - self.n))} left")
+        parts += [f"{k}={v}" for k, v in self.postfix.items()]
+        print(", ".join(parts), flush=True)
+
+    def close(self) -> None:
+        if self.printed_at != self.n and self.n > self.initial:  # the last state, once
+            self._print(time.monotonic())
+
+
+class _Bar:
+    def __init__(self, bar):
+        self.bar = bar
+
+    def update(self, n: int = 1, **postfix) -> None:
+        self.bar.update(n)
+        if postfix:
+            self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress(total: int | None, desc: str, unit: str, initial: int = 0):
+    """A tqdm bar on a terminal, plain lines at intervals elsewhere."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return _Bar(tqdm(total=total, initial=initial, desc=desc, unit=unit))
+    return Lines(total, desc, unit, initial)
