@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 UNINER = Path(__file__).resolve().parents[2] / "shared" / "data" / "uniner"
 MAX_LENGTH = 512
 

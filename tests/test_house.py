@@ -53,3 +53,15 @@ def test_arrows_point_down_the_data_flow():
         assert "models" not in g[m] and "train" not in g[m], m
     assert not g["conversations"] & {"labels", "spans", "tokens", "markers", "prepare"}
     assert g["errors"] == set()
+
+
+def test_import_from_the_folder_that_holds_a_clone_named_chatmask(tmp_path):
+    """A user clones into chatmask/ and runs the README's Python example from the folder above: the clone
+    (no __init__.py) must not shadow the installed package as a namespace package."""
+    import subprocess
+    import sys
+
+    (tmp_path / "chatmask" / "src").mkdir(parents=True)
+    r = subprocess.run([sys.executable, "-c", "import chatmask; print(chatmask.encode.__name__)"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "encode", r.stderr

@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from chatmask.report import HEAD, _rows, _stats_lines, _verdict  # noqa: E402
 
