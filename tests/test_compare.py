@@ -141,7 +141,7 @@ def test_resume_takes_the_saved_settings_and_refuses_changes(ner_file, model_dir
     err = capsys.readouterr().err
     assert rc == 2 and "--batch-size 2 -> 4" in err and "--lr 0.005 -> 0.001" in err and "another --out" in err
     assert cm.main(["train", ner_file, "--out", out, "--resume", "--steps", "3"]) == 2
-    assert "past --steps 3" in capsys.readouterr().err
+    assert "past the 3 steps of this run" in capsys.readouterr().err
     assert cm.main(["train", ner_file, "--out", out, "--resume", "--steps", "8"]) == 0
     assert "--steps 6 -> 8" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "r" / "result.json").read_text())["train_losses"]) == 8

@@ -243,10 +243,14 @@ def test_every_option_that_changes_rows_is_in_the_cache_key(tmp_path, bpe_tok):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     other = {"template": "llama3", "train_on": "all", "max_length": 77, "truncation": "right", "end_of_turn": "</s>",
              "stream": "segments", "format": "openai", "split": "test", "skip_invalid": True, "salvage": True,
-             "limit": 3}
+             "limit": 3, "add_template_tokens": None}
+    other.pop("add_template_tokens")
     base = cache_key(data, DataConfig(), bpe_tok)
     fields = {f.name for f in dataclasses.fields(DataConfig)} - {"tokenizer", "num_proc"}  # num_proc: same rows
-    assert fields == set(other), "a new DataConfig field: say here how it changes the rows"
+    assert fields == set(other) | {"add_template_tokens"}, "a new DataConfig field: say here how it changes the rows"
     for name, value in other.items():
         assert cache_key(data, DataConfig(**{name: value}), bpe_tok) != base, name
+    # --add-template-tokens changes the tokenizer (its fingerprint) and needs a built-in template
+    assert cache_key(data, DataConfig(template="chatml", add_template_tokens=True), bpe_tok) != \
+        cache_key(data, DataConfig(template="chatml"), bpe_tok)
     assert cache_key(data, DataConfig(num_proc=2), bpe_tok) == base

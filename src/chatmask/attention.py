@@ -86,13 +86,15 @@ def _register_varlen():
     ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, sdpa_mask)  # unpacked batches get sdpa's usual masks
 
 
-def packed_attention(model, device=None) -> str:
+def packed_attention(model, device=None, keep: bool = False) -> str:
     """How packed rows keep their examples apart in `model`, checked on a probe, never assumed:
     'varlen' (attention per example: flash-attention's varlen kernel when the model runs flash-attention,
     else `VARLEN`) or 'mask' (a 4D block-diagonal mask, T^2 per row). `device`: where training runs (default:
     where the model is); on a GPU `VARLEN` is used only where torch's varlen kernel can run (fp16/bf16), as
     sdpa once per example would cost a kernel launch per example and layer. Call before wrapping the model
-    (accelerate, DDP). Raises ConfigError when neither keeps examples apart."""
+    (accelerate, DDP). `keep`: the user chose the attention implementation (--attn-implementation): it is
+    kept, and packing uses whichever of boundaries or the mask it honours. Raises ConfigError when neither
+    keeps examples apart."""
     import torch
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -101,6 +103,12 @@ def packed_attention(model, device=None) -> str:
     on = torch.device(device) if device is not None else weight.device
     want_varlen = (str(before).startswith("flash_attention") or on.type == "cpu"
                    or _varlen_kernel(on.type, weight.dtype, 0) is not None)
+    if keep:
+        for how in ("varlen", "mask"):
+            if _isolates(model, how):
+                return how
+        raise ConfigError(f"--attn-implementation {before} lets packed examples attend to each other (it honours "
+                          "neither boundaries nor a block-diagonal mask): drop --attn-implementation or --packing")
     if want_varlen and not str(before).startswith("flash_attention"):
         try:
             _register_varlen()

@@ -1,4 +1,4 @@
-"""The `chatmask` command: prepare | view | stats | check | train | compare | demo.
+"""The `chatmask` command: prepare | view | stats | check | train | compare | demo | chat.
 
 Every ChatmaskError becomes one line on stderr and exit status 2, never a traceback (`--debug` shows
 one). `main(argv)` is the entry point.
@@ -21,10 +21,18 @@ POST_EXAMPLE = [
 ]
 
 
-def _tokenizer(args):
-    from .hub import DEFAULT_MODEL, load_tokenizer
+def _tokenizer(args, saved: dict | None = None):
+    """The tokenizer the command's flags name (or a prepared folder's config, `saved`), with the template's
+    tokens added under --add-template-tokens."""
+    from types import SimpleNamespace
 
-    return load_tokenizer(getattr(args, "tokenizer", None) or getattr(args, "model", None) or DEFAULT_MODEL)
+    from .hub import data_tokenizer
+
+    saved = saved or {}
+    cfg = SimpleNamespace(tokenizer=getattr(args, "tokenizer", None) or saved.get("tokenizer"),
+                          template=getattr(args, "template", None) or saved.get("template"),
+                          add_template_tokens=getattr(args, "add_template_tokens", None) or saved.get("add_template_tokens"))
+    return data_tokenizer(cfg, getattr(args, "model", None))
 
 
 DEMO = {  # sized for about 10 minutes on 2 CPU cores
@@ -149,9 +157,7 @@ def cmd_view(args) -> int:
     if conf is not None:
         import datasets
 
-        from .hub import load_tokenizer
-
-        tok = load_tokenizer(args.tokenizer or args.model or conf.get("tokenizer") or "smollm2")
+        tok = _tokenizer(args, conf)
         ds = datasets.load_from_disk(args.data)
         if args.row >= len(ds):
             raise ChatmaskError(f"{args.data}: no row {args.row}; it has {len(ds)} rows")
@@ -272,7 +278,7 @@ def cmd_train(args) -> int:
     from .train import train
 
     dc, tc, _ = _run_configs(args)
-    r = train(args.data, dc, tc, args.out, tokenizer=_tokenizer(args) if (args.tokenizer or args.model) else None)
+    r = train(args.data, dc, tc, args.out)
     if "stopped_at" not in r and int(os.environ.get("RANK", "0")) == 0:  # once, under torchrun / accelerate
         print(f"final validation loss (assistant tokens): {r['final_val_loss']:.4f}; model in {args.out}/model")
     return 0
@@ -288,6 +294,48 @@ def cmd_compare(args) -> int:
     compare(args.data, dc, tc, cc, args.out, command="chatmask " + shlex.join(sys.argv[1:]))
     print(f"report: {args.out}/report.html (also report.md, loss.png, metrics.json)")
     return 0
+
+
+def cmd_chat(args) -> int:
+    """Talk to a trained model (a run folder of train or compare, or any model) with its training template:
+    an interactive prompt that streams answers, or --prompt for one answer."""
+    from . import config
+    from .chat import load_chat, reply
+    from .config import ChatConfig
+
+    cfg = config.build(ChatConfig, None, args)
+    chat = load_chat(args.model, arm=args.arm, seed=args.run_seed)
+    system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if args.prompt is not None:
+        reply(chat, system + [{"role": "user", "content": args.prompt}], cfg, on_text=write)
+        print()
+        return 0
+    print(f"chatting with {chat.what}; an empty line does nothing, /reset starts over, Ctrl-D or /exit ends")
+    history = list(system)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = list(system)
+            print("(conversation cleared)")
+            continue
+        history.append({"role": "user", "content": line})
+        write("assistant> ")
+        answer = reply(chat, history, cfg, on_text=write)
+        print()
+        history.append({"role": "assistant", "content": answer})
 
 
 def _write(path: str, text: str) -> None:
@@ -335,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("check", help=cmd_check.__doc__)
-    _common(p, labelling=("end_of_turn",))
+    _common(p, labelling=("add_template_tokens", "end_of_turn"))
     p.set_defaults(func=cmd_check)
 
     from . import config
@@ -351,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("view", help=cmd_view.__doc__)
     p.add_argument("data", help="a data file (as for prepare) or a folder written by prepare")
-    _common(p, labelling=("train_on", "end_of_turn", "stream", "format", "salvage"))
+    _common(p, labelling=("add_template_tokens", "train_on", "end_of_turn", "stream", "format", "salvage"))
     p.add_argument("--row", type=int, default=0, help="which row (0-based) (default: 0)")
     p.add_argument("--rows", type=int, default=1, help="how many rows from --row (default: 1)")
     p.add_argument("--html", help="also write a self-contained HTML page")
@@ -368,7 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role-rows", type=int, default=20000, help="rows read for tokens by role (default: 20000)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_stats)
-    from .config import CompareConfig, TrainConfig
+    from .config import ChatConfig, CompareConfig, TrainConfig
+
+    p = sub.add_parser("chat", help=cmd_chat.__doc__)
+    p.add_argument("model", nargs="?", default="smollm2", metavar="RUN_OR_MODEL",
+                   help="a folder `train` or `compare` wrote, or a model (hub name, folder, .gguf file) "
+                        "(default: smollm2, the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", help="answer this one message and exit (default: an interactive prompt)")
+    p.add_argument("--arm", help="with a compare folder: which arm's model, masked or unmasked (default: masked)")
+    p.add_argument("--run-seed", type=int, default=0, help="with a compare folder: which seed's run (default: 0)")
+    config.add_arguments(p, ChatConfig)
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    p.set_defaults(func=cmd_chat)
 
     for name, func, extra in (("train", cmd_train, ()), ("compare", cmd_compare, (CompareConfig,))):
         p = sub.add_parser(name, help=func.__doc__)

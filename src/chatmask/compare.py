@@ -45,12 +45,12 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
             model_factory=None, log=print, command: str | None = None) -> dict:
     """Run every arm x seed (skipping runs already finished), then write the report. `model_factory`:
     a callable returning a fresh model (tests); default: load `train_cfg.model` for each run."""
-    from .hub import load_tokenizer
+    from .hub import data_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda *a: None)
-    tok = tokenizer or load_tokenizer(data_cfg.tokenizer or train_cfg.model)
+    tok = data_tokenizer(data_cfg, train_cfg.model, tokenizer, trust_remote_code=train_cfg.trust_remote_code)
     arms = cmp.arms.split(",")
     runs = {}
     for seed in range(cmp.seeds):

@@ -27,6 +27,10 @@ class DataConfig:
     """tokenizer: hub name, local folder, .gguf file, or 'smollm2' (the embedded default)"""
     template: str | None = None
     """chat template: a built-in name (chatml, llama3, ...) or Jinja text; default: the tokenizer's own"""
+    add_template_tokens: bool = False
+    """add the special tokens of the built-in --template to a tokenizer that lacks them, and make it the
+    tokenizer's template (a base model taught ChatML, as the post does for Gemma); training grows the
+    model's embeddings and trains the new rows"""
     train_on: Literal["assistant", "all", "last_assistant"] = "assistant"
     """which tokens get labels: every assistant answer, everything (the unmasked baseline), or the last answer"""
     max_length: int | None = 2048
@@ -49,6 +53,14 @@ class DataConfig:
     """use only the first N valid conversations of the data; none: all"""
     num_proc: int = 1
     """processes that label rows (output identical for any number)"""
+
+    def _problems(self):
+        from .templates import BUILTIN
+
+        if self.add_template_tokens and self.template not in BUILTIN:
+            return [f"--add-template-tokens adds a built-in template's tokens: pass --template with one of "
+                    f"{', '.join(sorted(BUILTIN))}" + (f" (not {self.template[:40]!r})" if self.template else "")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -79,8 +91,11 @@ class TrainConfig:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping norm (0: none)"""
-    steps: int = 100
-    """optimizer steps"""
+    steps: int | None = None
+    """optimizer steps (default: 100, unless --epochs)"""
+    epochs: float | None = None
+    """passes over the training rows instead of --steps: steps = ceil(epochs x rows / (--batch-size x
+    --grad-accum x processes)); the schedule, evaluation and checkpoints follow"""
     batch_size: int = 4
     """rows per micro-batch per process"""
     grad_accum: int = 1
@@ -116,7 +131,15 @@ class TrainConfig:
     resume: bool = False
     """continue from the last checkpoint in --out"""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """weights' dtype"""
+    """weights' dtype (and the compute dtype of --quantize 4bit)"""
+    quantize: Literal["none", "4bit", "8bit"] = "none"
+    """load the base model quantized by bitsandbytes and train LoRA adapters on it (QLoRA): 4bit is NF4 with
+    double quantization"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass: less memory, more time (same gradients)"""
+    attn_implementation: str | None = None
+    """attention kernel as transformers names it (sdpa, eager, flash_attention_2, ...); default: the model's,
+    and with --packing attention per packed example"""
     tensorboard: bool = True
     """write TensorBoard logs under OUT/tb"""
     trust_remote_code: bool = False
@@ -127,8 +150,18 @@ class TrainConfig:
         if not 0 <= self.val_split < 1:
             p.append(f"--val-split must be in [0, 1), not {self.val_split}")
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "eval_batch_size", "pack_tokens"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 p.append(f"{flag(name)} must be at least 1")
+        if self.steps is not None and self.epochs is not None:
+            p.append(f"--steps {self.steps} and --epochs {self.epochs}: give one of them")
+        if self.epochs is not None and self.epochs <= 0:
+            p.append(f"--epochs must be more than 0, not {self.epochs}")
+        if self.quantize != "none" and self.finetune == "full":
+            p.append(f"--quantize {self.quantize} trains LoRA adapters on frozen quantized weights; full fine-tuning "
+                     "of a quantized model is not possible: pass --finetune lora, or drop --quantize")
+        if self.quantize != "none" and self.merge_lora:
+            p.append("--merge-lora cannot merge adapters into quantized weights; merge the saved adapters into the "
+                     "unquantized model after training")
         if self.val_split == 0 and not self.val_data:
             p.append("--val-split 0 needs --val-data (evaluation needs held-out rows)")
         return p
@@ -157,6 +190,32 @@ class CompareConfig:
     def _problems(self):
         bad = [a for a in self.arms.split(",") if a not in ARMS]
         return [f"--arms: unknown arm(s) {', '.join(bad)}; known: {', '.join(ARMS)}"] if bad else []
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """How `chatmask chat` answers."""
+
+    system: str | None = None
+    """a system message at the start of the conversation"""
+    max_new_tokens: int = 256
+    """longest answer in tokens"""
+    temperature: float = 0.7
+    """sampling temperature; 0: greedy (the same answer every time)"""
+    top_p: float = 0.9
+    """nucleus sampling: sample from the smallest set of tokens holding this much probability"""
+    seed: int | None = None
+    """seed of the sampling (default: a different draw each run)"""
+
+    def _problems(self):
+        p = []
+        if self.max_new_tokens < 1:
+            p.append("--max-new-tokens must be at least 1")
+        if self.temperature < 0:
+            p.append(f"--temperature must be 0 (greedy) or more, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            p.append(f"--top-p must be in (0, 1], not {self.top_p}")
+        return p
 
 
 def _docs(cls) -> dict[str, str]:
@@ -317,9 +376,10 @@ def build(cls, section: dict | None, args=None, *, base: dict | None = None, **e
         for n in names:
             v = getattr(args, n, None)
             if v is not None:
-                values[n] = None if v == NONE else v
+                values[n] = v
     values.update({k: v for k, v in extra.items() if v is not None})
-    values = {k: None if v == NONE else v for k, v in values.items()}
+    numbers = {n for n, tp in get_type_hints(cls).items() if _kind(tp)[0] in (int, float)}
+    values = {k: None if v == NONE and k in numbers else v for k, v in values.items()}
     try:
         return check(cls(**values))
     except TypeError as e:

@@ -198,3 +198,17 @@ def load_tokenizer(name: str = DEFAULT_MODEL, *, trust_remote_code: bool = False
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def data_tokenizer(cfg, name: str | None = None, tokenizer=None, *, trust_remote_code: bool = False):
+    """The tokenizer that labels data by DataConfig `cfg`: `tokenizer`, else cfg.tokenizer, else `name` (the
+    model's), else the default; with cfg.add_template_tokens, the built-in template's tokens added."""
+    tok = tokenizer or load_tokenizer(cfg.tokenizer or name or DEFAULT_MODEL, trust_remote_code=trust_remote_code)
+    if getattr(cfg, "add_template_tokens", False):
+        from .templates import BUILTIN, add_template_tokens
+
+        if cfg.template not in BUILTIN:
+            raise ConfigError(f"--add-template-tokens adds a built-in template's tokens: pass --template with one of "
+                              f"{', '.join(sorted(BUILTIN))}")
+        add_template_tokens(tok, cfg.template)
+    return tok

@@ -107,7 +107,7 @@ def score(pred: list[list[str]], gold: list[list[str]], types: list[str] | None 
     return out
 
 
-def _stop_ids(tokenizer, marker: str) -> list[int]:
+def stop_ids(tokenizer, marker: str) -> list[int]:
     """The eos id and, when it is one token, the template's end-of-turn marker (`<|im_end|>`, `<|eot_id|>`)."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if marker.strip():
@@ -129,7 +129,7 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], *, template=No
     r = renderer(tokenizer, template)
     texts = [r.render(normalize_messages(p), add_generation_prompt=True) for p in prompts]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # the template writes BOS
-    stops = _stop_ids(tokenizer, r.marker)
+    stops = stop_ids(tokenizer, r.marker)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda k: len(ids[k]))  # similar lengths together: less padding

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 
+from .errors import ConfigError
 from .hub import DEFAULT_MODEL, load_failed, locate
 
-__all__ = ["DEFAULT_MODEL", "add_lora", "load_model", "logits_close", "probing"]
+__all__ = ["DEFAULT_MODEL", "add_lora", "checkpoint_activations", "grow_embeddings", "load_model", "logits_close",
+           "probing", "quantization"]
 
 
 @contextlib.contextmanager
@@ -37,21 +39,86 @@ def logits_close(got, want, dtype) -> bool:
     return got.shape == want.shape and float((got.float() - want.float()).abs().max()) <= tol
 
 
-def load_model(name: str = DEFAULT_MODEL, *, dtype=None, trust_remote_code: bool = False):
-    """A causal LM by hub name, local path, `.gguf` file, or `smollm2` (fp32 on CPU unless `dtype`)."""
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""The attention implementations transformers names (a hub kernel "org/repo" works too)."""
+
+
+def quantization(quantize: str, dtype):
+    """transformers' BitsAndBytesConfig for --quantize 4bit (NF4, double quantization, computing in `dtype`)
+    or 8bit; None for 'none'."""
+    if quantize in (None, "none"):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("--quantize needs bitsandbytes: pip install -e '.[quant]' (bitsandbytes 0.50 runs 4-bit "
+                          "on CPU too, slowly)") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype or torch_dtype("float32"))
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ConfigError(f"--quantize must be none, 4bit or 8bit, not {quantize!r}")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(name: str = DEFAULT_MODEL, *, dtype=None, trust_remote_code: bool = False, quantize: str = "none",
+               attn_implementation: str | None = None):
+    """A causal LM by hub name, local path, `.gguf` file, or `smollm2` (fp32 on CPU unless `dtype`);
+    `quantize`: 4bit / 8bit with bitsandbytes; `attn_implementation`: as transformers names it."""
     from transformers import AutoModelForCausalLM
 
     path, kwargs = locate(name, "model")
+    q = quantization(quantize, dtype)
+    if q is not None:
+        import torch
+
+        kwargs["quantization_config"] = q
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    except ImportError as e:  # flash_attention_2 without flash-attn, bitsandbytes without its backend, ...
+        raise ConfigError(f"cannot load {name!r} with --attn-implementation {attn_implementation} / --quantize "
+                          f"{quantize}: {str(e).splitlines()[0]}") from None
     except (OSError, ValueError) as e:
+        if attn_implementation and "attn" in str(e).lower():
+            raise ConfigError(f"--attn-implementation {attn_implementation!r} cannot run here: "
+                              f"{str(e).splitlines()[0]} (try sdpa or eager)") from None
         raise load_failed(name, "causal LM", kwargs, e) from None
 
 
-def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules="all-linear"):
-    """Wrap `model` with LoRA adapters (peft) on every linear projection by default."""
+def grow_embeddings(model, tokenizer) -> list[int]:
+    """Grow the model's embeddings (and a tied or separate output layer) to the tokenizer's size when
+    tokens were added (--add-template-tokens); the ids of the new rows, [] when none."""
+    have = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= have:
+        return []
+    model.resize_token_embeddings(len(tokenizer))  # new rows: the mean of the old ones (transformers' default)
+    return list(range(have, len(tokenizer)))
+
+
+def checkpoint_activations(model) -> None:
+    """Gradient checkpointing, non-reentrant: it works with frozen inputs (LoRA), keeps the RNG state for
+    dropout's recomputation, and composes with DDP and FSDP."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules="all-linear",
+             new_tokens=()):
+    """Wrap `model` with LoRA adapters (peft) on every linear projection by default; `new_tokens`: ids of
+    added tokens whose embedding rows are trained too (peft's trainable tokens, saved with the adapters)."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    extra = {"trainable_token_indices": list(new_tokens)} if new_tokens else {}
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM",
+                     **extra)
     return get_peft_model(model, cfg)
-

@@ -309,9 +309,9 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
             log=print) -> Prepared:
     """Label every conversation of `data` and write a `datasets` folder at `out` (a cache: the same
     inputs return at once). Bad rows raise ConversationError unless `cfg.skip_invalid`."""
-    from .hub import DEFAULT_MODEL, load_tokenizer, temp_dir
+    from .hub import data_tokenizer, temp_dir
 
-    tok = tokenizer or load_tokenizer(cfg.tokenizer or DEFAULT_MODEL)
+    tok = data_tokenizer(cfg, None, tokenizer)
     tokens.text_tokens(tok)  # an unusable tokenizer, a missing or broken template fail here, before any work
     labels.renderer(tok, cfg.template, cfg.end_of_turn)
     out = Path(out)

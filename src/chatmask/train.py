@@ -11,6 +11,7 @@ weights, optimizer, scheduler and RNG states; the data order is a pure function 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -28,6 +29,8 @@ from .checkpoints import is_sharded, latest_checkpoint, load_checkpoint, save_ch
 from .config import DataConfig, TrainConfig  # noqa: F401 (TrainConfig: train.TrainConfig stays importable)
 from .errors import ConfigError
 from .labels import IGNORE
+
+DEFAULT_STEPS = 100
 
 
 # ---------------------------------------------------------------- loss
@@ -204,7 +207,7 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     """
     run = _setup(data, data_cfg, cfg, Path(out), tokenizer, model, log)
     _resume(run)
-    acc, state = run.acc, run.state
+    acc, state, cfg = run.acc, run.state, run.cfg  # run.cfg: --steps resolved (from --epochs)
     writer = _tensorboard(run.out, cfg, acc)
     bar = None
     try:
@@ -239,14 +242,21 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     return _finish(run, on_end)
 
 
+def total_steps(cfg: TrainConfig, n_rows: int, world: int) -> int:
+    """--steps, or the steps --epochs makes: each step takes --batch-size x --grad-accum rows per process."""
+    if cfg.epochs is None:
+        return cfg.steps or DEFAULT_STEPS
+    return max(1, math.ceil(cfg.epochs * n_rows / (cfg.batch_size * cfg.grad_accum * world)))
+
+
 def _setup(data, data_cfg: DataConfig, cfg: TrainConfig, out: Path, tokenizer, model, log) -> _Run:
     """The accelerator, the prepared rows and their split, the model (with LoRA), optimizer and schedule."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
     from .attention import packed_attention
-    from .hub import load_tokenizer
-    from .models import add_lora, load_model
+    from .hub import data_tokenizer
+    from .models import add_lora, checkpoint_activations, grow_embeddings, load_model
 
     # with no accelerator, say so: accelerate only sets up multi-process CPU (gloo) under torchrun when told
     no_device = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()) \
@@ -258,7 +268,7 @@ def _setup(data, data_cfg: DataConfig, cfg: TrainConfig, out: Path, tokenizer, m
         raise ConfigError("--merge-lora cannot merge adapters into sharded (FSDP / DeepSpeed) weights; train "
                           "without it and merge the saved adapters on one device")
     saved = _saved_for_resume(out, data, data_cfg, cfg, say)
-    tok = tokenizer or load_tokenizer(data_cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tok = data_tokenizer(data_cfg, cfg.model, tokenizer, trust_remote_code=cfg.trust_remote_code)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with acc.main_process_first():
         ds = _prepared(data, data_cfg, tok, log if acc.is_main_process else None)
@@ -267,23 +277,42 @@ def _setup(data, data_cfg: DataConfig, cfg: TrainConfig, out: Path, tokenizer, m
     if saved and saved.get("val_tokens_sha256") not in (None, split.val_sha256):
         raise ConfigError(f"--resume: the validation tokens differ from those of the run saved in {out} (the data "
                           "or its labels changed); pass another --out to start a new run on this data")
+    given, cfg = cfg, dataclasses.replace(cfg, steps=total_steps(cfg, len(split.train), world))
+    if saved and saved.get("checkpoint_step", 0) > cfg.steps:
+        raise ConfigError(f"--resume: the checkpoint in {out} is at step {saved['checkpoint_step']}, past the "
+                          f"{cfg.steps} steps of this run; pass --steps {saved['checkpoint_step']} or more")
+    if given.epochs is not None:
+        say(f"{given.epochs:g} epochs of {len(split.train):,} rows: {cfg.steps:,} steps")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        resolved = {"data": str(data), "data_config": config.to_dict(data_cfg), "train_config": config.to_dict(cfg),
-                    "processes": world, "distributed_type": str(acc.distributed_type), "device": str(acc.device),
-                    "val_tokens": split.val_tokens, "val_tokens_sha256": split.val_sha256}
+        resolved = {"data": str(data), "data_config": config.to_dict(data_cfg), "train_config": config.to_dict(given),
+                    "steps": cfg.steps, "processes": world, "distributed_type": str(acc.distributed_type),
+                    "device": str(acc.device), "val_tokens": split.val_tokens, "val_tokens_sha256": split.val_sha256}
         (out / "config.json").write_text(json.dumps(resolved, indent=2))
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     if model is None:
-        model = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, quantize=cfg.quantize,
+                           attn_implementation=cfg.attn_implementation)
+    new_tokens = grow_embeddings(model, tok)
+    if new_tokens:
+        say(f"the tokenizer has {len(new_tokens)} token(s) the model lacks (--add-template-tokens): embeddings grown"
+            + (", their rows trained with the adapters" if cfg.finetune == "lora" else ""))
+    if cfg.quantize != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        checkpoint_activations(model)
     if cfg.finetune == "lora":
         targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
-        model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets)
+        model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
+                         new_tokens=new_tokens)
     model.config.use_cache = False
-    attention = packed_attention(model, acc.device) if cfg.packing else "mask"
+    attention = packed_attention(model, acc.device, keep=cfg.attn_implementation is not None) if cfg.packing else "mask"
     if cfg.packing:
         say(f"packing: rows of up to {cfg.pack_tokens} tokens, examples kept apart by "
             + ("attention run per example (varlen)" if attention == "varlen" else "a block-diagonal mask"))
@@ -326,9 +355,6 @@ def _saved_for_resume(out: Path, data, data_cfg: DataConfig, cfg: TrainConfig, s
     except (OSError, ValueError, KeyError):
         raise ConfigError(f"--resume: {out} has checkpoints but no readable config.json; pass another --out "
                           "to start a new run") from None
-    if step > cfg.steps:
-        raise ConfigError(f"--resume: the checkpoint in {out} is at step {step}, past --steps {cfg.steps}; "
-                          f"pass --steps {step} or more")
     diffs = {**config.changed(saved.get("data_config", {}), data_cfg), **config.changed(saved.get("train_config", {}), cfg)}
     if "data" in saved and _data_id(saved["data"]) != _data_id(data):
         diffs = {"data": (saved["data"], str(data)), **diffs}
@@ -343,7 +369,7 @@ def _saved_for_resume(out: Path, data, data_cfg: DataConfig, cfg: TrainConfig, s
     if safe:
         note = "; the learning-rate schedule now spans the new number of steps" if "steps" in safe else ""
         say(f"--resume: continuing with {config.describe_changes(safe)}{note}")
-    return saved
+    return {**saved, "checkpoint_step": step}
 
 
 def _resume(run: _Run) -> None:

@@ -1,0 +1,132 @@
+"""Talk to a trained model with the chat template it was trained with: `chatmask chat RUN_OR_MODEL`.
+
+`load_chat(name)` takes a folder `train` wrote (its OUT/model: LoRA adapters on the run's base model, or
+full weights; its tokenizer; the run's --template and --end-of-turn), a folder `compare` wrote (one arm's
+run), or any model `load_model` takes (the embedded default too). `reply(chat, messages)` generates one
+answer, streamed to a callback as it is written, and stops at the template's end-of-turn marker.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ChatConfig
+from .errors import ConfigError
+
+
+@dataclass
+class Chat:
+    model: object
+    tokenizer: object
+    template: str | None
+    end_of_turn: str | None
+    what: str
+    """what was loaded, for the user: 'run out/ (LoRA adapters on smollm2)'"""
+
+
+def find_run(path: str, arm: str | None = None, seed: int = 0) -> Path | None:
+    """The run folder to load from `path`: itself when `train` wrote it, one arm's run when `compare`
+    wrote it (--arm, default masked; --seed), None when `path` is no run folder (a model name or folder)."""
+    p = Path(path)
+    runs = p / "runs"
+    if runs.is_dir() and not (p / "model").is_dir():
+        name = f"{arm or 'masked'}-seed{seed}"
+        have = sorted(d.name for d in runs.iterdir() if (d / "config.json").exists())
+        if name not in have:
+            raise ConfigError(f"{path} is a compare folder without a run {name}; it has: {', '.join(have) or 'none'}"
+                              " (choose with --arm and --seed)")
+        return runs / name
+    if arm is not None:
+        raise ConfigError(f"--arm picks a run of a folder `chatmask compare` wrote; {path} is not one")
+    if (p / "config.json").exists() and "train_config" in _json(p / "config.json"):
+        return p
+    return None
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def load_chat(name: str, *, arm: str | None = None, seed: int = 0, dtype=None) -> Chat:
+    """The model, tokenizer and template to talk to `name` (see the module's docstring)."""
+    from .hub import load_tokenizer
+    from .models import load_model
+
+    run = find_run(name, arm, seed)
+    if run is None:
+        return Chat(load_model(name, dtype=dtype), load_tokenizer(name), None, None, f"model {name}")
+    conf = _json(run / "config.json")
+    tc, dc = conf.get("train_config", {}), conf.get("data_config", {})
+    folder = run / "model"
+    if not (folder / "tokenizer_config.json").exists():
+        raise ConfigError(f"{run} has no finished model yet ({folder} is missing): finish the run with "
+                          f"`chatmask train ... --out {run} --resume`")
+    tok = load_tokenizer(str(folder))
+    if (folder / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = load_model(tc.get("model", "smollm2"), dtype=dtype)
+        if len(tok) > base.get_input_embeddings().weight.shape[0]:  # the run added template tokens
+            base.resize_token_embeddings(len(tok))
+        model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+        what = f"run {run} (LoRA adapters on {tc.get('model')}, merged)"
+    else:
+        model = load_model(str(folder), dtype=dtype)
+        what = f"run {run} ({'full fine-tuning' if tc.get('finetune') == 'full' else 'merged adapters'})"
+    return Chat(model, tok, dc.get("template"), dc.get("end_of_turn"), what)
+
+
+class _Stream:
+    """A transformers streamer: decoded text handed to `on_text` as words complete, and kept."""
+
+    def __init__(self, tokenizer, on_text):
+        from transformers import TextStreamer
+
+        outer = self
+
+        class S(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False):
+                outer.text += text
+                if on_text is not None:
+                    on_text(text)
+
+        self.text = ""
+        self.streamer = S(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def reply(chat: Chat, messages: list[dict], cfg: ChatConfig = ChatConfig(), on_text=None) -> str:
+    """One answer to `messages` (ending with a user turn), rendered as in training with the generation
+    prompt; sampled unless cfg.temperature is 0; stops at eos or the end-of-turn marker."""
+    import torch
+
+    from .labels import renderer
+    from .messages import normalize_messages
+    from .metrics import stop_ids
+
+    tok, model = chat.tokenizer, chat.model
+    r = renderer(tok, chat.template, chat.end_of_turn)
+    text = r.render(normalize_messages(messages), add_generation_prompt=True)
+    device = next(model.parameters()).device
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], device=device)  # (1, T)
+    stops = stop_ids(tok, r.marker)
+    stream = _Stream(tok, on_text)
+    sample = cfg.temperature > 0
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+                           do_sample=sample, num_beams=1, eos_token_id=stops,
+                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stops[0],
+                           streamer=stream.streamer,
+                           **({"temperature": cfg.temperature, "top_p": cfg.top_p} if sample else {}))
+    finally:
+        model.train(was)
+    return stream.text.strip()
