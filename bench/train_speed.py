@@ -249,7 +249,7 @@ def case(data, model_name, steps, bs, device, dtype, src, lora=False):
     import torch
 
     from chatmask.attention import packed_attention
-    from chatmask.models import add_lora
+    from chatmask.models import add_lora, checkpoint_activations
 
     tok = tokenizer(src)
     rows = rows_for(data, tok, steps * bs, src)
@@ -261,6 +261,11 @@ def case(data, model_name, steps, bs, device, dtype, src, lora=False):
             models[v] = add_lora(models[v], r=16, alpha=32, dropout=0.0)
         model = models["chatmask"]
     attention = packed_attention(model)  # what `chatmask train --packing` checks and uses
+    # --gradient-checkpointing: chatmask's step on its own copy with activations recomputed in the backward
+    models["chatmask+ckpt"] = copy.deepcopy(model)
+    checkpoint_activations(models["chatmask+ckpt"])
+    for m in models.values():
+        m.train()  # checkpointing acts in training mode only (SmolLM2 has no dropout: same numbers)
     plans = {v: make_batches(rows, tok.pad_token_id, bs, v, dtype, attention) for v in models}
     with torch.no_grad():  # same weights, same rows: both steps must compute the same loss
         first = {v: float(step_loss(v, models[v], plans[v][0][0], device)) for v in plans}
@@ -282,6 +287,7 @@ def case(data, model_name, steps, bs, device, dtype, src, lora=False):
     padded = sum(int(b["input_ids"].numel()) for b in plans["hf-standard"][0])
     return {"tps": {v: tokens / times[v] for v in plans}, "peak": peak, "rss": rss, "padding": 1 - tokens / padded,
             "attention": attention, "dloss": abs(first["hf-standard"] - first["chatmask"]),
+            "dloss_ckpt": abs(first["chatmask+ckpt"] - first["chatmask"]),
             "phases": {v: [x / n for x in phases[v]] for v in plans}}
 
 
@@ -343,6 +349,10 @@ def main():
         print(f"{data:9} {model_name:13} {bs:4} {n_steps:5} {tps['hf-standard']:9.0f} {tps['chatmask']:15.0f} {sp:8.2f} "
               f"{r['padding']:8.1%} {mem['hf-standard']:11.0f} {mem['chatmask']:11.0f} {ratio:9.2f} {rss_ratio:9.2f} "
               f"{r['dloss']:8.1e}  {r['attention']}", flush=True)
+        ck = "chatmask+ckpt"
+        print(f"    --gradient-checkpointing (chatmask's step, same batches): {tps[ck]:.0f} tok/s = "
+              f"{tps[ck] / tps['chatmask']:.2f}x the tokens/s without, peak {mem[ck]:.0f} MB = "
+              f"{mem[ck] / mem['chatmask']:.2f}x the memory (|dloss| {r['dloss_ckpt']:.1e})", flush=True)
         if args.device == "cpu":
             hf, cm = r["phases"]["hf-standard"], r["phases"]["chatmask"]
             print("    s a step, forward / backward / optimizer: hf " + " / ".join(f"{x:.2f}" for x in hf)

@@ -130,10 +130,10 @@ def _isolates(model, attention: str) -> bool:
     import torch
 
     from .batches import pack, to_device
-    from .models import logits_close, probing
+    from .models import logits_close, probing, vocab_rows
 
     p0 = next(model.parameters())
-    V = model.get_input_embeddings().num_embeddings
+    V = vocab_rows(model)
     g = torch.Generator().manual_seed(0)
     a, a2, b = (torch.randint(V, (n,), generator=g).tolist() for n in (5, 5, 7))
     try:

@@ -55,7 +55,7 @@ def _json(path: Path) -> dict:
 def load_chat(name: str, *, arm: str | None = None, seed: int = 0, dtype=None) -> Chat:
     """The model, tokenizer and template to talk to `name` (see the module's docstring)."""
     from .hub import load_tokenizer
-    from .models import load_model
+    from .models import grow_embeddings, load_model
 
     run = find_run(name, arm, seed)
     if run is None:
@@ -71,8 +71,7 @@ def load_chat(name: str, *, arm: str | None = None, seed: int = 0, dtype=None) -
         from peft import PeftModel
 
         base = load_model(tc.get("model", "smollm2"), dtype=dtype)
-        if len(tok) > base.get_input_embeddings().weight.shape[0]:  # the run added template tokens
-            base.resize_token_embeddings(len(tok))
+        grow_embeddings(base, tok)  # the run added template tokens
         model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
         what = f"run {run} (LoRA adapters on {tc.get('model')}, merged)"
     else:

@@ -13,7 +13,7 @@ from .errors import ConfigError
 from .hub import DEFAULT_MODEL, load_failed, locate
 
 __all__ = ["DEFAULT_MODEL", "add_lora", "checkpoint_activations", "grow_embeddings", "load_model", "logits_close",
-           "probing", "quantization"]
+           "probing", "quantization", "vocab_rows"]
 
 
 @contextlib.contextmanager
@@ -96,10 +96,20 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype=None, trust_remote_code: bool
         raise load_failed(name, "causal LM", kwargs, e) from None
 
 
+def vocab_rows(model) -> int:
+    """Rows of the model's input embedding, through wrappers (peft's trainable tokens wrap it)."""
+    emb = model.get_input_embeddings()
+    for m in (emb, getattr(emb, "original_module", None), getattr(emb, "base_layer", None)):
+        n = getattr(m, "num_embeddings", None)
+        if n:
+            return int(n)
+    return int(model.config.vocab_size)
+
+
 def grow_embeddings(model, tokenizer) -> list[int]:
     """Grow the model's embeddings (and a tied or separate output layer) to the tokenizer's size when
     tokens were added (--add-template-tokens); the ids of the new rows, [] when none."""
-    have = model.get_input_embeddings().weight.shape[0]
+    have = vocab_rows(model)
     if len(tokenizer) <= have:
         return []
     model.resize_token_embeddings(len(tokenizer))  # new rows: the mean of the old ones (transformers' default)

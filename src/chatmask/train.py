@@ -40,10 +40,10 @@ def sparse_head_works(model) -> bool:
     """True when `model(..., logits_to_keep=<boolean (B, T) mask>)` returns the full logits at exactly the
     masked positions, as (N, V): checked on a probe, never assumed from the signature (a model may take the
     argument and read it only as an int, or ignore it)."""
-    from .models import logits_close, probing
+    from .models import logits_close, probing, vocab_rows
 
     p0 = next(model.parameters())
-    V = model.get_input_embeddings().num_embeddings
+    V = vocab_rows(model)
     ids = torch.randint(V, (2, 6), generator=torch.Generator().manual_seed(0)).to(p0.device)  # (2, 6)
     keep = torch.tensor([[0, 1, 0, 1, 1, 0], [1, 0, 0, 0, 1, 1]], dtype=torch.bool, device=p0.device)  # (2, 6)
     try:
