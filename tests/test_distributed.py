@@ -71,3 +71,16 @@ def test_accelerate_launch(setup, tmp_path):
           data, *common, "--batch-size", "2", "--out", str(tmp_path / "acc")], env)
     r = _result(tmp_path / "acc")
     assert r["steps"] == 6 and json.loads((tmp_path / "acc" / "config.json").read_text())["processes"] == 2
+
+
+def test_two_processes_with_gradient_checkpointing_and_packing_equal_one(setup, tmp_path):
+    """--gradient-checkpointing under DDP (non-reentrant, so no 'parameter marked ready twice'), with packing
+    and the sparse head: the same curve as one process without checkpointing."""
+    data, env, common = setup
+    _run([sys.executable, "-m", "chatmask", "train", data, *common, "--packing", "--batch-size", "4",
+          "--out", str(tmp_path / "one")], env)
+    torchrun = shutil.which("torchrun") or pytest.skip("no torchrun")
+    _run([torchrun, "--nproc_per_node", "2", "--master_port", "29520", "-m", "chatmask", "train", data, *common,
+          "--packing", "--gradient-checkpointing", "--batch-size", "2", "--out", str(tmp_path / "two")], env)
+    one, two = _result(tmp_path / "one"), _result(tmp_path / "two")
+    assert two["train_losses"] == pytest.approx(one["train_losses"], abs=1e-5)

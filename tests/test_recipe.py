@@ -58,7 +58,7 @@ def test_gradient_checkpointing_is_on(model_dir):
 
     m = load_model(model_dir)
     checkpoint_activations(m)
-    assert m.is_gradient_checkpointing
+    assert getattr(m, "is_activation_checkpointing", None) or m.is_gradient_checkpointing
 
 
 def test_qlora_4bit_trains_with_packing_sparse_head_and_checkpointing(data, model_dir, tmp_path):

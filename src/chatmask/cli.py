@@ -35,7 +35,7 @@ def _tokenizer(args, saved: dict | None = None):
     return data_tokenizer(cfg, getattr(args, "model", None))
 
 
-DEMO = {  # sized for about 10 minutes on 2 CPU cores
+DEMO = {  # about 4.5 minutes on 2 quiet CPU cores (bench/demo_time.py)
     "data": dict(salvage=True, skip_invalid=True, limit=400, max_length=384),
     "train": dict(finetune="lora", lr=5e-4, steps=16, batch_size=4, eval_every=4, save_every=4, val_rows=16,
                   eval_batch_size=8, warmup=0.1),
@@ -54,7 +54,7 @@ def _sharegpt_path() -> str:
 
 def cmd_demo(args) -> int:
     """The main job on embedded defaults: show what is trained on the post's example, then compare masked
-    vs unmasked LoRA fine-tuning of SmolLM2-135M on ShareGPT (about 10 minutes on 2 CPU cores)."""
+    vs unmasked LoRA fine-tuning of SmolLM2-135M on ShareGPT (about 5 minutes on 2 CPU cores)."""
     import shlex
 
     from . import config, encode

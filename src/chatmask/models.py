@@ -119,7 +119,11 @@ def grow_embeddings(model, tokenizer) -> list[int]:
 def checkpoint_activations(model) -> None:
     """Gradient checkpointing, non-reentrant: it works with frozen inputs (LoRA), keeps the RNG state for
     dropout's recomputation, and composes with DDP and FSDP."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules="all-linear",
