@@ -185,7 +185,13 @@ def cmd_stats(args) -> int:
     checks = [(e, *_parse_expr(e)) for e in args.fail_if or []]
     cfg = config.replace(_data_config(args), skip_invalid=True)
     tok = _tokenizer(args)
-    s = dict(prepare_cached(args.data, cfg, tok, progress=not args.quiet, log=None).stats)
+    try:
+        s = dict(prepare_cached(args.data, cfg, tok, progress=not args.quiet, log=None).stats)
+    except ChatmaskError as e:
+        if getattr(e, "stats", None) is None:
+            raise
+        s = dict(e.stats)  # every row dropped: still the audit (and --fail-if), with the reasons
+        print(f"warning: {str(e).splitlines()[0]}", file=sys.stderr)
     roles = role_tokens(args.data, cfg, tok, max_rows=args.role_rows)
     s["tokens_by_role"] = {k: roles[k] for k in ("system", "user", "assistant", "tool", "template")}
     s["tokens_by_role_rows"] = roles["rows"]
@@ -466,6 +472,12 @@ def _quiet_libraries() -> None:
 
     warnings.showwarning = show
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*is deprecated.*")
+    import logging
+
+    # bitsandbytes (imported by peft when installed) warns at import that an optional CPU kernel package
+    # is missing; its fallback is correct
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 

@@ -48,6 +48,8 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
     from .hub import data_tokenizer
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; pass a folder (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda *a: None)
     tok = data_tokenizer(data_cfg, train_cfg.model, tokenizer, trust_remote_code=train_cfg.trust_remote_code)

@@ -151,7 +151,7 @@ def locate(name: str, what: str = "model") -> tuple[str, dict]:
 
 def load_failed(name: str, what: str, kwargs: dict, err: Exception) -> ConfigError:
     """The error for a failed from_pretrained: what failed, the first line of why, and what to do."""
-    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    first = (str(err).splitlines()[0] if str(err) else type(err).__name__).rstrip(".")
     from huggingface_hub import constants
 
     if kwargs.get("local_files_only") or constants.HF_HUB_OFFLINE:

@@ -315,6 +315,8 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
     tokens.text_tokens(tok)  # an unusable tokenizer, a missing or broken template fail here, before any work
     labels.renderer(tok, cfg.template, cfg.end_of_turn)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; pass a folder (it is created if missing)")
     key = cache_key(data, cfg, tok)
     done = _cached(out, key)
     if done is not None:
@@ -347,7 +349,9 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
             why = drop_summary(s).split("; e.g. ")[0] or "the data has no rows"
             each = "".join(f"\n  {reason}: {msg.splitlines()[0].replace(' ' + FIX_ROW, '')}"
                            for reason, msg in s["first_dropped"].items())
-            raise ConversationError(f"{data}: no row became an example: {why}{each}", reason="no rows")
+            err = ConversationError(f"{data}: no row became an example: {why}{each}", reason="no rows")
+            err.stats = s  # `stats` still reports them (and --fail-if can bound them)
+            raise err
         _finish_layout(tmp, n_shards, key, data)
         resolved = {"data": str(data), "cache_key": key, "format_version": FORMAT_VERSION,
                     "tokenizer_fingerprint": tokenizer_fingerprint(tok), "end_of_turn_marker": r.marker,

@@ -103,7 +103,8 @@ def split_rows(ds, cfg: TrainConfig, val_ds=None) -> Split:
         if cfg.val_rows:
             k = min(k, cfg.val_rows)
         if k >= len(ds):
-            raise ConfigError(f"{len(ds)} rows are too few to hold out {k} for validation")
+            raise ConfigError(f"{len(ds)} rows are too few to hold out {k} for validation and train on the rest: "
+                              "use more rows, or pass --val-data FILE with validation rows of their own")
         val_ds, ds = ds.select(sorted(perm[:k])), ds.select(sorted(perm[k:]))
     elif cfg.val_rows and len(val_ds) > cfg.val_rows:
         val_ds = val_ds.select(range(cfg.val_rows))
@@ -267,6 +268,8 @@ def _setup(data, data_cfg: DataConfig, cfg: TrainConfig, out: Path, tokenizer, m
     if is_sharded(acc) and cfg.finetune == "lora" and cfg.merge_lora:
         raise ConfigError("--merge-lora cannot merge adapters into sharded (FSDP / DeepSpeed) weights; train "
                           "without it and merge the saved adapters on one device")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; pass a folder (it is created if missing)")
     saved = _saved_for_resume(out, data, data_cfg, cfg, say)
     tok = data_tokenizer(data_cfg, cfg.model, tokenizer, trust_remote_code=cfg.trust_remote_code)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
