@@ -109,3 +109,26 @@ def test_fsdp_run_resumes_from_sharded_checkpoints_and_saves_full_weights(tmp_pa
     again = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     for k, v in weights.items():
         assert torch.allclose(again[k], v, atol=1e-5), k
+
+
+def test_post_recipe_on_a_gpu(tmp_path, bpe_tok):
+    """The post's recipe on a GPU (#14): QLoRA 4-bit + gradient checkpointing + bf16 + packing (torch's flash
+    varlen kernel) on a random Gemma-shaped model, from examples/post/post.yaml with only the model swapped;
+    prints its tokens/s (pytest -s) for bench/README.md."""
+    pytest.importorskip("bitsandbytes")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_recipe import POST, ROWS, _tiny_gemma_dir
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS))
+    d = _tiny_gemma_dir(tmp_path)
+    env = {**os.environ, "CHATMASK_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(["python", "-m", "chatmask", "train", str(data), "--config", str(POST), "--set",
+                        f"train.model={d}", "--set", "train.epochs=null", "--steps", "6", "--set", "train.val_rows=4",
+                        "--out", str(tmp_path / "post")], env=env, capture_output=True, text=True, timeout=500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "post" / "result.json").read_text())
+    print(f"post recipe on {torch.cuda.get_device_name(0)}: {res['input_tokens'] / res['train_seconds']:.0f} tok/s")
+    assert res["steps"] == 6 and all(x == x for x in res["train_losses"])

@@ -84,7 +84,8 @@ def _metric_hook(data, data_cfg, cmp, tok):
         convs = _metric_conversations(data, data_cfg, cmp, sources)
         if not convs:
             return {"error": "no conversations for the metric"}
-        return metrics.ner_f1(model, tok, convs, template=data_cfg.template, max_questions=cmp.metric_questions)
+        return metrics.ner_f1(model, tok, convs, template=data_cfg.template, max_questions=cmp.metric_questions,
+                              progress=True)
 
     return run
 
@@ -148,6 +149,9 @@ def _plot(out: Path, summary: dict, arms) -> None:
         ax.plot(steps, mean, marker="o", ms=3, color=colors.get(arm), label=label)
         if len(curves) > 1:
             ax.fill_between(steps, lo, hi, color=colors.get(arm), alpha=0.2)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (assistant tokens only)")
     ax.set_title("masked vs unmasked: the same assistant-only validation tokens")

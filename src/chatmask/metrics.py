@@ -121,7 +121,7 @@ def stop_ids(tokenizer, marker: str) -> list[int]:
 
 
 def generate_answers(model, tokenizer, prompts: list[list[dict]], *, template=None, max_new_tokens=64,
-                     batch_size=8) -> list[str]:
+                     batch_size=8, progress: bool = False) -> list[str]:
     """Greedy answers to `prompts` (message lists ending with a user turn), rendered as at inference and
     stopped at eos or the template's end-of-turn token; only the new text, special tokens skipped."""
     import torch
@@ -136,6 +136,11 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], *, template=No
     out: list[str] = [""] * len(ids)
     was_training = model.training
     model.eval()
+    bar = None
+    if progress:
+        from .progress import progress as progress_bar
+
+        bar = progress_bar(len(ids), "generating", "answers")
     try:
         with torch.no_grad():
             for s in range(0, len(order), batch_size):
@@ -148,13 +153,17 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], *, template=No
                                      do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad)  # (B, T + new)
                 for k, text in zip(chunk, tokenizer.batch_decode(gen[:, T:], skip_special_tokens=True)):
                     out[k] = text
+                if bar is not None:
+                    bar.update(len(chunk))
     finally:
+        if bar is not None:
+            bar.close()
         model.train(was_training)
     return out
 
 
 def ner_f1(model, tokenizer, conversations, *, template=None, max_questions=None, max_new_tokens=64,
-           batch_size=8) -> dict:
+           batch_size=8, progress: bool = False) -> dict:
     """Entity F1 of `model` on the NER questions of `conversations` (see `score` for the keys, with
     `per_type`), plus `examples`: the first 5 questions as {type, gold, predicted, raw}.
 
@@ -164,7 +173,7 @@ def ner_f1(model, tokenizer, conversations, *, template=None, max_questions=None
     """
     qs = ner_questions(conversations)[:max_questions]
     raw = generate_answers(model, tokenizer, [p for p, _, _ in qs], template=template,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     marker = renderer(tokenizer, template).marker
     pred = [parse_entities(a, marker) for a in raw]
     out = score(pred, [g for _, _, g in qs], [t for _, t, _ in qs])

@@ -8,14 +8,38 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import re
 
 
 def _f(x, d=4):
     return "—" if x is None else f"{x:.{d}f}"
 
 
-def _pm(m, s, d=4):
-    return "—" if m is None else f"{m:.{d}f} ± {s:.{d}f}"
+def _pm(m, s, d=4, seeds=2):
+    """mean ± std; one seed has no std to show (never "± 0.0000")."""
+    if m is None:
+        return "—"
+    return f"{m:.{d}f} ± {s:.{d}f}" if seeds > 1 else f"{m:.{d}f} (1 seed)"
+
+
+def shown_path(path) -> str:
+    """A data path as a reader of the report can use it: relative to the folder the command ran in when
+    it is under it, the package's name for a file inside an installed package, else as given."""
+    p = str(path)
+    if not os.path.isabs(p):
+        return p
+    parts = p.split(os.sep)
+    if "site-packages" in parts:
+        i = parts.index("site-packages")
+        return f"{parts[i + 1]} (installed package): {os.sep.join(parts[i + 1:])}"
+    cwd = os.getcwd()
+    return os.path.relpath(p, cwd) if p.startswith(cwd + os.sep) else p
+
+
+def _code(text: str) -> str:
+    """HTML for one line of the Markdown text: escaped, `code` spans as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
 
 
 def _rows(result, arms):
@@ -24,8 +48,9 @@ def _rows(result, arms):
         a = result[arm]
         out.append([
             arm, a["train_on"], str(a["seeds"]), f"{a['trained_tokens']:,.0f}", f"{a['trained_fraction']:.1%}",
-            _pm(a["final_val_loss_mean"], a["final_val_loss_std"]), _pm(a["best_val_loss_mean"], a["best_val_loss_std"]),
-            _pm(a["f1_mean"], a["f1_std"], 3), f"{a['wall_seconds_mean']:.0f}",
+            _pm(a["final_val_loss_mean"], a["final_val_loss_std"], seeds=a["seeds"]),
+            _pm(a["best_val_loss_mean"], a["best_val_loss_std"], seeds=a["seeds"]),
+            _pm(a["f1_mean"], a["f1_std"], 3, seeds=a["seeds"]), f"{a['wall_seconds_mean']:.0f}",
         ])
     return out
 
@@ -39,7 +64,7 @@ def _stats_lines(result):
     total = sum(s[k] for k in ("system", "user", "assistant", "tool", "template")) or 1
     ua = s.get("user_to_assistant")
     lines = [
-        f"data: `{result['data']}` (tokens by role over its first {s['rows']:,} rows)",
+        f"data: `{shown_path(result['data'])}` (tokens by role over its first {s['rows']:,} rows)",
         "tokens by role: " + ", ".join(f"{k} {s[k]:,} ({s[k] / total:.1%})" for k in ("system", "user", "assistant", "tool", "template")),
         f"user : assistant tokens = {ua:.2f} : 1" if ua is not None else "user : assistant: no assistant tokens",
     ]
@@ -68,6 +93,10 @@ def _verdict(result, arms):
             f"{abs(diff):.4f} ({strength}).")
     if m["f1_mean"] is not None and u["f1_mean"] is not None:
         text += f" Entity F1: masked {m['f1_mean']:.3f}, unmasked {u['f1_mean']:.3f}."
+        if max(m["f1_mean"], u["f1_mean"]) < 0.005:
+            text += (" An entity F1 of 0 means no run named a gold entity: at this training budget the models answer "
+                     "an empty list or text that is not a JSON list (see the answers in metrics.json), so the metric "
+                     "does not separate the arms here; more steps, full fine-tuning or a higher learning rate do.")
     text += (" This is one dataset, one model and one training budget; it does not show the effect at other "
              "sizes, budgets or data.")
     return text
@@ -92,7 +121,7 @@ def report_markdown(result: dict, arms) -> str:
 def report_html(result: dict, arms, svg: str) -> str:
     e = html.escape
     rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in _rows(result, arms))
-    stats = "".join(f"<li>{e(x)}</li>" for x in _stats_lines(result))
+    stats = "".join(f"<li>{_code(x)}</li>" for x in _stats_lines(result))
     svg = svg[svg.find("<svg"):]
     conf = e(json.dumps({k: result[k] for k in ("data_config", "train_config", "compare_config")}, indent=2))
     return (
@@ -102,6 +131,6 @@ def report_html(result: dict, arms, svg: str) -> str:
         "pre{background:#f6f6f6;padding:1em;overflow:auto}svg{max-width:100%;height:auto}</style></head><body>"
         f"<h1>chatmask compare: masked vs unmasked</h1>{svg}<ul>{stats}</ul>"
         "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEAD) + f"</tr>{rows}</table>"
-        f"<p>{e(_verdict(result, arms))}</p><h2>How it was made</h2><pre>{e(result['command'])}</pre><pre>{conf}</pre>"
+        f"<p>{_code(_verdict(result, arms))}</p><h2>How it was made</h2><pre>{e(result['command'])}</pre><pre>{conf}</pre>"
         "</body></html>"
     )
