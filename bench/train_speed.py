@@ -315,6 +315,7 @@ def main():
     ap.add_argument("--lora", action="store_true", help="LoRA (r 16, every linear layer) instead of full fine-tuning")
     ap.add_argument("--steps", type=int, default=None, help="measured steps per variant and case")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)")
     ap.add_argument("--export", metavar="DIR", help="write rows, config and tokenizer for --from, and stop")
     ap.add_argument("--from", dest="src", metavar="DIR", help="rows, config and tokenizer from --export")
     args = ap.parse_args()
@@ -323,6 +324,8 @@ def main():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     steps = args.steps or (3 if args.quick else 8)
     # (data, model, rows per step, measured steps); --quick: ShareGPT's long rows 3 at a time, 2 steps
@@ -334,7 +337,8 @@ def main():
     if not (Path(args.src) / "crossner.json" if args.src else UNINER).exists():
         print(f"note: {UNINER} not found; CrossNER cases skipped")
         cases = [c for c in cases if c[0] != "crossner"]
-    dev = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
+    dev = (torch.cuda.get_device_name(0) if args.device == "cuda"
+           else f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads")
     print(f"train_speed: torch {torch.__version__}, {dev}, {args.dtype}, {'LoRA' if args.lora else 'full'} fine-tuning, measured steps per variant and case "
           f"alternating after a warm-up{'; weights random (--from)' if args.src else ''}")
     print(f"{'data':9} {'model':13} {'rows':>4} {'steps':>5} {'hf tok/s':>9} {'chatmask tok/s':>15} {'speedup':>8} {'padding':>8} "

@@ -99,3 +99,9 @@ def test_prepared_folder_has_the_umask_permissions(umask, tmp_path, tok_dir, cap
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "p").stat().st_mode) == 0o777 & ~umask
+
+
+def test_a_model_folder_without_a_tokenizer_says_so(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="has no tokenizer.*--tokenizer"):
+        hub.load_tokenizer(str(tmp_path))

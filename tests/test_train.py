@@ -2,6 +2,7 @@
 accumulation window, the same validation tokens for every arm, and exact resume."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -415,3 +416,58 @@ def test_a_step_descends_the_mean_loss_over_the_steps_trained_tokens(data, bpe_t
     (total / n_total).backward()
     for n, p in ref.named_parameters():
         torch.testing.assert_close(before[n] - after[n].detach(), p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_threads_follow_the_cores_other_processes_leave(monkeypatch):
+    """On a core another process holds, every parallel op waits for a descheduled thread (1.75x slower
+    here, bench/README.md): training takes one thread per free core, or --threads."""
+    import chatmask.train as tr
+
+    said, before = [], torch.get_num_threads()
+    try:
+        monkeypatch.setattr(tr, "busy_cores_elsewhere", lambda: 1.0)
+        monkeypatch.setattr(tr.os, "cpu_count", lambda: 2)
+        torch.set_num_threads(2)
+        tr.cpu_threads(TrainConfig(), said.append)
+        assert torch.get_num_threads() == 1 and "1.0 of 2 cores busy" in said[0]
+        torch.set_num_threads(2)
+        monkeypatch.setattr(tr, "busy_cores_elsewhere", lambda: 0.1)  # a quiet machine: left alone
+        tr.cpu_threads(TrainConfig(), said.append)
+        assert torch.get_num_threads() == 2 and len(said) == 1
+        tr.cpu_threads(TrainConfig(threads=1), said.append)  # --threads wins
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_busy_cores_are_measured():
+    import subprocess
+    import sys
+
+    from chatmask.train import busy_cores_elsewhere
+
+    p = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"])
+    try:
+        time.sleep(0.5)
+        busy = busy_cores_elsewhere(0.5)
+    finally:
+        p.kill()
+    assert busy is not None and busy >= 0.6  # one busy loop holds about one core
+
+
+def test_a_bf16_accelerator_earlier_in_the_process_does_not_leak_into_training(data, bpe_tok, tmp_path):
+    """accelerate keeps one state per process: a Trainer run with bf16 before chatmask's train() (a
+    notebook) must not make chatmask autocast to bf16."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cfg = TrainConfig(steps=2, batch_size=4, finetune="full", val_split=0.1, eval_every=2, save_every=2,
+                      tensorboard=False)
+    plain = train(data, DataConfig(), cfg, tmp_path / "a", tokenizer=bpe_tok, model=tiny(bpe_tok), progress=False,
+                  log=None)
+    AcceleratorState._reset_state()
+    Accelerator(cpu=True, mixed_precision="bf16")
+    after = train(data, DataConfig(), cfg, tmp_path / "b", tokenizer=bpe_tok, model=tiny(bpe_tok), progress=False,
+                  log=None)
+    AcceleratorState._reset_state()
+    assert after["train_losses"] == pytest.approx(plain["train_losses"], abs=1e-6)

@@ -76,6 +76,7 @@ def cmd_demo(args) -> int:
     tc = config.build(TrainConfig, {**DEMO["train"], **({"steps": args.steps} if args.steps else {})},
                       model=args.model)
     cc = CompareConfig(seeds=args.seeds)
+    _threads(tc)
     print(f"\ncomparing masked vs unmasked on {data} (its first {dc.limit:,} valid conversations, {tc.steps} steps, "
           f"model {tc.model}); results in {args.out}")
     compare(data, dc, tc, cc, args.out, tokenizer=tok, command="chatmask " + shlex.join(sys.argv[1:] or ["demo"]))
@@ -284,10 +285,23 @@ def cmd_train(args) -> int:
     from .train import train
 
     dc, tc, _ = _run_configs(args)
+    _threads(tc)
     r = train(args.data, dc, tc, args.out)
     if "stopped_at" not in r and int(os.environ.get("RANK", "0")) == 0:  # once, under torchrun / accelerate
         print(f"final validation loss (assistant tokens): {r['final_val_loss']:.4f}; model in {args.out}/model")
     return 0
+
+
+def _threads(tc) -> None:
+    """On CPU, one process: threads for the cores other processes leave free (train.cpu_threads)."""
+    if "LOCAL_RANK" in os.environ or "RANK" in os.environ:  # torchrun / accelerate choose per process
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        from .train import cpu_threads
+
+        cpu_threads(tc, print)
 
 
 def cmd_compare(args) -> int:
@@ -297,6 +311,7 @@ def cmd_compare(args) -> int:
     from .compare import compare
 
     dc, tc, cc = _run_configs(args)
+    _threads(tc)
     compare(args.data, dc, tc, cc, args.out, command="chatmask " + shlex.join(sys.argv[1:]))
     print(f"report: {args.out}/report.html (also report.md, loss.png, metrics.json)")
     return 0

@@ -140,6 +140,9 @@ class TrainConfig:
     attn_implementation: str | None = None
     """attention kernel as transformers names it (sdpa, eager, flash_attention_2, ...); default: the model's,
     and with --packing attention per packed example"""
+    threads: int | None = None
+    """CPU threads torch uses (default: one per core that other processes do not keep busy at the start;
+    on a core another process holds, every parallel op waits for a descheduled thread)"""
     tensorboard: bool = True
     """write TensorBoard logs under OUT/tb"""
     trust_remote_code: bool = False
@@ -152,6 +155,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "eval_batch_size", "pack_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 p.append(f"{flag(name)} must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            p.append(f"--threads must be at least 1, not {self.threads}")
         if self.steps is not None and self.epochs is not None:
             p.append(f"--steps {self.steps} and --epochs {self.epochs}: give one of them")
         if self.epochs is not None and self.epochs <= 0:
@@ -323,7 +328,7 @@ def to_dict(cfg) -> dict:
 
 
 RESUME_SAFE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "eval_batch_size",
-                         "merge_lora", "resume", "num_proc"})
+                         "merge_lora", "resume", "num_proc", "threads"})
 """Settings a resumed run may change: they do not change what the saved steps computed (more --steps
 lengthens the run and the schedule that remains)."""
 

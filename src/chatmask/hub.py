@@ -181,9 +181,17 @@ def _generic_folder(path: str) -> bool:
             and not (folder / "config.json").exists())
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tekken.json",
+                    "spiece.model")
+
+
 def load_tokenizer(name: str = DEFAULT_MODEL, *, trust_remote_code: bool = False):
     """A Hugging Face tokenizer by hub name, local path, `.gguf` file, or `smollm2`."""
     path, kwargs = locate(name, "tokenizer")
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / f).exists() for f in _TOKENIZER_FILES):
+        raise ConfigError(f"{name} has no tokenizer ({', '.join(_TOKENIZER_FILES[:3])}, ... are missing): pass "
+                          "--tokenizer with the model's tokenizer (a hub name or folder)")
     try:
         if _generic_folder(path) and not trust_remote_code:
             from transformers import PreTrainedTokenizerFast

@@ -250,6 +250,22 @@ def total_steps(cfg: TrainConfig, n_rows: int, world: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_rows / (cfg.batch_size * cfg.grad_accum * world)))
 
 
+def _accelerator(cpu: bool):
+    """accelerate's Accelerator with the mixed precision `accelerate launch` asked for, else none (chatmask
+    sets the weights' dtype itself). accelerate keeps one state per process, so a Trainer run earlier in the
+    same process with bf16 would otherwise make this run autocast to bf16 without a word; that state is
+    reset (the process group is kept)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    try:
+        return Accelerator(cpu=cpu, mixed_precision=mp)
+    except ValueError:
+        AcceleratorState._reset_state()
+        return Accelerator(cpu=cpu, mixed_precision=mp)
+
+
 def _setup(data, data_cfg: DataConfig, cfg: TrainConfig, out: Path, tokenizer, model, log) -> _Run:
     """The accelerator, the prepared rows and their split, the model (with LoRA), optimizer and schedule."""
     from accelerate import Accelerator
@@ -262,8 +278,10 @@ def _setup(data, data_cfg: DataConfig, cfg: TrainConfig, out: Path, tokenizer, m
     # with no accelerator, say so: accelerate only sets up multi-process CPU (gloo) under torchrun when told
     no_device = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()) \
         and not torch.backends.mps.is_available()
-    acc = Accelerator(cpu=no_device)
+    acc = _accelerator(no_device)
     say = (log or (lambda *a: None)) if acc.is_main_process else (lambda *a: None)
+    if cfg.threads and acc.device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
     world = acc.num_processes
     if is_sharded(acc) and cfg.finetune == "lora" and cfg.merge_lora:
         raise ConfigError("--merge-lora cannot merge adapters into sharded (FSDP / DeepSpeed) weights; train "
@@ -334,6 +352,46 @@ def _setup(data, data_cfg: DataConfig, cfg: TrainConfig, out: Path, tokenizer, m
     lengths = [len(x) for x in split.train["input_ids"]] if cfg.group_by_length else None
     return _Run(acc, cfg, data_cfg, out, say, tok, pad_id, split, model, opt, sched, attention, sparse, dtype,
                 lengths=lengths)
+
+
+def busy_cores_elsewhere(seconds: float = 0.1) -> float | None:
+    """How many cores other processes keep busy, from /proc/stat over `seconds` while this process waits
+    (Linux; None elsewhere)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:  # this process's own threads (torch's spin-waiting ones too)
+            own = f.read().rsplit(")", 1)[1].split()
+        return sum(v), v[3] + (v[4] if len(v) > 4 else 0), int(own[11]) + int(own[12])  # all, idle, ours
+
+    try:
+        t0, i0, o0 = sample()
+        time.sleep(seconds)
+        t1, i1, o1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = t1 - t0
+    busy = (total - (i1 - i0)) - (o1 - o0)  # every core's busy jiffies, less this process's
+    return max(0.0, (os.cpu_count() or 1) * busy / total) if total > 0 else None
+
+
+def cpu_threads(cfg: TrainConfig, say) -> None:
+    """--threads, or one thread per core other processes leave free: with two threads on two cores and
+    another busy process, chatmask's step ran 1.75x slower than on one thread (bench/README.md). The
+    command line calls it once, before training; `train()` itself only applies an explicit --threads (a
+    library call does not change the process's thread count behind its caller's back)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+        return
+    busy = busy_cores_elsewhere()
+    have = torch.get_num_threads()
+    if busy is None or busy < 0.75:
+        return
+    free = max(1, min(have, (os.cpu_count() or have) - round(busy)))
+    if free < have:
+        torch.set_num_threads(free)
+        say(f"note: other processes keep {busy:.1f} of {os.cpu_count()} cores busy: training on {free} thread(s) "
+            f"instead of {have} (--threads N to choose)")
 
 
 def _data_id(data) -> str:
