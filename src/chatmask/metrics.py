@@ -162,10 +162,17 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], *, template=No
     return out
 
 
+def _passage(prompt: list[dict], chars: int = 160) -> str:
+    first = next((m.get("content") for m in prompt if m.get("role") == "user"), "") or ""
+    text = " ".join(str(first).split())
+    return text if len(text) <= chars else text[:chars - 1] + "…"
+
+
 def ner_f1(model, tokenizer, conversations, *, template=None, max_questions=None, max_new_tokens=64,
            batch_size=8, progress: bool = False) -> dict:
     """Entity F1 of `model` on the NER questions of `conversations` (see `score` for the keys, with
-    `per_type`), plus `examples`: the first 5 questions as {type, gold, predicted, raw}.
+    `per_type`), plus `examples`: the first 8 questions as {passage, type, gold, predicted, raw} (the
+    passage: the start of the conversation's first user message, for a person to read beside the answers).
 
     >>> res = ner_f1(model, tok, conversations.load("CrossNER_AI.json"), max_questions=200)  # doctest: +SKIP
     >>> print(f"{res['f1']:.3f} over {res['questions']} questions")  # doctest: +SKIP
@@ -177,6 +184,6 @@ def ner_f1(model, tokenizer, conversations, *, template=None, max_questions=None
     marker = renderer(tokenizer, template).marker
     pred = [parse_entities(a, marker) for a in raw]
     out = score(pred, [g for _, _, g in qs], [t for _, t, _ in qs])
-    out["examples"] = [{"type": t, "gold": g, "predicted": p, "raw": a}
-                       for (_, t, g), p, a in list(zip(qs, pred, raw))[:5]]
+    out["examples"] = [{"passage": _passage(prompt), "type": t, "gold": g, "predicted": p, "raw": a}
+                       for (prompt, t, g), p, a in list(zip(qs, pred, raw))[:8]]
     return out

@@ -102,12 +102,39 @@ def _verdict(result, arms):
     return text
 
 
+def answers_side_by_side(result: dict, arms) -> list[dict]:
+    """The held-out questions of seed 0 with the gold answer and each arm's generation (from the metric's
+    examples): [{passage, type, gold, <arm>: raw answer}], [] without a metric."""
+    per_arm = {a: ((result[a]["per_seed"][0].get("metric") or {}).get("examples") or []) for a in arms}
+    n = min((len(v) for v in per_arm.values()), default=0)
+    out = []
+    for k in range(n):
+        first = per_arm[arms[0]][k]
+        row = {"passage": first.get("passage", ""), "type": first["type"], "gold": json.dumps(first["gold"])}
+        row.update({a: per_arm[a][k]["raw"].strip() for a in arms})
+        out.append(row)
+    return out
+
+
+def _md_cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|") or "(empty)"
+
+
 def report_markdown(result: dict, arms) -> str:
     lines = ["# chatmask compare: masked vs unmasked", "", "![validation loss](loss.png)", ""]
     lines += [f"- {x}" for x in _stats_lines(result)]
     lines += ["", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(result, arms)]
-    lines += ["", _verdict(result, arms), "", "## Per seed", ""]
+    lines += ["", _verdict(result, arms), ""]
+    side = answers_side_by_side(result, arms)
+    if side:
+        lines += ["## Answers side by side (seed 0, held-out questions)", "",
+                  "| passage (start) | question: what describes… | gold | " + " | ".join(arms) + " |",
+                  "|" + "---|" * (3 + len(arms))]
+        lines += ["| " + " | ".join(_md_cell(x) for x in [r["passage"], r["type"], r["gold"], *(r[a] for a in arms)])
+                  + " |" for r in side]
+        lines.append("")
+    lines += ["## Per seed", ""]
     for arm in arms:
         for s in result[arm]["per_seed"]:
             f1 = (s.get("metric") or {}).get("f1")
@@ -116,6 +143,17 @@ def report_markdown(result: dict, arms) -> str:
     lines += ["", "## How it was made", "", "```", result["command"], "```", "", "```json",
               json.dumps({k: result[k] for k in ("data_config", "train_config", "compare_config")}, indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def _answers_html(result: dict, arms) -> str:
+    side = answers_side_by_side(result, arms)
+    if not side:
+        return ""
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in ["passage (start)", "question: what describes…", "gold", *arms])
+    rows = "".join("<tr>" + "".join(f"<td>{e(str(x)) or '(empty)'}</td>" for x in
+                                    [r["passage"], r["type"], r["gold"], *(r[a] for a in arms)]) + "</tr>" for r in side)
+    return f"<h2>Answers side by side (seed 0, held-out questions)</h2><table><tr>{head}</tr>{rows}</table>"
 
 
 def report_html(result: dict, arms, svg: str) -> str:
@@ -131,6 +169,6 @@ def report_html(result: dict, arms, svg: str) -> str:
         "pre{background:#f6f6f6;padding:1em;overflow:auto}svg{max-width:100%;height:auto}</style></head><body>"
         f"<h1>chatmask compare: masked vs unmasked</h1>{svg}<ul>{stats}</ul>"
         "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEAD) + f"</tr>{rows}</table>"
-        f"<p>{_code(_verdict(result, arms))}</p><h2>How it was made</h2><pre>{e(result['command'])}</pre><pre>{conf}</pre>"
+        f"<p>{_code(_verdict(result, arms))}</p>{_answers_html(result, arms)}<h2>How it was made</h2><pre>{e(result['command'])}</pre><pre>{conf}</pre>"
         "</body></html>"
     )
