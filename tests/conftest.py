@@ -113,3 +113,20 @@ def tiny_llama(tok, seed: int = 0, layers: int = 2, hidden: int = 32, **config):
     cfg = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                num_attention_heads=2, num_key_value_heads=2, attn_implementation="sdpa")
     return LlamaForCausalLM(LlamaConfig(**{**cfg, **config}))
+
+
+def data_file(tmp_path, monkeypatch, rows) -> str:
+    """`rows` as tmp_path/d.jsonl, with chatmask's cache in tmp_path too (nothing shared between tests)."""
+    import json
+
+    monkeypatch.setenv("CHATMASK_CACHE", str(tmp_path / "cache"))
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(p)
+
+
+def model_folder(folder, tok, **kw) -> str:
+    """`tiny_llama(tok, **kw)` and `tok` saved in `folder`: a model a run or the CLI can load by path."""
+    tiny_llama(tok, **kw).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)

@@ -2,7 +2,6 @@
 with the training template; one --prompt, or an interactive session; a compare folder's arms."""
 
 import io
-import json
 
 import pytest
 
@@ -10,7 +9,7 @@ from chatmask import cli
 from chatmask.config import DataConfig, TrainConfig
 from chatmask.metrics import generate_answers
 from chatmask.train import train
-from conftest import tiny_llama
+from conftest import data_file, model_folder
 
 ROWS = [{"messages": [{"role": "user", "content": f"Say {w} please"}, {"role": "assistant", "content": f"{w} {w}"}]}
         for w in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")]
@@ -19,18 +18,12 @@ PROMPT = [{"role": "user", "content": "Say beta please"}]
 
 @pytest.fixture
 def data(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHATMASK_CACHE", str(tmp_path / "cache"))
-    p = tmp_path / "d.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in ROWS))
-    return str(p)
+    return data_file(tmp_path, monkeypatch, ROWS)
 
 
 @pytest.fixture
 def base_dir(tmp_path, bpe_tok):
-    d = tmp_path / "base"
-    tiny_llama(bpe_tok).save_pretrained(d)
-    bpe_tok.save_pretrained(d)
-    return str(d)
+    return model_folder(tmp_path / "base", bpe_tok)
 
 
 def _train(data, base_dir, out, finetune, bpe_tok):

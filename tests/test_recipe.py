@@ -11,7 +11,7 @@ import torch
 from chatmask import cli
 from chatmask.config import DataConfig, TrainConfig
 from chatmask.train import train
-from conftest import tiny_llama
+from conftest import data_file, model_folder
 
 ROWS = [{"messages": [{"role": "user", "content": f"What is {k} plus {k}? Tell me please."},
                       {"role": "assistant", "content": f"It is {2 * k}."},
@@ -22,18 +22,12 @@ POST = Path(__file__).resolve().parents[1] / "examples" / "post" / "post.yaml"
 
 @pytest.fixture
 def data(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHATMASK_CACHE", str(tmp_path / "cache"))
-    p = tmp_path / "d.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in ROWS))
-    return str(p)
+    return data_file(tmp_path, monkeypatch, ROWS)
 
 
 @pytest.fixture
 def model_dir(tmp_path, bpe_tok):
-    d = tmp_path / "tiny"
-    tiny_llama(bpe_tok, hidden=64).save_pretrained(d)
-    bpe_tok.save_pretrained(d)
-    return str(d)
+    return model_folder(tmp_path / "tiny", bpe_tok, hidden=64)  # 64 wide: bitsandbytes' CPU kernels
 
 
 def run(data, out, **kw):
@@ -143,12 +137,10 @@ def test_epochs_resume_exactly(data, model_dir, tmp_path):
 def test_added_template_tokens_grow_the_model_and_train_their_rows(data, tmp_path, base_tok):
     """A base tokenizer without ChatML tokens, as the post's Gemma: --add-template-tokens adds them, the
     model's embeddings grow, and LoRA trains the new rows (peft trainable tokens), saved with the adapters."""
-    d = tmp_path / "base"
-    tiny_llama(base_tok, hidden=64).save_pretrained(d)
-    base_tok.save_pretrained(d)
+    d = model_folder(tmp_path / "base", base_tok, hidden=64)
     assert "<|im_end|>" not in base_tok.get_vocab()
     dc = DataConfig(template="chatml", add_template_tokens=True)
-    tc = TrainConfig(model=str(d), finetune="lora", lr=0.05, steps=3, eval_every=3, save_every=3, val_split=0.2,
+    tc = TrainConfig(model=d, finetune="lora", lr=0.05, steps=3, eval_every=3, save_every=3, val_split=0.2,
                      batch_size=4, tensorboard=False, packing=True)
     r = train(data, dc, tc, tmp_path / "run", log=None, progress=False)
     assert r["trained_tokens"] > 0

@@ -268,7 +268,6 @@ def _accelerator(cpu: bool):
 
 def _setup(data, data_cfg: DataConfig, cfg: TrainConfig, out: Path, tokenizer, model, log) -> _Run:
     """The accelerator, the prepared rows and their split, the model (with LoRA), optimizer and schedule."""
-    from accelerate import Accelerator
     from transformers import get_scheduler
 
     from .attention import packed_attention
