@@ -9,6 +9,8 @@ import sys
 import time
 
 import pytest
+
+import chatmask
 from conftest import tiny_llama
 
 from chatmask.compare import CompareConfig, compare
@@ -67,6 +69,11 @@ def test_compare_writes_report_with_same_validation_tokens(ner_file, bpe_tok, tm
     again = compare(ner_file, DataConfig(), tc, cc, out, tokenizer=bpe_tok, model_factory=None, log=None)
     assert again["masked"]["final_val_loss_mean"] == m["masked"]["final_val_loss_mean"]
     assert time.perf_counter() - t < 10
+    # ... but never runs made with other settings, reported as if they were these
+    import dataclasses
+
+    with pytest.raises(chatmask.ConfigError, match=r"masked-seed0 finished with other settings: --lr 0\.005 -> 0\.001"):
+        compare(ner_file, DataConfig(), dataclasses.replace(tc, lr=1e-3), cc, out, tokenizer=bpe_tok, log=None)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +156,8 @@ def test_resume_takes_the_saved_settings_and_refuses_changes(ner_file, model_dir
     other = tmp_path / "other.json"
     other.write_text(json.dumps(NER[:-1]))
     assert cm.main(["train", str(other), "--out", out, "--resume"]) == 2
-    assert "data " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "started with other settings: data " in err and "other.json" in err
     # the same folder without --resume: not silently mixed with the saved run (its checkpoints would win a resume)
     assert cm.main(["train", ner_file, "--out", out, "--model", model_dir]) == 2
     assert "already holds a training run" in capsys.readouterr().err

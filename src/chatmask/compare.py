@@ -59,14 +59,15 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
         for arm in arms:
             rdir = out / "runs" / f"{arm}-seed{seed}"
             done = rdir / "result.json"
+            tc = config.replace(train_cfg, seed=train_cfg.seed + seed, resume=True)
+            dc = config.replace(data_cfg, train_on=ARMS[arm])
             if done.exists():
+                _check_reuse(rdir, dc, tc)
                 runs[(arm, seed)] = json.loads(done.read_text())
                 say(f"{arm} seed {seed}: already finished ({done})")
                 continue
             say(f"{arm} seed {seed}: training ({ARMS[arm]} tokens)")
             t0 = time.perf_counter()
-            tc = config.replace(train_cfg, seed=train_cfg.seed + seed, resume=True)
-            dc = config.replace(data_cfg, train_on=ARMS[arm])
             hook = _metric_hook(data, data_cfg, cmp, tok) if cmp.metric != "none" else None
             res = train(data, dc, tc, rdir, tokenizer=tok, model=model_factory() if model_factory else None,
                         log=say, on_end=hook)
@@ -74,6 +75,19 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
             done.write_text(json.dumps(res, indent=2))
             runs[(arm, seed)] = res
     return write_report(out, data, data_cfg, train_cfg, cmp, runs, tok, command)
+
+
+def _check_reuse(rdir: Path, dc: DataConfig, tc: TrainConfig) -> None:
+    """A finished run is reused only if it was made with these settings: a rerun of compare with another
+    --lr into the same folder would otherwise report the old runs as the new ones."""
+    try:
+        saved = json.loads((rdir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # a run from before config.json was written: nothing to compare against
+    unsafe, _ = config.run_changes(saved, dc, tc)
+    if unsafe:
+        raise ConfigError(f"{rdir} finished with other settings: {config.describe_changes(unsafe)}; pass another "
+                          "--out for these settings, or delete that folder to redo it")
 
 
 def _metric_hook(data, data_cfg, cmp, tok):

@@ -339,6 +339,14 @@ def changed(saved: dict, cfg) -> dict[str, tuple]:
     return {k: (saved[k], v) for k, v in to_dict(cfg).items() if k in saved and saved[k] != v}
 
 
+def run_changes(saved: dict, data_cfg, train_cfg) -> tuple[dict, dict]:
+    """(changes that change the run, changes config.RESUME_SAFE allows) between a run's saved config.json
+    and the configs given now: what resume and a rerun of compare check before reusing a run."""
+    diffs = {**changed(saved.get("data_config", {}), data_cfg), **changed(saved.get("train_config", {}), train_cfg)}
+    unsafe = {k: v for k, v in diffs.items() if k not in RESUME_SAFE}
+    return unsafe, {k: v for k, v in diffs.items() if k in RESUME_SAFE and k != "resume"}
+
+
 def describe_changes(changes: dict[str, tuple]) -> str:
     return ", ".join(f"{flag(k)} {old!r} -> {new!r}" for k, (old, new) in changes.items())
 

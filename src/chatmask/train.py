@@ -415,17 +415,15 @@ def _saved_for_resume(out: Path, data, data_cfg: DataConfig, cfg: TrainConfig, s
     except (OSError, ValueError, KeyError):
         raise ConfigError(f"--resume: {out} has checkpoints but no readable config.json; pass another --out "
                           "to start a new run") from None
-    diffs = {**config.changed(saved.get("data_config", {}), data_cfg), **config.changed(saved.get("train_config", {}), cfg)}
+    unsafe, safe = config.run_changes(saved, data_cfg, cfg)
     if "data" in saved and _data_id(saved["data"]) != _data_id(data):
-        diffs = {"data": (saved["data"], str(data)), **diffs}
-    unsafe = {k: v for k, v in diffs.items() if k not in config.RESUME_SAFE}
+        unsafe = {"data": (saved["data"], str(data)), **unsafe}
     if unsafe:
         raise ConfigError(
             f"--resume: the run saved in {out} was started with other settings: {config.describe_changes(unsafe)}"
             .replace("--data ", "data ")
             + ". Drop those flags to continue it as saved (`chatmask train DATA --out OUT --resume` takes its "
               "settings), or pass another --out to start a new run")
-    safe = {k: v for k, v in diffs.items() if k != "resume"}
     if safe:
         note = "; the learning-rate schedule now spans the new number of steps" if "steps" in safe else ""
         say(f"--resume: continuing with {config.describe_changes(safe)}{note}")
