@@ -52,7 +52,16 @@ def test_compare_writes_report_with_same_validation_tokens(ner_file, bpe_tok, tm
     assert m == json.loads(json.dumps(res))
     for arm in ("masked", "unmasked"):
         assert m[arm]["val_tokens"] > 0 and len(m[arm]["per_seed"]) == 2
-        assert m[arm]["final_val_loss_mean"] > 0 and m[arm]["f1_mean"] is not None
+        assert m[arm]["final_val_loss_mean"] > 0
+        f1 = m["metric"]["heldout"][arm]  # the validation rows' questions, seeds pooled
+        assert f1["questions"] == 4 and f1["with_entities"] == 4
+        assert f1["f1_ci95"][0] <= f1["f1_pooled"] <= f1["f1_ci95"][1]
+        assert 0 <= f1["parsed_fraction"] <= 1
+        for s in m[arm]["per_seed"]:
+            assert len(s["metric"]["heldout"]["per_question"]) == 4
+    assert list(m["metric"]) == ["heldout"]  # no --metric-data: one set
+    lo, hi = m["metric"]["heldout"]["difference_ci95"]
+    assert lo <= hi
     assert m["masked"]["val_tokens_sha256"] == m["unmasked"]["val_tokens_sha256"]
     assert m["masked"]["val_tokens"] == m["unmasked"]["val_tokens"]
     assert m["unmasked"]["trained_tokens"] > m["masked"]["trained_tokens"]
@@ -64,6 +73,9 @@ def test_compare_writes_report_with_same_validation_tokens(ner_file, bpe_tok, tm
     html = (out / "report.html").read_text()
     assert "<svg" in html and "src=" not in html  # self-contained
     assert "## Answers side by side" in md and "Answers side by side" in html  # held-out questions, both arms
+    assert "## Entity F1" in md and "Entity F1" in html
+    zero = max(m["metric"]["heldout"][a]["f1_pooled"] for a in ("masked", "unmasked")) < 0.005
+    assert ("is 0: no run named a gold entity" if zero else "paired bootstrap over the 4 questions") in md
     # finished runs are reused, not retrained
     t = time.perf_counter()
     again = compare(ner_file, DataConfig(), tc, cc, out, tokenizer=bpe_tok, model_factory=None, log=None)
@@ -74,6 +86,27 @@ def test_compare_writes_report_with_same_validation_tokens(ner_file, bpe_tok, tm
 
     with pytest.raises(chatmask.ConfigError, match=r"masked-seed0 finished with other settings: --lr 0\.005 -> 0\.001"):
         compare(ner_file, DataConfig(), dataclasses.replace(tc, lr=1e-3), cc, out, tokenizer=bpe_tok, log=None)
+
+
+def test_compare_scores_held_out_rows_and_an_unseen_set(ner_file, bpe_tok, tmp_path):
+    unseen = tmp_path / "unseen.json"
+    unseen.write_text(json.dumps([{"conversations": [
+        {"from": "human", "value": f"Text: Gamma{k} met Delta{k} in Rome."},
+        {"from": "gpt", "value": "I've read this text."},
+        {"from": "human", "value": "What describes person in the text?"},
+        {"from": "gpt", "value": json.dumps([f"Gamma{k}", f"Delta{k}"] if k % 2 else [])},
+    ]} for k in range(12)]))
+    tc = TrainConfig(finetune="full", lr=5e-3, steps=2, eval_every=2, save_every=2, val_split=0.2, batch_size=4,
+                     tensorboard=False)
+    cc = CompareConfig(seeds=1, metric="ner-f1", metric_questions=5, metric_data=str(unseen))
+    m = compare(ner_file, DataConfig(), tc, cc, tmp_path / "c", tokenizer=bpe_tok, model_factory=tiny_factory(bpe_tok),
+                log=None)
+    assert list(m["metric"]) == ["heldout", "unseen"]
+    u = m["metric"]["unseen"]["masked"]
+    assert u["questions"] == 5 and u["with_entities"] == 4  # 4 of 5 with entities: the default 0.8
+    md = (tmp_path / "c" / "report.md").read_text()
+    assert "never trained on: 5 (4 with entities)" in md and "held-out rows of the training domains" in md
+    assert "(1 seed)" in md
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import random
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from conftest import UNINER, make_bpe_tokenizer, tiny_llama
 from chatmask import conversations, metrics
 from chatmask.errors import ChatmaskError
 from chatmask.labels import renderer
-from chatmask.metrics import generate_answers, ner_f1, ner_questions, normalize, parse_entities, score
+from chatmask.metrics import first_list, generate_answers, ner_f1, ner_questions, normalize, parse_entities, score
 
 
 def _ner(passage, *qa):
@@ -151,6 +152,7 @@ def test_ner_f1_end_to_end(model):
     qs = ner_questions(CONVS)
     raw = generate_answers(model, TOK, [p for p, _, _ in qs], max_new_tokens=8)
     want = score([parse_entities(a) for a in raw], [g for _, _, g in qs], [t for _, t, _ in qs])
+    want.update(with_entities=sum(bool(g) for _, _, g in qs), parsed=sum(first_list(a) is not None for a in raw))
     assert {k: v for k, v in res.items() if k != "examples"} == want
     assert res["questions"] == 4 and set(res["per_type"]) == {"person", "location", "software"}
     assert all(0.0 <= res[k] <= 1.0 for k in ("precision", "recall", "f1"))
@@ -216,3 +218,56 @@ def test_perfect_and_garbage_models(monkeypatch):
     monkeypatch.setattr(metrics, "generate_answers", lambda model, tok, prompts, **kw: ["I don't know."] * len(prompts))
     res = ner_f1(None, TOK, CONVS)
     assert (res["f1"], res["tp"], res["fn"]) == (0.0, 0, 5)
+
+
+def test_parsed_counts_answers_holding_a_list(monkeypatch):
+    answers = iter(['["Ann"]', "Ann and Bob", "[]", "no list here"])
+    monkeypatch.setattr(metrics, "generate_answers", lambda model, tok, prompts, **kw: [next(answers) for _ in prompts])
+    res = ner_f1(None, TOK, CONVS)
+    assert res["questions"] == 4 and res["parsed"] == 2 and res["tp"] == 1
+
+
+def test_pick_questions_mostly_with_entities_and_fixed():
+    qs = [([{"k": k}], "t", [f"e{k}"] if k % 4 == 0 else []) for k in range(200)]  # 50 with entities
+    a = metrics.pick_questions(qs, 40)
+    assert a == metrics.pick_questions(qs, 40)  # the same sample every time: every arm scores the same questions
+    assert len(a) == 40 and sum(bool(g) for _, _, g in a) == 32
+    assert [qs.index(q) for q in a] == sorted(qs.index(q) for q in a)  # original order kept
+    b = metrics.pick_questions(qs, 100)  # 50 with entities: the 4:1 ratio keeps 12 or 13 empty ones
+    assert sum(bool(g) for _, _, g in b) == 50 and len(b) - 50 == round(50 * 0.2 / 0.8)
+    few_empty = [q for q in qs if q[2]] + qs[1:4]  # 3 empty ones: the rest with entities
+    assert len(metrics.pick_questions(few_empty, 20)) == 20
+    assert metrics.pick_questions(qs, None) == qs
+    assert len(metrics.pick_questions(qs, 10, with_entities=1.0)) == 10
+    with pytest.raises(metrics.ChatmaskError, match="with_entities"):
+        metrics.pick_questions(qs, 10, with_entities=0)
+
+
+def test_bootstrap_f1_intervals():
+    rng = random.Random(0)
+    good = [[1, 0, 0] if rng.random() < 0.7 else [0, 1, 1] for _ in range(200)]
+    bad = [[1, 0, 0] if rng.random() < 0.3 else [0, 1, 1] for _ in range(200)]
+    out = metrics.bootstrap_f1({"good": [good, good], "bad": [bad, bad]})
+    f1 = lambda rows: 2 * sum(r[0] for r in rows) / sum(2 * r[0] + r[1] + r[2] for r in rows)  # noqa: E731
+    for arm, rows in (("good", good), ("bad", bad)):
+        lo, hi = out[arm]
+        assert lo < f1(rows) < hi and hi - lo < 0.15
+    assert out["difference"][0] > 0.2  # 0.7 vs 0.3 of 200: clearly apart
+    same = metrics.bootstrap_f1({"a": [good], "b": [good]})
+    assert same["difference"] == [0.0, 0.0]  # paired: the same answers never differ
+    close = metrics.bootstrap_f1({"a": [good], "b": [good[:100] + bad[100:]]})
+    assert close["difference"][0] < close["difference"][1]
+    with pytest.raises(metrics.ChatmaskError, match="same items"):
+        metrics.bootstrap_f1({"a": [good], "b": [good[:10]]})
+
+
+def test_paired_bootstrap_of_a_mean_loss_over_rows():
+    rows_a = [[2.0 * n, n] for n in range(1, 41)]  # every row's mean loss 2.0
+    rows_b = [[2.5 * n, n] for n in range(1, 41)]  # 2.5
+    out = metrics.paired_bootstrap({"a": rows_a, "b": rows_b}, metrics.ratio_of)
+    assert out["a"] == [2.0, 2.0] and out["difference"] == [-0.5, -0.5]  # paired: no row-to-row noise
+    noisy = [[(2.0 + (0.8 if k % 2 else -0.8)) * n, n] for k, n in enumerate(range(1, 41))]
+    lo, hi = metrics.paired_bootstrap({"a": noisy, "b": rows_a}, metrics.ratio_of)["difference"]
+    assert lo < 0 < hi  # the same mean loss give or take row noise: the interval holds 0
+    with pytest.raises(metrics.ChatmaskError, match="same items"):
+        metrics.paired_bootstrap({"a": rows_a, "b": rows_b[:5]}, metrics.ratio_of)

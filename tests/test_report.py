@@ -3,21 +3,39 @@ render in HTML, paths are those a reader can use."""
 
 import os
 
+from chatmask import metrics
+from chatmask.compare import metric_summary
 from chatmask.report import report_html, report_markdown, shown_path
 
 
-def _result(seeds=1, f1=0.0, data="d.json"):
-    arm = lambda on, loss: {  # noqa: E731
+def _metric(per_question, examples=()):
+    """A run's ner_f1 result for one set, from its [tp, fp, fn] per question."""
+    out = metrics.prf({k: sum(r[i] for r in per_question) for i, k in enumerate(("tp", "fp", "fn"))})
+    out.update(questions=len(per_question), with_entities=len(per_question), parsed=len(per_question),
+               per_question=per_question, examples=list(examples))
+    return out
+
+
+def _result(seeds=1, f1=0.0, data="d.json", unmasked_f1=None):
+    """A metrics.json as compare writes it; `f1`: the share of questions each masked run gets right
+    (unmasked: `unmasked_f1`, default the same), 20 questions."""
+    def pq(share):
+        return [[1, 0, 0] if k < round(20 * share) else [0, 0, 1] for k in range(20)]
+
+    arm = lambda on, loss, share: {  # noqa: E731
         "train_on": on, "seeds": seeds, "trained_tokens": 100, "trained_fraction": 0.1, "final_val_loss_mean": loss,
         "final_val_loss_std": 0.0 if seeds == 1 else 0.01, "best_val_loss_mean": loss,
-        "best_val_loss_std": 0.0 if seeds == 1 else 0.01, "f1_mean": f1, "f1_std": 0.0, "wall_seconds_mean": 3.0,
+        "best_val_loss_std": 0.0 if seeds == 1 else 0.01, "wall_seconds_mean": 3.0,
         "val_tokens": 500, "val_tokens_sha256": "ab" * 32,
-        "per_seed": [{"seed": s, "final_val_loss": loss, "best_val_loss": loss, "metric": {"f1": f1}}
-                     for s in range(seeds)]}
-    return {"masked": arm("assistant", 1.0), "unmasked": arm("all", 1.1), "data": data, "command": "chatmask compare x",
-            "data_stats": {"system": 0, "user": 50, "assistant": 10, "tool": 0, "template": 5, "rows": 3,
-                           "user_to_assistant": 5.0},
-            "data_config": {}, "train_config": {}, "compare_config": {}}
+        "per_seed": [{"seed": s, "final_val_loss": loss, "best_val_loss": loss,
+                      "metric": {"heldout": _metric(pq(share))}} for s in range(seeds)]}
+    r = {"masked": arm("assistant", 1.0, f1), "unmasked": arm("all", 1.1, f1 if unmasked_f1 is None else unmasked_f1),
+         "data": data, "command": "chatmask compare x",
+         "data_stats": {"system": 0, "user": 50, "assistant": 10, "tool": 0, "template": 5, "rows": 3,
+                        "user_to_assistant": 5.0},
+         "data_config": {}, "train_config": {}, "compare_config": {}}
+    r["metric"] = metric_summary({a: r[a]["per_seed"] for a in ("masked", "unmasked")})
+    return r
 
 
 def test_one_seed_has_no_plus_minus_zero():
@@ -29,8 +47,18 @@ def test_one_seed_has_no_plus_minus_zero():
 
 def test_an_f1_of_zero_is_explained():
     md = report_markdown(_result(f1=0.0), ["masked", "unmasked"])
-    assert "An entity F1 of 0 means" in md
-    assert "An entity F1 of 0" not in report_markdown(_result(f1=0.3), ["masked", "unmasked"])
+    assert "Entity F1 on held-out rows of the training domains is 0: no run named a gold entity" in md
+    assert "is 0: no run named" not in report_markdown(_result(f1=0.3), ["masked", "unmasked"])
+
+
+def test_f1_table_and_whether_the_arms_differ_beyond_noise():
+    apart = report_markdown(_result(seeds=3, f1=0.9, unmasked_f1=0.2), ["masked", "unmasked"])
+    assert "| held-out rows of the training domains: 20 (20 with entities) | masked | 0.947 ± 0.000 |" in apart
+    assert "masked - unmasked = +0.614" in apart and "the arms differ beyond this noise" in apart
+    close = report_markdown(_result(seeds=3, f1=0.5, unmasked_f1=0.45), ["masked", "unmasked"])
+    assert "the interval holds 0, so the arms do not differ beyond this noise" in close
+    page = report_html(_result(seeds=3, f1=0.9, unmasked_f1=0.2), ["masked", "unmasked"], "<svg></svg>")
+    assert "<th>F1, seeds pooled [95% CI]</th>" in page and "differ beyond this noise" in page
 
 
 def test_html_renders_code_spans_and_escapes():
@@ -50,12 +78,25 @@ def test_answers_side_by_side_in_md_and_html():
     r = _result(f1=0.5)
     ex = lambda raw: [{"passage": "Text: Unity is | an engine", "type": "software", "gold": ["Unity"],  # noqa: E731
                        "predicted": [], "raw": raw}]
-    r["masked"]["per_seed"][0]["metric"] = {"f1": 0.5, "examples": ex('["Unity"]')}
-    r["unmasked"]["per_seed"][0]["metric"] = {"f1": 0.5, "examples": ex("")}
+    r["masked"]["per_seed"][0]["metric"]["heldout"]["examples"] = ex('["Unity"]')
+    r["unmasked"]["per_seed"][0]["metric"]["heldout"]["examples"] = ex("")
     md = report_markdown(r, ["masked", "unmasked"])
     assert "## Answers side by side" in md
     row = next(line for line in md.splitlines() if line.startswith("| Text: Unity"))
     assert row == '| Text: Unity is \\| an engine | software | ["Unity"] | ["Unity"] | (empty) |'
     page = report_html(r, ["masked", "unmasked"], "<svg></svg>")
     assert "Answers side by side" in page and "<td>[&quot;Unity&quot;]</td>" in page and "<td>(empty)</td>" in page
-    assert "Answers side by side" not in report_markdown(_result(), ["masked", "unmasked"])  # no metric: none
+    plain = _result()
+    plain["metric"] = {}
+    assert "Answers side by side" not in report_markdown(plain, ["masked", "unmasked"])  # no metric: none
+
+
+def test_one_seed_states_the_noise_over_validation_rows():
+    r = _result(seeds=1)
+    r["masked"]["val_rows"] = 12
+    r["val_loss_difference_ci95"] = [-0.15, -0.05]
+    md = report_markdown(r, ["masked", "unmasked"])
+    assert ("Over validation rows: masked - unmasked = -0.1000, 95% CI [-0.1500, -0.0500] (paired bootstrap over "
+            "the 12 rows): the difference is beyond the noise of which rows were drawn.") in md
+    r["val_loss_difference_ci95"] = [-0.15, 0.02]
+    assert "the interval holds 0, so the difference is within the noise" in report_markdown(r, ["masked", "unmasked"])

@@ -471,3 +471,23 @@ def test_a_bf16_accelerator_earlier_in_the_process_does_not_leak_into_training(d
                   log=None)
     AcceleratorState._reset_state()
     assert after["train_losses"] == pytest.approx(plain["train_losses"], abs=1e-6)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_evaluate_rows_are_each_rows_own_loss(bpe_tok, sparse):
+    """Per-row validation losses (for the bootstrap over rows) equal each row evaluated alone, in the
+    validation set's order, and sum to what evaluate's mean is made of."""
+    import datasets
+
+    from chatmask import train as train_mod
+
+    model = tiny(bpe_tok)
+    val = datasets.Dataset.from_list(encoded(bpe_tok, k=5))
+    table = train_mod.evaluate_rows(model, val, bpe_tok.pad_token_id, batch_size=2, sparse=sparse)  # (5, 2)
+    assert table.shape == (5, 2)
+    for i in range(5):
+        b = batches.collate([val[i]], bpe_tok.pad_token_id)
+        s, n = token_loss_sum(model.eval(), b, sparse)
+        assert table[i, 1] == n and abs(float(table[i, 0]) - float(s)) < 1e-4
+    mean = train_mod.evaluate(model, val, bpe_tok.pad_token_id, batch_size=5, sparse=sparse)
+    assert abs(mean - float(table[:, 0].sum() / table[:, 1].sum())) < 1e-6

@@ -29,16 +29,24 @@ def _mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def _metric_conversations(data: str, data_cfg: DataConfig, cmp: CompareConfig, val_sources: set[str] | None):
-    from . import conversations
+METRIC_SETS = {"heldout": "held-out validation rows of the training data",
+               "unseen": "the --metric-data conversations, never trained on"}
 
-    src = cmp.metric_data or data
-    out = []
-    for c in conversations.load(src, format=data_cfg.format, salvage=data_cfg.salvage, skip_invalid=True,
-                                split=data_cfg.split):
-        if cmp.metric_data or (val_sources and c.source in val_sources):
-            out.append(c.messages)
-    return out
+
+def _metric_sets(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: CompareConfig,
+                 val_sources: set[str]) -> dict[str, list]:
+    """{set name: message lists} for the task metric: `heldout`, the validation rows (from --val-data
+    when given), and `unseen`, --metric-data, when given; a set without NER questions is left out."""
+    from . import conversations, metrics
+
+    def load(path, keep=lambda c: True):
+        return [c.messages for c in conversations.load(path, format=data_cfg.format, salvage=data_cfg.salvage,
+                                                       skip_invalid=True, split=data_cfg.split) if keep(c)]
+
+    sets = {"heldout": load(train_cfg.val_data or data, lambda c: c.source in val_sources)}
+    if cmp.metric_data:
+        sets["unseen"] = load(cmp.metric_data)
+    return {k: v for k, v in sets.items() if metrics.ner_questions(v)}
 
 
 def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: CompareConfig, out, *, tokenizer=None,
@@ -68,7 +76,7 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
                 continue
             say(f"{arm} seed {seed}: training ({ARMS[arm]} tokens)")
             t0 = time.perf_counter()
-            hook = _metric_hook(data, data_cfg, cmp, tok) if cmp.metric != "none" else None
+            hook = _metric_hook(data, data_cfg, tc, cmp, tok) if cmp.metric != "none" else None
             res = train(data, dc, tc, rdir, tokenizer=tok, model=model_factory() if model_factory else None,
                         log=say, on_end=hook)
             res["wall_seconds"] = time.perf_counter() - t0
@@ -90,18 +98,62 @@ def _check_reuse(rdir: Path, dc: DataConfig, tc: TrainConfig) -> None:
                           "--out for these settings, or delete that folder to redo it")
 
 
-def _metric_hook(data, data_cfg, cmp, tok):
+def _metric_hook(data, data_cfg, train_cfg, cmp, tok):
     def run(model, split):
         from . import metrics
 
-        sources = set(split.val["source"]) if not cmp.metric_data else None
-        convs = _metric_conversations(data, data_cfg, cmp, sources)
-        if not convs:
-            return {"error": "no conversations for the metric"}
-        return metrics.ner_f1(model, tok, convs, template=data_cfg.template, max_questions=cmp.metric_questions,
-                              progress=True)
+        sets = _metric_sets(data, data_cfg, train_cfg, cmp, set(split.val["source"]))
+        if not sets:
+            return {"error": "no `What describes <type> in the text?` questions in the validation rows"
+                             + (" or --metric-data" if cmp.metric_data else "")}
+        return {name: metrics.ner_f1(model, tok, convs, template=data_cfg.template, max_questions=cmp.metric_questions,
+                                     with_entities=cmp.metric_with_entities, progress=True)
+                for name, convs in sets.items()}
 
     return run
+
+
+def metric_summary(per_arm: dict[str, list[dict]]) -> dict:
+    """{set: {arm: {f1_mean, f1_std, f1_pooled, f1_ci95, precision, recall, parsed_fraction, questions,
+    with_entities}, "difference_ci95": [lo, hi]}} from each arm's runs' `metric`. The interval is a
+    percentile bootstrap over questions with the seeds pooled; the difference is first arm minus second,
+    paired (the arms answer the same questions). Sets missing from any run are left out."""
+    from . import metrics
+
+    runs = [r for rs in per_arm.values() for r in rs]
+    names = [n for n in METRIC_SETS if runs and all(isinstance((r.get("metric") or {}).get(n), dict) for r in runs)]
+    out = {}
+    for name in names:
+        ms = {a: [r["metric"][name] for r in rs] for a, rs in per_arm.items()}
+        ci = metrics.bootstrap_f1({a: [m["per_question"] for m in v] for a, v in ms.items()})
+        entry = {}
+        for a, v in ms.items():
+            f1, sd = _mean_std([m["f1"] for m in v])
+            pooled = metrics.prf({k: sum(m[k] for m in v) for k in ("tp", "fp", "fn")})
+            entry[a] = {"f1_mean": f1, "f1_std": sd, "f1_pooled": pooled["f1"], "f1_ci95": ci[a],
+                        "precision": pooled["precision"], "recall": pooled["recall"],
+                        "parsed_fraction": statistics.fmean(m["parsed"] / max(m["questions"], 1) for m in v),
+                        "predicted": sum(m["tp"] + m["fp"] for m in v),
+                        "questions": v[0]["questions"], "with_entities": v[0]["with_entities"]}
+        if "difference" in ci:
+            entry["difference_ci95"] = ci["difference"]
+        out[name] = entry
+    return out
+
+
+def loss_interval(per_arm: dict[str, list[dict]]) -> dict:
+    """{arm: [lo, hi], "difference": [lo, hi]}: 95% intervals of the final assistant-only validation loss
+    (seeds pooled) and of first arm minus second, by a paired bootstrap over validation rows (every arm
+    scores the same rows); {} when a run has no per-row losses (made before they were kept)."""
+    import numpy as np
+
+    from . import metrics
+
+    tables = {a: [r.get("val_row_losses") for r in rs] for a, rs in per_arm.items()}
+    if not tables or any(t is None for ts in tables.values() for t in ts):
+        return {}
+    return metrics.paired_bootstrap({a: sum(np.asarray(t, dtype=float) for t in ts) for a, ts in tables.items()},
+                                    metrics.ratio_of)
 
 
 def write_report(out: Path, data, data_cfg, train_cfg, cmp, runs: dict, tok, command) -> dict:
@@ -115,26 +167,31 @@ def write_report(out: Path, data, data_cfg, train_cfg, cmp, runs: dict, tok, com
         rs = [runs[(arm, s)] for s in range(cmp.seeds)]
         fin, fin_sd = _mean_std([r["final_val_loss"] for r in rs])
         best, best_sd = _mean_std([r["best_val_loss"] for r in rs])
-        f1, f1_sd = _mean_std([(r.get("metric") or {}).get("f1") for r in rs])
         summary[arm] = {
             "train_on": ARMS[arm], "seeds": cmp.seeds,
             "final_val_loss_mean": fin, "final_val_loss_std": fin_sd,
             "best_val_loss_mean": best, "best_val_loss_std": best_sd,
-            "f1_mean": f1, "f1_std": f1_sd,
             "trained_tokens": statistics.fmean(r["trained_tokens"] for r in rs),
             "input_tokens": statistics.fmean(r["input_tokens"] for r in rs),
             "trained_fraction": statistics.fmean(r["trained_tokens"] / max(r["input_tokens"], 1) for r in rs),
             "wall_seconds_mean": statistics.fmean(r.get("wall_seconds", r["train_seconds"]) for r in rs),
             "val_tokens": rs[0]["val_tokens"], "val_tokens_sha256": rs[0]["val_tokens_sha256"],
+            "val_rows": rs[0].get("val_rows"),
             "per_seed": [{"seed": s, "final_val_loss": r["final_val_loss"], "best_val_loss": r["best_val_loss"],
                           "evals": r["evals"], "metric": r.get("metric")} for s, r in enumerate(rs)],
         }
+    per_arm = {arm: [runs[(arm, s)] for s in range(cmp.seeds)] for arm in arms}
+    metric = metric_summary(per_arm) if cmp.metric != "none" else {}
+    loss_ci = loss_interval(per_arm)
+    for arm in arms:
+        summary[arm]["final_val_loss_ci95"] = loss_ci.get(arm)
     from .prepare import role_tokens
 
     roles = role_tokens(data, config.replace(data_cfg, train_on="assistant"), tok, max_rows=cmp.role_rows)
     result = {"data": str(data), "command": command or shlex.join(sys.argv), "data_stats": roles,
               "data_config": config.to_dict(data_cfg), "train_config": config.to_dict(train_cfg),
-              "compare_config": config.to_dict(cmp), **summary}
+              "compare_config": config.to_dict(cmp), "metric": metric,
+              "val_loss_difference_ci95": loss_ci.get("difference"), **summary}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     _plot(out, summary, arms)
     from .report import report_html, report_markdown

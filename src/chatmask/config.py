@@ -186,15 +186,21 @@ class CompareConfig:
     metric: Literal["none", "ner-f1"] = "none"
     """task metric by greedy generation: ner-f1 for UniversalNER-style data"""
     metric_data: str | None = None
-    """conversations for the metric (e.g. a domain left out of training); default: the validation rows"""
+    """conversations for a second metric set, e.g. a domain left out of training (the first set is always
+    the validation rows)"""
     metric_questions: int = 100
-    """at most this many questions for the metric"""
+    """at most this many questions per metric set"""
+    metric_with_entities: float = 0.8
+    """share of the metric's questions whose gold answer is not empty (the rest are empty)"""
     role_rows: int = 2000
     """rows read for the user:assistant token ratio"""
 
     def _problems(self):
         bad = [a for a in self.arms.split(",") if a not in ARMS]
-        return [f"--arms: unknown arm(s) {', '.join(bad)}; known: {', '.join(ARMS)}"] if bad else []
+        out = [f"--arms: unknown arm(s) {', '.join(bad)}; known: {', '.join(ARMS)}"] if bad else []
+        if not 0 < self.metric_with_entities <= 1:
+            out.append(f"--metric-with-entities must be in (0, 1]; got {self.metric_with_entities}")
+        return out
 
 
 @dataclass(frozen=True)

@@ -49,14 +49,58 @@ def _rows(result, arms):
         out.append([
             arm, a["train_on"], str(a["seeds"]), f"{a['trained_tokens']:,.0f}", f"{a['trained_fraction']:.1%}",
             _pm(a["final_val_loss_mean"], a["final_val_loss_std"], seeds=a["seeds"]),
-            _pm(a["best_val_loss_mean"], a["best_val_loss_std"], seeds=a["seeds"]),
-            _pm(a["f1_mean"], a["f1_std"], 3, seeds=a["seeds"]), f"{a['wall_seconds_mean']:.0f}",
+            _pm(a["best_val_loss_mean"], a["best_val_loss_std"], seeds=a["seeds"]), f"{a['wall_seconds_mean']:.0f}",
         ])
     return out
 
 
 HEAD = ["arm", "train_on", "seeds", "trained tokens / run", "trained fraction", "final val loss (mean ± std)",
-        "best val loss (mean ± std)", "entity F1 (mean ± std)", "wall s / run"]
+        "best val loss (mean ± std)", "wall s / run"]
+
+SET_TITLES = {"heldout": "held-out rows of the training domains", "unseen": "the --metric-data set, never trained on"}
+F1_HEAD = ["questions", "arm", "entity F1 (mean ± std over seeds)", "F1, seeds pooled [95% CI]", "precision", "recall",
+           "answers that are a JSON list"]
+
+
+def f1_rows(result, arms) -> list[list[str]]:
+    """One row per metric set and arm (F1_HEAD's columns); [] without a metric."""
+    out = []
+    for name, entry in (result.get("metric") or {}).items():
+        for arm in arms:
+            a = entry[arm]
+            out.append([f"{SET_TITLES.get(name, name)}: {a['questions']} ({a['with_entities']} with entities)", arm,
+                        _pm(a["f1_mean"], a["f1_std"], 3, seeds=result[arm]["seeds"]),
+                        f"{a['f1_pooled']:.3f} [{a['f1_ci95'][0]:.3f}, {a['f1_ci95'][1]:.3f}]",
+                        f"{a['precision']:.3f}", f"{a['recall']:.3f}", f"{a['parsed_fraction']:.0%}"])
+    return out
+
+
+def f1_verdict(result, arms) -> str:
+    """What the entity F1 says, set by set: the paired difference and whether it is beyond noise; why an
+    F1 of 0 says nothing."""
+    texts = []
+    for name, entry in (result.get("metric") or {}).items():
+        where = SET_TITLES.get(name, name)
+        if max(entry[a]["f1_pooled"] for a in arms) < 0.005:
+            texts.append(f"Entity F1 on {where} is 0: no run named a gold entity (the runs predicted "
+                         f"{sum(entry[a]['predicted'] for a in arms)} entities in all; the models answer an empty "
+                         "list or text that is not a JSON list, see the answers below), so at this training budget the "
+                         "metric does not separate the arms; more steps, full fine-tuning or a higher learning rate do.")
+            continue
+        if "difference_ci95" not in entry:
+            continue
+        first, second = arms[0], arms[1]
+        d = entry[first]["f1_pooled"] - entry[second]["f1_pooled"]
+        lo, hi = entry["difference_ci95"]
+        beyond = lo > 0 or hi < 0
+        n = entry[first]["questions"]
+        texts.append(f"Entity F1 on {where}: {first} {entry[first]['f1_pooled']:.3f}, {second} "
+                     f"{entry[second]['f1_pooled']:.3f}; {first} - {second} = {d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] "
+                     f"(paired bootstrap over the {n} questions, seeds pooled): "
+                     + ("the arms differ beyond this noise." if beyond else
+                        "the interval holds 0, so the arms do not differ beyond this noise."))
+    return " ".join(texts)
+
 
 
 def _stats_lines(result):
@@ -91,21 +135,26 @@ def _verdict(result, arms):
     better = "masked" if diff > 0 else "unmasked"
     text = (f"Final assistant-only validation loss: masked {dm:.4f}, unmasked {du:.4f}; {better} is lower by "
             f"{abs(diff):.4f} ({strength}).")
-    if m["f1_mean"] is not None and u["f1_mean"] is not None:
-        text += f" Entity F1: masked {m['f1_mean']:.3f}, unmasked {u['f1_mean']:.3f}."
-        if max(m["f1_mean"], u["f1_mean"]) < 0.005:
-            text += (" An entity F1 of 0 means no run named a gold entity: at this training budget the models answer "
-                     "an empty list or text that is not a JSON list (see the answers in metrics.json), so the metric "
-                     "does not separate the arms here; more steps, full fine-tuning or a higher learning rate do.")
+    ci = result.get("val_loss_difference_ci95")
+    if ci:
+        lo, hi = ci
+        rows = m.get("val_rows")
+        text += (f" Over validation rows: masked - unmasked = {-diff:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}] (paired "
+                 f"bootstrap over the {rows if rows else 'validation'} rows" + (", seeds pooled" if seeds > 1 else "")
+                 + "): " + ("the difference is beyond the noise of which rows were drawn." if lo > 0 or hi < 0 else
+                            "the interval holds 0, so the difference is within the noise of which rows were drawn."))
     text += (" This is one dataset, one model and one training budget; it does not show the effect at other "
              "sizes, budgets or data.")
     return text
 
 
 def answers_side_by_side(result: dict, arms) -> list[dict]:
-    """The held-out questions of seed 0 with the gold answer and each arm's generation (from the metric's
-    examples): [{passage, type, gold, <arm>: raw answer}], [] without a metric."""
-    per_arm = {a: ((result[a]["per_seed"][0].get("metric") or {}).get("examples") or []) for a in arms}
+    """Seed 0's metric questions (the unseen set when there is one) with the gold answer and each arm's
+    generation (from the metric's examples): [{passage, type, gold, <arm>: raw answer}], [] without a metric."""
+    name = next((n for n in ("unseen", "heldout") if n in (result.get("metric") or {})), None)
+    if name is None:
+        return []
+    per_arm = {a: ((result[a]["per_seed"][0].get("metric") or {}).get(name) or {}).get("examples") or [] for a in arms}
     n = min((len(v) for v in per_arm.values()), default=0)
     out = []
     for k in range(n):
@@ -114,6 +163,27 @@ def answers_side_by_side(result: dict, arms) -> list[dict]:
         row.update({a: per_arm[a][k]["raw"].strip() for a in arms})
         out.append(row)
     return out
+
+
+def f1_markdown(result, arms) -> list[str]:
+    """The entity F1 table and what it says, as Markdown lines; [] without a metric."""
+    rows = f1_rows(result, arms)
+    if not rows:
+        return []
+    return (["## Entity F1 (greedy answers)", "", "| " + " | ".join(F1_HEAD) + " |", "|" + "---|" * len(F1_HEAD)]
+            + ["| " + " | ".join(r) + " |" for r in rows] + ["", f1_verdict(result, arms), ""])
+
+
+def answers_markdown(result, arms) -> list[str]:
+    """`answers_side_by_side` as a Markdown table; [] without a metric."""
+    side = answers_side_by_side(result, arms)
+    if not side:
+        return []
+    return (["## Answers side by side (seed 0, held-out questions)", "",
+             "| passage (start) | question: what describes… | gold | " + " | ".join(arms) + " |",
+             "|" + "---|" * (3 + len(arms))]
+            + ["| " + " | ".join(_md_cell(x) for x in [r["passage"], r["type"], r["gold"], *(r[a] for a in arms)])
+               + " |" for r in side] + [""])
 
 
 def _md_cell(text: str) -> str:
@@ -126,20 +196,14 @@ def report_markdown(result: dict, arms) -> str:
     lines += ["", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(result, arms)]
     lines += ["", _verdict(result, arms), ""]
-    side = answers_side_by_side(result, arms)
-    if side:
-        lines += ["## Answers side by side (seed 0, held-out questions)", "",
-                  "| passage (start) | question: what describes… | gold | " + " | ".join(arms) + " |",
-                  "|" + "---|" * (3 + len(arms))]
-        lines += ["| " + " | ".join(_md_cell(x) for x in [r["passage"], r["type"], r["gold"], *(r[a] for a in arms)])
-                  + " |" for r in side]
-        lines.append("")
+    lines += f1_markdown(result, arms)
+    lines += answers_markdown(result, arms)
     lines += ["## Per seed", ""]
     for arm in arms:
         for s in result[arm]["per_seed"]:
-            f1 = (s.get("metric") or {}).get("f1")
+            f1s = {n: m["f1"] for n, m in (s.get("metric") or {}).items() if isinstance(m, dict) and "f1" in m}
             lines.append(f"- {arm} seed {s['seed']}: final {_f(s['final_val_loss'])}, best {_f(s['best_val_loss'])}"
-                         + (f", F1 {f1:.3f}" if f1 is not None else ""))
+                         + "".join(f", F1 {n} {f:.3f}" for n, f in f1s.items()))
     lines += ["", "## How it was made", "", "```", result["command"], "```", "", "```json",
               json.dumps({k: result[k] for k in ("data_config", "train_config", "compare_config")}, indent=2), "```", ""]
     return "\n".join(lines)
@@ -156,6 +220,16 @@ def _answers_html(result: dict, arms) -> str:
     return f"<h2>Answers side by side (seed 0, held-out questions)</h2><table><tr>{head}</tr>{rows}</table>"
 
 
+def _f1_html(result, arms) -> str:
+    rows = f1_rows(result, arms)
+    if not rows:
+        return ""
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in F1_HEAD)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<h2>Entity F1 (greedy answers)</h2><table><tr>{head}</tr>{body}</table><p>{_code(f1_verdict(result, arms))}</p>"
+
+
 def report_html(result: dict, arms, svg: str) -> str:
     e = html.escape
     rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in _rows(result, arms))
@@ -169,6 +243,6 @@ def report_html(result: dict, arms, svg: str) -> str:
         "pre{background:#f6f6f6;padding:1em;overflow:auto}svg{max-width:100%;height:auto}</style></head><body>"
         f"<h1>chatmask compare: masked vs unmasked</h1>{svg}<ul>{stats}</ul>"
         "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEAD) + f"</tr>{rows}</table>"
-        f"<p>{_code(_verdict(result, arms))}</p>{_answers_html(result, arms)}<h2>How it was made</h2><pre>{e(result['command'])}</pre><pre>{conf}</pre>"
+        f"<p>{_code(_verdict(result, arms))}</p>{_f1_html(result, arms)}{_answers_html(result, arms)}<h2>How it was made</h2><pre>{e(result['command'])}</pre><pre>{conf}</pre>"
         "</body></html>"
     )

@@ -125,6 +125,13 @@ def split_rows(ds, cfg: TrainConfig, val_ds=None) -> Split:
 @torch.no_grad()
 def evaluate(model, val, pad_id: int, batch_size: int, acc=None, sparse=True) -> float:
     """Mean cross-entropy over the assistant tokens of `val` (labels as prepared: assistant only)."""
+    rows = evaluate_rows(model, val, pad_id, batch_size, acc, sparse)
+    return float(rows[:, 0].sum() / rows[:, 1].sum())
+
+
+def evaluate_rows(model, val, pad_id: int, batch_size: int, acc=None, sparse=True) -> torch.Tensor:
+    """(R, 2) float64: each validation row's cross-entropy sum over its assistant tokens and their
+    number, in `val`'s order (for a bootstrap over rows); the model's mode is restored."""
     was = model.training
     model.eval()
     try:
@@ -133,26 +140,47 @@ def evaluate(model, val, pad_id: int, batch_size: int, acc=None, sparse=True) ->
         model.train(was)
 
 
-def _evaluate_loss(model, val, pad_id: int, batch_size: int, acc, sparse) -> float:
+def row_loss_sums(model, batch: dict, sparse: bool = True) -> torch.Tensor:
+    """(B, 2) float64: per row of `batch`, the cross-entropy sum over its trained targets and their number."""
+    ids, labels = batch["input_ids"], batch["labels"]  # (B, T)
+    target = torch.full_like(labels, IGNORE)  # (B, T)
+    target[:, :-1] = labels[:, 1:]
+    keep = target != IGNORE  # (B, T)
+    kwargs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+    out = torch.zeros(ids.shape[0], 2, dtype=torch.float64)
+    if not keep.any():
+        return out
+    if sparse:
+        logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False, **kwargs).logits  # (N, V)
+    else:
+        logits = model(input_ids=ids, use_cache=False, **kwargs).logits[keep]  # (N, V)
+    loss = torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="none")  # (N,)
+    row = keep.nonzero()[:, 0].cpu()  # (N,): the row of each kept target, row-major as logits_to_keep
+    out[:, 0].index_add_(0, row, loss.detach().double().cpu())
+    out[:, 1] = keep.sum(dim=1).double().cpu()
+    return out
+
+
+def _evaluate_loss(model, val, pad_id: int, batch_size: int, acc, sparse) -> torch.Tensor:
     order = sorted(range(len(val)), key=lambda i: len(val[i]["input_ids"]))
     rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
-    total = torch.zeros(2, dtype=torch.float64)
+    table = torch.zeros(len(val), 2, dtype=torch.float64)  # (R, 2): this process's rows filled in
     device = acc.device if acc else next(model.parameters()).device
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     # every process runs the same number of forward passes (a wrapped model may talk to the others in
     # each one, e.g. DDP's buffer broadcast); a process out of chunks repeats one and does not count it
     for k in range(-(-len(chunks) // world)):
         idx = k * world + rank
-        rows = val.select(chunks[idx if idx < len(chunks) else 0])
+        chunk = chunks[idx if idx < len(chunks) else 0]
+        rows = val.select(chunk)
         b = batches.collate([{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])],
                             pad_id, "assistant")
-        b = batches.to_device(b, device)
-        s, n = token_loss_sum(model, b, sparse)
+        sums = row_loss_sums(model, batches.to_device(b, device), sparse)
         if idx < len(chunks):
-            total += torch.tensor([float(s), n], dtype=torch.float64)
-    if acc and world > 1:
-        total = acc.reduce(total.to(device), "sum").cpu()
-    return float(total[0] / total[1])
+            table[chunk] = sums
+    if acc and world > 1:  # every row was filled by exactly one process
+        table = acc.reduce(table.to(device), "sum").cpu()
+    return table
 
 
 # ---------------------------------------------------------------- the loop
@@ -487,8 +515,10 @@ def _step(run: _Run) -> dict:
 
 def _evaluate(run: _Run) -> float:
     t1 = time.perf_counter()
-    v = evaluate(run.model, run.split.val, run.pad_id, run.cfg.eval_batch_size, run.acc, run.sparse)
+    rows = evaluate_rows(run.model, run.split.val, run.pad_id, run.cfg.eval_batch_size, run.acc, run.sparse)
+    v = float(rows[:, 0].sum() / rows[:, 1].sum())
     run.state["evals"].append({"step": run.state["step"], "val_loss": v, "seconds": time.perf_counter() - t1})
+    run.state["val_row_losses"] = rows.tolist()  # the latest evaluation's, row by row
     return v
 
 
@@ -557,6 +587,7 @@ def _result(state: dict, split: Split, data_cfg: DataConfig) -> dict:
         "val_tokens_sha256": split.val_sha256,
         "train_rows": len(split.train),
         "val_rows": len(split.val),
+        "val_row_losses": state.get("val_row_losses"),  # [loss sum, tokens] per validation row, final eval
     }
 
 
