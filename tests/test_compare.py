@@ -86,6 +86,8 @@ def test_compare_writes_report_with_same_validation_tokens(ner_file, bpe_tok, tm
 
     with pytest.raises(chatmask.ConfigError, match=r"masked-seed0 finished with other settings: --lr 0\.005 -> 0\.001"):
         compare(ner_file, DataConfig(), dataclasses.replace(tc, lr=1e-3), cc, out, tokenizer=bpe_tok, log=None)
+    with pytest.raises(chatmask.ConfigError, match=r"metric computed otherwise: --metric-questions 4 -> 9"):
+        compare(ner_file, DataConfig(), tc, dataclasses.replace(cc, metric_questions=9), out, tokenizer=bpe_tok, log=None)
 
 
 def test_compare_scores_held_out_rows_and_an_unseen_set(ner_file, bpe_tok, tmp_path):

