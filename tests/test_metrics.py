@@ -152,7 +152,9 @@ def test_ner_f1_end_to_end(model):
     qs = ner_questions(CONVS)
     raw = generate_answers(model, TOK, [p for p, _, _ in qs], max_new_tokens=8)
     want = score([parse_entities(a) for a in raw], [g for _, _, g in qs], [t for _, t, _ in qs])
-    want.update(with_entities=sum(bool(g) for _, _, g in qs), parsed=sum(first_list(a) is not None for a in raw))
+    want.update(with_entities=sum(bool(g) for _, _, g in qs), parsed=sum(first_list(a) is not None for a in raw),
+                questions_sha256=res["questions_sha256"])
+    assert res["questions_sha256"] != ner_f1(model, TOK, CONVS[1:], max_new_tokens=2)["questions_sha256"]
     assert {k: v for k, v in res.items() if k != "examples"} == want
     assert res["questions"] == 4 and set(res["per_type"]) == {"person", "location", "software"}
     assert all(0.0 <= res[k] <= 1.0 for k in ("precision", "recall", "f1"))

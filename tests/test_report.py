@@ -100,3 +100,15 @@ def test_one_seed_states_the_noise_over_validation_rows():
             "the 12 rows): the difference is beyond the noise of which rows were drawn.") in md
     r["val_loss_difference_ci95"] = [-0.15, 0.02]
     assert "the interval holds 0, so the difference is within the noise" in report_markdown(r, ["masked", "unmasked"])
+
+
+def test_runs_that_answered_other_questions_are_not_compared():
+    import pytest
+
+    from chatmask.errors import ConfigError
+
+    r = _result(seeds=2)
+    r["masked"]["per_seed"][0]["metric"]["heldout"]["questions_sha256"] = "a"
+    r["masked"]["per_seed"][1]["metric"]["heldout"]["questions_sha256"] = "b"
+    with pytest.raises(ConfigError, match="answered different heldout questions"):
+        metric_summary({a: r[a]["per_seed"] for a in ("masked", "unmasked")})

@@ -29,8 +29,7 @@ def _mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-METRIC_SETS = {"heldout": "held-out validation rows of the training data",
-               "unseen": "the --metric-data conversations, never trained on"}
+METRIC_SETS = ("heldout", "unseen")  # the validation rows' questions; --metric-data's
 
 
 def _metric_sets(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: CompareConfig,
@@ -144,6 +143,10 @@ def metric_summary(per_arm: dict[str, list[dict]]) -> dict:
     out = {}
     for name in names:
         ms = {a: [r["metric"][name] for r in rs] for a, rs in per_arm.items()}
+        asked = {m.get("questions_sha256") for v in ms.values() for m in v}
+        if len(asked) > 1:
+            raise ConfigError(f"the runs answered different {name} questions (sha256 {sorted(map(str, asked))}); were "
+                              "they made with other data? delete the runs folder to start over")
         ci = metrics.bootstrap_f1({a: [m["per_question"] for m in v] for a, v in ms.items()})
         entry = {}
         for a, v in ms.items():

@@ -10,6 +10,7 @@ resampling questions, for one arm and for the difference of two arms scored on t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -278,8 +279,8 @@ def ner_f1(model, tokenizer, conversations, *, template=None, max_questions=None
            max_new_tokens=64, batch_size=8, progress: bool = False) -> dict:
     """Entity F1 of `model` on the NER questions of `conversations`, `max_questions` of them picked by
     `pick_questions` (see `score` for the keys, with `per_type` and `per_question`), plus
-    `with_entities` (questions whose gold list is not empty), `parsed` (answers holding a JSON list) and
-    `examples`: the first 8 questions as {passage, type, gold, predicted, raw} (the passage: the start
+    `with_entities` (questions whose gold list is not empty), `parsed` (answers holding a JSON list),
+    `questions_sha256` (what was asked: runs compared question by question must match) and `examples`: the first 8 questions as {passage, type, gold, predicted, raw} (the passage: the start
     of the conversation's first user message, for a person to read beside the answers).
 
     >>> res = ner_f1(model, tok, conversations.load("CrossNER_AI.json"), max_questions=200)  # doctest: +SKIP
@@ -295,6 +296,7 @@ def ner_f1(model, tokenizer, conversations, *, template=None, max_questions=None
     out = score(pred, [g for _, _, g in qs], [t for _, t, _ in qs])
     out["with_entities"] = sum(bool(g) for _, _, g in qs)
     out["parsed"] = sum(p is not None for p in lists)
+    out["questions_sha256"] = hashlib.sha256(json.dumps(qs, sort_keys=True, default=str).encode()).hexdigest()
     out["examples"] = [{"passage": _passage(prompt), "type": t, "gold": g, "predicted": p, "raw": a}
                        for (prompt, t, g), p, a in list(zip(qs, pred, raw))[:8]]
     return out
