@@ -9,7 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 EXTRA=""
 DEFAULT_OUT=study-out
-if [[ "${1:-}" == "--gpu" ]]; then EXTRA=examples/study/gpu.yaml; DEFAULT_OUT=study-gpu; shift; fi
+if [[ "${1:-}" == "--gpu" ]]; then
+  EXTRA=examples/study/gpu.yaml; DEFAULT_OUT=study-gpu; shift
+  python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    || { echo "run.sh --gpu: torch sees no CUDA GPU here; run the CPU study without --gpu" >&2; exit 2; }
+fi
 OUT="${1:-$DEFAULT_OUT}"
 UNINER="${UNINER:-../shared/data/uniner}"
 mkdir -p "$OUT/ner-train"
