@@ -196,3 +196,17 @@ def test_resume_takes_the_saved_settings_and_refuses_changes(ner_file, model_dir
     # the same folder without --resume: not silently mixed with the saved run (its checkpoints would win a resume)
     assert cm.main(["train", ner_file, "--out", out, "--model", model_dir]) == 2
     assert "already holds a training run" in capsys.readouterr().err
+
+
+def test_metric_on_data_without_ner_questions_says_so(tmp_path, bpe_tok):
+    from types import SimpleNamespace
+
+    from chatmask.compare import _metric_hook
+
+    p = tmp_path / "chat.jsonl"
+    p.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"hi {k}"},
+                                                   {"role": "assistant", "content": "hello"}]}) for k in range(4)))
+    hook = _metric_hook(str(p), DataConfig(), TrainConfig(), CompareConfig(metric="ner-f1", metric_data=str(p)), bpe_tok)
+    split = SimpleNamespace(val={"source": [f"chat.jsonl:{k}" for k in range(1, 5)]})
+    assert hook(None, split) == {"error": "no `What describes <type> in the text?` questions in the validation rows "
+                                          "or --metric-data"}

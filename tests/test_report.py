@@ -112,3 +112,13 @@ def test_runs_that_answered_other_questions_are_not_compared():
     r["masked"]["per_seed"][1]["metric"]["heldout"]["questions_sha256"] = "b"
     with pytest.raises(ConfigError, match="answered different heldout questions"):
         metric_summary({a: r[a]["per_seed"] for a in ("masked", "unmasked")})
+
+
+def test_a_metric_that_could_not_be_computed_says_why():
+    r = _result()
+    r["metric"] = {}
+    for arm in ("masked", "unmasked"):
+        r[arm]["per_seed"][0]["metric"] = {"error": "no `What describes <type> in the text?` questions in the validation rows"}
+    md = report_markdown(r, ["masked", "unmasked"])
+    assert "Not computed: no `What describes <type> in the text?` questions in the validation rows." in md
+    assert "Not computed: no <code>What describes &lt;type&gt; in the text?</code>" in report_html(r, ["masked", "unmasked"], "<svg/>")

@@ -169,7 +169,8 @@ def f1_markdown(result, arms) -> list[str]:
     """The entity F1 table and what it says, as Markdown lines; [] without a metric."""
     rows = f1_rows(result, arms)
     if not rows:
-        return []
+        why = _metric_error(result, arms)
+        return ["## Entity F1 (greedy answers)", "", f"Not computed: {why}.", ""] if why else []
     return (["## Entity F1 (greedy answers)", "", "| " + " | ".join(F1_HEAD) + " |", "|" + "---|" * len(F1_HEAD)]
             + ["| " + " | ".join(r) + " |" for r in rows] + ["", f1_verdict(result, arms), ""])
 
@@ -220,10 +221,17 @@ def _answers_html(result: dict, arms) -> str:
     return f"<h2>Answers side by side (seed 0, held-out questions)</h2><table><tr>{head}</tr>{rows}</table>"
 
 
+def _metric_error(result, arms) -> str | None:
+    """Why a task metric that was asked for is missing (a run's `metric.error`), else None."""
+    return next((s["metric"]["error"] for a in arms for s in result[a]["per_seed"]
+                 if isinstance(s.get("metric"), dict) and "error" in s["metric"]), None)
+
+
 def _f1_html(result, arms) -> str:
     rows = f1_rows(result, arms)
     if not rows:
-        return ""
+        why = _metric_error(result, arms)
+        return f"<h2>Entity F1 (greedy answers)</h2><p>Not computed: {_code(why)}.</p>" if why else ""
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for h in F1_HEAD)
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
