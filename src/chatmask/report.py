@@ -94,11 +94,17 @@ def f1_verdict(result, arms) -> str:
         lo, hi = entry["difference_ci95"]
         beyond = lo > 0 or hi < 0
         n = entry[first]["questions"]
-        texts.append(f"Entity F1 on {where}: {first} {entry[first]['f1_pooled']:.3f}, {second} "
-                     f"{entry[second]['f1_pooled']:.3f}; {first} - {second} = {d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] "
-                     f"(paired bootstrap over the {n} questions, seeds pooled): "
-                     + ("the arms differ beyond this noise." if beyond else
-                        "the interval holds 0, so the arms do not differ beyond this noise."))
+        text = (f"Entity F1 on {where}: {first} {entry[first]['f1_pooled']:.3f}, {second} "
+                f"{entry[second]['f1_pooled']:.3f}; {first} - {second} = {d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] "
+                f"(paired bootstrap over the {n} questions, seeds pooled): "
+                + ("the arms differ beyond this noise." if beyond else
+                   "the interval holds 0, so the arms do not differ beyond this noise."))
+        pairs = list(zip(*([s["metric"][name]["f1"] for s in result[a]["per_seed"]] for a in (first, second))))
+        if len(pairs) > 1:  # the interval above does not see seed-to-seed noise; say it seed by seed
+            wins = sum(a > b for a, b in pairs)
+            text += (f" Seed by seed, {first} scored higher in {wins} of {len(pairs)} seeds ("
+                     + ", ".join(f"{a:.3f} vs {b:.3f}" for a, b in pairs) + ").")
+        texts.append(text)
     return " ".join(texts)
 
 
