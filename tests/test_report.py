@@ -123,3 +123,15 @@ def test_a_metric_that_could_not_be_computed_says_why():
     md = report_markdown(r, ["masked", "unmasked"])
     assert "Not computed: no `What describes <type> in the text?` questions in the validation rows." in md
     assert "Not computed: no <code>What describes &lt;type&gt; in the text?</code>" in report_html(r, ["masked", "unmasked"], "<svg/>")
+
+
+def test_too_few_validation_rows_get_no_interval():
+    from chatmask.compare import loss_interval
+
+    runs = lambda n: [{"val_row_losses": [[1.0 + k / 10, 10]] * n} for k in range(2)]  # noqa: E731
+    assert loss_interval({"masked": runs(5), "unmasked": runs(5)}) == {}
+    assert set(loss_interval({"masked": runs(10), "unmasked": runs(10)})) == {"masked", "unmasked", "difference"}
+    r = _result(seeds=1)
+    r["masked"]["val_rows"] = 5
+    assert ("The 5 validation rows are too few for an interval over rows (at least 10: raise --val-rows or "
+            "--val-split).") in report_markdown(r, ["masked", "unmasked"])

@@ -44,7 +44,7 @@ def section(name: str, m: dict, docs: Path, src: Path) -> list[str]:
     lines += ["", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(m, arms)]
     t = m["train_config"]
-    lines += ["", f"Training: {t['model']}, {t['finetune']} fine-tuning, lr {t['lr']}, {t['steps']} steps of "
+    lines += ["", f"Training: {t['model']}, {'LoRA' if t['finetune'] == 'lora' else t['finetune']} fine-tuning, lr {t['lr']}, {t['steps']} steps of "
               f"{t['batch_size']} rows" + (" (packed)" if t.get("packing") else "") + f", seeds {m['compare_config']['seeds']}.",
               "", _verdict(m, arms), ""]
     lines += f1_markdown(m, arms)

@@ -37,12 +37,12 @@ def _tokenizer(args, saved: dict | None = None):
 
 # The demo's run. Rows are cut at 1,024 tokens (truncation right: the answers that fit are trained), so
 # only rows whose first answer starts past that are dropped: 36 of its 405 rows (plus 4 invalid), where
-# 384 tokens by whole turns dropped 229. 10 validation rows hold about 5,000 assistant tokens; with one
+# 384 tokens by whole turns dropped 229. 10 validation rows (5% of the rows, at most 10) hold about 5,000 assistant tokens; with one
 # seed the report's noise statement is a paired bootstrap over those rows. Time: bench/demo_time.py.
 DEMO = {
     "data": dict(salvage=True, skip_invalid=True, limit=400, max_length=1024, truncation="right"),
     "train": dict(finetune="lora", lr=5e-4, steps=12, batch_size=4, packing=True, eval_every=4, save_every=4,
-                  val_rows=10, eval_batch_size=5, warmup=0.1),
+                  val_split=0.05, val_rows=10, eval_batch_size=5, warmup=0.1),
 }
 
 

@@ -166,13 +166,14 @@ def metric_summary(per_arm: dict[str, list[dict]]) -> dict:
 def loss_interval(per_arm: dict[str, list[dict]]) -> dict:
     """{arm: [lo, hi], "difference": [lo, hi]}: 95% intervals of the final assistant-only validation loss
     (seeds pooled) and of first arm minus second, by a paired bootstrap over validation rows (every arm
-    scores the same rows); {} when a run has no per-row losses (made before they were kept)."""
+    scores the same rows); {} when a run has no per-row losses (made before they were kept) or fewer than
+    metrics.MIN_BOOTSTRAP_ITEMS rows (a bootstrap over a handful of rows understates the noise)."""
     import numpy as np
 
     from . import metrics
 
     tables = {a: [r.get("val_row_losses") for r in rs] for a, rs in per_arm.items()}
-    if not tables or any(t is None for ts in tables.values() for t in ts):
+    if not tables or any(t is None or len(t) < metrics.MIN_BOOTSTRAP_ITEMS for ts in tables.values() for t in ts):
         return {}
     return metrics.paired_bootstrap({a: sum(np.asarray(t, dtype=float) for t in ts) for a, ts in tables.items()},
                                     metrics.ratio_of)

@@ -169,6 +169,9 @@ def ratio_of(sums):
     return sums[..., 0] / sums[..., 1]
 
 
+MIN_BOOTSTRAP_ITEMS = 10  # below this a percentile bootstrap understates the noise: no interval is given
+
+
 def paired_bootstrap(per_item: dict, stat, *, resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
     """Percentile bootstrap of `stat` over items (questions, validation rows). `per_item`: {arm: (Q, k)
     array of per-item sums, the same items in the same order for every arm}; `stat` maps (..., k) sums to

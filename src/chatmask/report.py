@@ -11,6 +11,8 @@ import json
 import os
 import re
 
+from .metrics import MIN_BOOTSTRAP_ITEMS
+
 
 def _f(x, d=4):
     return "—" if x is None else f"{x:.{d}f}"
@@ -142,6 +144,9 @@ def _verdict(result, arms):
     text = (f"Final assistant-only validation loss: masked {dm:.4f}, unmasked {du:.4f}; {better} is lower by "
             f"{abs(diff):.4f} ({strength}).")
     ci = result.get("val_loss_difference_ci95")
+    if not ci and m.get("val_rows") and m["val_rows"] < MIN_BOOTSTRAP_ITEMS:
+        text += (f" The {m['val_rows']} validation rows are too few for an interval over rows (at least "
+                 f"{MIN_BOOTSTRAP_ITEMS}: raise --val-rows or --val-split).")
     if ci:
         lo, hi = ci
         rows = m.get("val_rows")
