@@ -37,7 +37,7 @@ def _tokenizer(args, saved: dict | None = None):
 
 # The demo's run. Rows are cut at 1,024 tokens (truncation right: the answers that fit are trained), so
 # only rows whose first answer starts past that are dropped: 36 of its 405 rows (plus 4 invalid), where
-# 384 tokens by whole turns dropped 229. 10 validation rows (5% of the rows, at most 10) hold about 5,000 assistant tokens; with one
+# 384 tokens by whole turns dropped 229. 10 validation rows (5% of the rows, at most 10) hold about 7,000 assistant tokens; with one
 # seed the report's noise statement is a paired bootstrap over those rows. Time: bench/demo_time.py.
 DEMO = {
     "data": dict(salvage=True, skip_invalid=True, limit=400, max_length=1024, truncation="right"),
@@ -58,7 +58,7 @@ def _sharegpt_path() -> str:
 
 def cmd_demo(args) -> int:
     """The main job on embedded defaults: show what is trained on the post's example, then compare masked
-    vs unmasked LoRA fine-tuning of SmolLM2-135M on ShareGPT (about 5 minutes on 2 CPU cores)."""
+    vs unmasked LoRA fine-tuning of SmolLM2-135M on ShareGPT (about 11 minutes on 2 CPU cores)."""
     import shlex
 
     from . import config, encode
