@@ -63,9 +63,9 @@ def pick_questions(questions: list, n: int | None, *, with_entities: float = 0.8
     >>> len(pick_questions(qs, 100))  # 20 with entities, then 5 empty to keep 4:1
     25
     """
-    if n is None or not 0 < with_entities <= 1:
-        if n is None:
-            return list(questions)
+    if n is None:
+        return list(questions)
+    if not 0 < with_entities <= 1:
         raise ChatmaskError(f"with_entities must be in (0, 1]; got {with_entities}")
     pos = [k for k, q in enumerate(questions) if q[2]]
     neg = [k for k, q in enumerate(questions) if not q[2]]

@@ -55,14 +55,20 @@ def sparse_head_works(model) -> bool:
     return logits_close(part, full, p0.dtype)
 
 
+def _targets(batch: dict):
+    """(target (B, T): the token each position must predict, keep (B, T): the positions trained, the
+    model's other inputs: masks, positions, boundaries)."""
+    labels = batch["labels"]  # (B, T)
+    target = torch.full_like(labels, IGNORE)
+    target[:, :-1] = labels[:, 1:]
+    return target, target != IGNORE, {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+
+
 def token_loss_sum(model, batch: dict, sparse: bool = True) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over trained targets, their number). Labels are shifted here, once."""
-    ids, labels = batch["input_ids"], batch["labels"]  # (B, T)
-    target = torch.full_like(labels, IGNORE)  # (B, T): the token each position must predict
-    target[:, :-1] = labels[:, 1:]
-    keep = target != IGNORE  # (B, T)
+    ids = batch["input_ids"]  # (B, T)
+    target, keep, kwargs = _targets(batch)
     n = int(keep.sum())
-    kwargs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}  # masks, positions, boundaries
     if sparse and n:
         logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False, **kwargs).logits  # (N, V)
         y = target[keep]  # (N,)
@@ -142,11 +148,8 @@ def evaluate_rows(model, val, pad_id: int, batch_size: int, acc=None, sparse=Tru
 
 def row_loss_sums(model, batch: dict, sparse: bool = True) -> torch.Tensor:
     """(B, 2) float64: per row of `batch`, the cross-entropy sum over its trained targets and their number."""
-    ids, labels = batch["input_ids"], batch["labels"]  # (B, T)
-    target = torch.full_like(labels, IGNORE)  # (B, T)
-    target[:, :-1] = labels[:, 1:]
-    keep = target != IGNORE  # (B, T)
-    kwargs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+    ids = batch["input_ids"]  # (B, T)
+    target, keep, kwargs = _targets(batch)
     out = torch.zeros(ids.shape[0], 2, dtype=torch.float64)
     if not keep.any():
         return out
