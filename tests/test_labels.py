@@ -241,8 +241,12 @@ def test_qwen3_style_empty_think_block_is_trained(bpe_tok):
 def test_template_without_marker_trains_content_alone(bpe_tok):
     tpl = "{% for m in messages %}{{ m.role | upper + ': ' + m.content + '\n' }}{% endfor %}{% if add_generation_prompt %}ASSISTANT: {% endif %}"
     ex = chatmask.encode(SHAPES["system_first"], bpe_tok, template=tpl)
-    assert [bpe_tok.decode(r) for r in trained_runs(ex)] == ["4", "6"]
-    assert any("no end-of-turn marker" in n for n in chatmask.check_template(bpe_tok, tpl))
+    # nothing ends an answer before the next header; after the last one the eos is appended, and counted
+    assert [bpe_tok.decode(r) for r in trained_runs(ex)] == ["4", "6\n</s>"]
+    assert ex.stop_appended and ex.unstopped == 1
+    assert bpe_tok.decode(ex.input_ids).endswith("6\n</s>")
+    notes = chatmask.check_template(bpe_tok, tpl)
+    assert any("no end-of-turn marker" in n for n in notes) and any("'</s>' is appended" in n for n in notes)
 
 
 def test_template_without_generation_prompt_never_trains_header(bpe_tok):

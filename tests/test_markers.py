@@ -121,15 +121,33 @@ def test_post_chatml_on_a_base_tokenizer_does_not_train_the_final_eos(base_tok):
         ["I've read this text.<|im_end|>", '["Unity"]<|im_end|>']
 
 
-def test_ambiguous_marker_is_an_error_naming_the_fix(base_tok):
-    """gpt-oss's shape as plain text, with a template that allows no answer after an answer: nothing tells
-    where `<|end|><|start|>user<|message|>` splits into the end of the turn and the next header."""
-    with pytest.raises(TemplateError, match="ambiguous") as e:
-        chatmask.encode(CONV, base_tok, template=GPT_OSS_STRICT)
-    assert "add_template_tokens" in str(e.value) and "--end-of-turn" in str(e.value)
-    ex = chatmask.encode(CONV, base_tok, template=GPT_OSS_STRICT, end_of_turn="<|end|>")
+def test_gpt_oss_as_plain_text_reads_the_user_header_from_the_first_message(base_tok):
+    """gpt-oss's shape as plain text, with a template that allows no answer after an answer: the header
+    `<|start|>user<|message|>` in front of the first message tells where `<|end|><|start|>user<|message|>`
+    splits into the end of the turn and the next header."""
+    r = chatmask.labels.renderer(base_tok, GPT_OSS_STRICT)
+    assert r.markers["user"] == "<|end|>" and r.markers["last"] == "<|return|>"
+    assert r.headers["user"] == "<|start|>user<|message|>"
+    ex = chatmask.encode(CONV, base_tok, template=GPT_OSS_STRICT)
     texts = ["".join(base_tok.decode([t]) for t in run) for run in runs(ex)]
     assert texts[0].endswith("I've read this text.<|end|>") and texts[1].endswith('["Unity"]<|return|>')
+
+
+# no header in front of the first message, no special token, no stop, and only user messages follow an
+# answer: nothing tells where the turn ends
+HEADLESS = ("{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('alternate') }}"
+            "{% endif %}{% if loop.first %}{{ m.content }}{% else %}{{ ' || ' + m.role + ': ' + m.content }}"
+            "{% endif %}{% endfor %}")
+
+
+def test_ambiguous_marker_is_an_error_naming_the_fix(base_tok):
+    with pytest.raises(TemplateError, match="ambiguous") as e:
+        chatmask.encode(CONV, base_tok, template=HEADLESS)
+    assert "add_template_tokens" in str(e.value) and "--end-of-turn" in str(e.value)
+    ex = chatmask.encode(CONV, base_tok, template=HEADLESS, end_of_turn=" ||")
+    texts = ["".join(base_tok.decode([t]) for t in run) for run in runs(ex)]
+    assert texts == ["I've read this text. ||", '["Unity"] ||']  # the last one's stop is appended
+    assert ex.stop_appended and ex.unstopped == 0
 
 
 def test_end_of_turn_that_does_not_follow_answers_is_an_error(bpe_tok):

@@ -104,7 +104,7 @@ def test_truncation_keeps_whole_turns_and_counts(tmp_path, bpe_tok):
     p = prepare(data, DataConfig(max_length=first_end + 2), tmp_path / "o", tokenizer=bpe_tok, progress=False)
     ds = p.dataset()
     assert ds[0]["input_ids"] == full.input_ids[:first_end]
-    assert p.stats["truncated_rows"] == 3 and p.stats["rows_final_eot_untrained"] == 0
+    assert p.stats["truncated_rows"] == 3 and p.stats["rows_without_trained_stop"] == 0
 
 
 def test_unwritable_output_is_a_clear_error(tmp_path, bpe_tok):
@@ -243,7 +243,7 @@ def test_every_option_that_changes_rows_is_in_the_cache_key(tmp_path, bpe_tok):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     other = {"template": "llama3", "train_on": "all", "max_length": 77, "truncation": "right", "end_of_turn": "</s>",
              "stream": "segments", "format": "openai", "split": "test", "skip_invalid": True, "salvage": True,
-             "limit": 3, "add_template_tokens": None}
+             "limit": 3, "stop_tokens": "<|im_end|>", "add_template_tokens": None}
     other.pop("add_template_tokens")
     base = cache_key(data, DataConfig(), bpe_tok)
     fields = {f.name for f in dataclasses.fields(DataConfig)} - {"tokenizer", "num_proc"}  # num_proc: same rows

@@ -90,15 +90,20 @@ def cmd_demo(args) -> int:
 
 def cmd_check(args) -> int:
     """Report how a tokenizer's chat template can be trained (prefix-preserving, end-of-turn marker, ...)."""
+    from .hub import stop_tokens
     from .labels import check_template, renderer
 
     tok = _tokenizer(args)
-    r = renderer(tok, args.template, args.end_of_turn)
-    notes = check_template(tok, args.template, args.end_of_turn)
+    stops = stop_tokens(args, tok)
+    r = renderer(tok, args.template, args.end_of_turn, stops)
+    notes = check_template(tok, args.template, args.end_of_turn, stops)
     print(f"end-of-turn marker: {r.marker!r}" if r.marker else "end-of-turn marker: none")
     others = {ctx: m for ctx, m in r.markers.items() if m != r.marker}
     for ctx, m in others.items():  # e.g. gpt-oss: <|end|>, and <|return|> after the last answer
-        print(f"  {'after the last answer' if ctx == 'last' else f'before a {ctx} message'}: {m!r}")
+        print(f"  {'after the last answer' if ctx == 'last' else f'before a {ctx} message'}: {m!r}"
+              + (" (appended: the template writes none there)" if ctx == "last" and r.append else ""))
+    print(f"stops (what generation stops on): {', '.join(map(repr, r.stops)) or 'none'}"
+          + (f"; the model's stop list: {', '.join(map(repr, stops))}" if stops else ""))
     for n in notes:
         print(f"- {n}")
     if not notes:
@@ -116,7 +121,7 @@ def _data_config(args):
 
 def cmd_prepare(args) -> int:
     """Label a dataset once and write it as a `datasets` folder (with stats.json and config.json)."""
-    from .prepare import drop_summary, prepare
+    from .prepare import drop_summary, prepare, stop_summary
 
     cfg = _data_config(args)
     tok = _tokenizer(args)
@@ -124,9 +129,9 @@ def cmd_prepare(args) -> int:
     s = p.stats
     if p.cached:
         print(f"{args.out}: up to date (same data, tokenizer, template and options); nothing to do")
-    msg = drop_summary(s)
-    if msg:
-        print(msg)
+    for msg in (drop_summary(s), stop_summary(s) if s.get("rows_without_trained_stop") else ""):
+        if msg:
+            print(msg)
     if s.get("salvaged"):
         print(s["salvaged"])
     print(f"{args.out}: {s['rows_kept']:,} rows, {s['tokens']:,} tokens, {s['trained_tokens']:,} trained "
@@ -168,9 +173,12 @@ def cmd_view(args) -> int:
             raise ChatmaskError(f"{args.data}: no row {args.row}; it has {len(ds)} rows")
         exs = [Example(r["input_ids"], r["labels"], r["source"]) for r in ds.select(range(args.row, min(len(ds), args.row + args.rows)))]
     else:
+        from .hub import stop_tokens
+
         tok = _tokenizer(args)
+        stops = stop_tokens(args, tok)
         exs = [encode(c.messages, tok, template=args.template, train_on=args.train_on, source=c.source,
-                      end_of_turn=args.end_of_turn, stream=args.stream)
+                      end_of_turn=args.end_of_turn, stream=args.stream, stop_tokens=stops)
                for c in _load_rows(args, rows)]
     for ex in exs:
         print_table(ex, tok)
@@ -214,8 +222,8 @@ def cmd_stats(args) -> int:
               ", ".join(f"{k} {v:,} ({v / total:.1%})" for k, v in tr.items()))
         ua = s["user_to_assistant"]
         print(f"user:assistant tokens = {ua:.2f} : 1" if ua is not None else "user:assistant: no assistant tokens")
-        print(f"truncated rows: {s['truncated_rows']:,}; rows whose final end-of-turn is not trained: "
-              f"{s['rows_final_eot_untrained']:,}")
+        print(f"truncated rows: {s['truncated_rows']:,}; rows with an answer trained without its stop: "
+              f"{s['rows_without_trained_stop']:,}; rows whose last stop was appended: {s['rows_stop_appended']:,}")
         if s.get("rows_split_at_boundary"):
             print(f"rows whose input_ids are not exactly the tokenizer's encoding of the rendering: "
                   f"{s['rows_split_at_boundary']:,} ({s['tokens_split_at_boundary']:,} tokens straddled a "
@@ -231,7 +239,8 @@ def cmd_stats(args) -> int:
 # list equal to what they hold)
 STAT_NAMES = ("rows_read", "rows_kept", "rows_dropped", "rows_dropped_for_length", "rows_dropped_invalid",
               "dropped_fraction", "tokens", "trained_tokens", "trained_fraction", "truncated_rows",
-              "rows_split_at_boundary", "tokens_split_at_boundary", "rows_final_eot_untrained", "rows_labelled",
+              "rows_split_at_boundary", "tokens_split_at_boundary", "rows_without_trained_stop",
+              "answers_without_trained_stop", "rows_stop_appended", "rows_labelled",
               "user_to_assistant", "tokens_by_role_rows")
 
 
@@ -408,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("check", help=cmd_check.__doc__)
-    _common(p, labelling=("add_template_tokens", "end_of_turn"))
+    _common(p, labelling=("add_template_tokens", "end_of_turn", "stop_tokens"))
     p.set_defaults(func=cmd_check)
 
     from . import config
@@ -424,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("view", help=cmd_view.__doc__)
     p.add_argument("data", help="a data file (as for prepare) or a folder written by prepare")
-    _common(p, labelling=("add_template_tokens", "train_on", "end_of_turn", "stream", "format", "salvage"))
+    _common(p, labelling=("add_template_tokens", "train_on", "end_of_turn", "stop_tokens", "stream", "format", "salvage"))
     p.add_argument("--row", type=int, default=0, help="which row (0-based) (default: 0)")
     p.add_argument("--rows", type=int, default=1, help="how many rows from --row (default: 1)")
     p.add_argument("--html", help="also write a self-contained HTML page")

@@ -39,6 +39,10 @@ class DataConfig:
     """rows over --max-length: keep whole leading turns, cut at the limit, or drop the row"""
     end_of_turn: str | None = None
     """the text that ends an assistant turn, where the template leaves it ambiguous (e.g. '<|end|>'); default: found from the template"""
+    stop_tokens: str | None = None
+    """the model's stop tokens, comma-separated (e.g. '<|user|>,<|observation|>'): each answer's trained end is read
+    with them; default: the eos_token_id list of the generation_config.json beside the tokenizer (its folder or hub
+    repository); none: the tokenizer's eos only"""
     stream: Literal["rendering", "segments"] = "rendering"
     """token ids: the tokenizer's encoding of the whole rendered text, or each prompt/answer segment encoded alone (mistral-common's way)"""
     format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion"] = "auto"
@@ -124,6 +128,10 @@ class TrainConfig:
     """evaluate every N steps (and at the end)"""
     eval_batch_size: int = 8
     """rows per evaluation batch"""
+    stop_prompts: int = 8
+    """validation prompts answered greedily after training to measure the stop rate (0: off)"""
+    stop_max_new_tokens: int = 128
+    """longest answer the stop rate waits for, in tokens (prompts whose trained answer is longer are passed over)"""
     save_every: int = 50
     """checkpoint every N steps (and at the end); --resume continues from the last one"""
     keep_checkpoints: int = 2
@@ -157,6 +165,10 @@ class TrainConfig:
                 p.append(f"{flag(name)} must be at least 1")
         if self.threads is not None and self.threads < 1:
             p.append(f"--threads must be at least 1, not {self.threads}")
+        if self.stop_prompts < 0:
+            p.append(f"--stop-prompts must be 0 (off) or more, not {self.stop_prompts}")
+        if self.stop_max_new_tokens < 1:
+            p.append(f"--stop-max-new-tokens must be at least 1, not {self.stop_max_new_tokens}")
         if self.steps is not None and self.epochs is not None:
             p.append(f"--steps {self.steps} and --epochs {self.epochs}: give one of them")
         if self.epochs is not None and self.epochs <= 0:
@@ -334,7 +346,7 @@ def to_dict(cfg) -> dict:
 
 
 RESUME_SAFE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "eval_batch_size",
-                         "merge_lora", "resume", "num_proc", "threads"})
+                         "merge_lora", "resume", "num_proc", "threads", "stop_prompts", "stop_max_new_tokens"})
 """Settings a resumed run may change: they do not change what the saved steps computed (more --steps
 lengthens the run and the schedule that remains)."""
 

@@ -208,6 +208,46 @@ def load_tokenizer(name: str = DEFAULT_MODEL, *, trust_remote_code: bool = False
     return tok
 
 
+def _generation_config(source: str) -> dict | None:
+    """The generation_config.json of a tokenizer's model: in its folder, in the model folder converted beside
+    it (the embedded default), or in its hub repository when that is in the local cache or reachable."""
+    folder = Path(source)
+    for f in (folder / "generation_config.json", folder.parent / "model" / "generation_config.json"):
+        if source and f.is_file():
+            try:
+                return json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+    if not source or folder.exists() or source.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import constants, hf_hub_download
+
+        path = hf_hub_download(source, "generation_config.json",
+                               local_files_only=constants.HF_HUB_OFFLINE or not _hub_reachable())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - no such file, no network, not a repo: the model has no stop list here
+        return None
+
+
+def model_stop_tokens(tok) -> tuple[str, ...]:
+    """The tokens the model stops on, as strings: its generation_config.json `eos_token_id` (one id or a
+    list), found beside the tokenizer (`_generation_config`); () when there is none."""
+    conf = _generation_config(str(getattr(tok, "name_or_path", "") or ""))
+    ids = (conf or {}).get("eos_token_id")
+    ids = [ids] if isinstance(ids, int) else ids if isinstance(ids, list) else []
+    n = len(tok)
+    return tuple(dict.fromkeys(tok.convert_ids_to_tokens(i) for i in ids if isinstance(i, int) and 0 <= i < n))
+
+
+def stop_tokens(cfg, tok) -> tuple[str, ...]:
+    """The stop list a DataConfig labels with: --stop-tokens as given ('none': none), else the model's own."""
+    given = getattr(cfg, "stop_tokens", None)
+    if given is None:
+        return model_stop_tokens(tok)
+    return () if given.strip().lower() == "none" else tuple(t for t in (x.strip() for x in given.split(",")) if t)
+
+
 def data_tokenizer(cfg, name: str | None = None, tokenizer=None, *, trust_remote_code: bool = False):
     """The tokenizer that labels data by DataConfig `cfg`: `tokenizer`, else cfg.tokenizer, else `name` (the
     model's), else the default; with cfg.add_template_tokens, the built-in template's tokens added."""

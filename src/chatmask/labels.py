@@ -56,6 +56,11 @@ class Example:
     split: int = 0
     """tokens of the whole-text encoding that straddled a prompt/answer boundary and were re-spelt as
     two; 0 means `input_ids` are exactly the tokenizer's encoding of the rendering"""
+    stop_appended: bool = False
+    """the template writes no end of turn after the last answer, so its stop was appended (see markers)"""
+    unstopped: int = 0
+    """trained answers whose trained run ends without a stop (the template writes none there, or the
+    truncation cut the answer): they do not teach the model to stop"""
 
     @property
     def num_trained(self) -> int:
@@ -103,6 +108,8 @@ class _Plan:
     trained: set[int]
     train_on: str
     preserving: bool
+    appended: bool = False
+    unstopped: frozenset = frozenset()  # trained answers (message indices) whose end of turn holds no stop
 
 
 def _regions(plan: _Plan):
@@ -144,8 +151,9 @@ def _assemble(plan: _Plan, row, tt: TextTokens):
         a, b = at[k], at[k + 1]
         labels += input_ids[a:b] if trained[k] else [IGNORE] * (b - a)
         if owner[k] is not None and b > a:
-            ends.append((b, trained[k]))
-    return Example(input_ids, labels, plan.source, plan.preserving), ends
+            ends.append((b, trained[k], owner[k] not in plan.unstopped))
+    return Example(input_ids, labels, plan.source, plan.preserving, stop_appended=plan.appended,
+                   unstopped=len(plan.unstopped)), ends
 
 
 def _assemble_split(plan: _Plan, row, tt: TextTokens, cuts, owner, trained):
@@ -186,18 +194,19 @@ def _assemble_split(plan: _Plan, row, tt: TextTokens, cuts, owner, trained):
                 emit(p.ids[t:k], reg)
                 t, ci, reg = max(t, k), ci + 1, reg + 1
         emit(p.ids[t:], reg)
-    ends = sorted((n, trained[k]) for k, n in last.items() if owner[k] is not None)
-    return Example(input_ids, labels, plan.source, plan.preserving, split=split), ends
+    ends = sorted((n, trained[k], owner[k] not in plan.unstopped) for k, n in last.items() if owner[k] is not None)
+    return Example(input_ids, labels, plan.source, plan.preserving, split=split, stop_appended=plan.appended,
+                   unstopped=len(plan.unstopped)), ends
 
 
 def encode_many(rows, tokenizer, *, train_on="assistant", max_length=None, template=None, truncation="turns",
-                end_of_turn=None, stream="rendering"):
+                end_of_turn=None, stream="rendering", stop_tokens=()):
     """`encode` over many `(messages, source)` rows with one tokenizer call for all of them (the fast
     tokenizer's batch API uses every core). Returns, per row, an Example or the ChatmaskError that row
     raised."""
     _check_options(train_on, truncation, stream)
     text_tokens(tokenizer)  # an unusable tokenizer is said before anything about its template
-    r = renderer(tokenizer, template, end_of_turn)
+    r = renderer(tokenizer, template, end_of_turn, stop_tokens)
     # a batch allocates many short-lived lists; the cyclic collector's passes over them (and over the
     # memo) would cost about a third of the time, and nothing here makes cycles
     gc_on = gc.isenabled()
@@ -282,35 +291,44 @@ def _plan_row(r: Renderer, messages, source, train_on) -> _Plan:
     msgs = normalize_messages(messages, source)
     if not any(m["role"] == "assistant" for m in msgs):
         raise ConversationError(f"{where}: no assistant turn", reason="no assistant turn")
-    R = r.render(msgs, source=source)
+    R = r.training_text(msgs, source=source)
     turns = answer_regions(r, msgs, R, where)
     trained = _trained_turns(msgs, _weights(messages), turns, train_on, where)
-    return _Plan(source, R, turns, trained, train_on, all(t.preserving for t in turns))
+    unstopped = frozenset(t.index for t in turns if t.index in trained and
+                          r.context(msgs[t.index + 1]["role"] if t.index + 1 < len(msgs) else None) in r.unstopped)
+    return _Plan(source, R, turns, trained, train_on, all(t.preserving for t in turns),
+                 bool(r.append) and msgs[-1]["role"] == "assistant", unstopped)
 
 
 def truncate(ex: Example, max_length: int, policy: str, turn_ends, train_on: str = "assistant") -> Example:
     """Cut `ex` to `max_length` tokens by `policy` (see TRUNCATION); raises ConversationError when the
-    row must be dropped. `turn_ends`: (token index just past an answer, whether it is trained); `ex`
-    holds assistant labels, and `train_on="all"` trains every token, so any answer that fits will do."""
+    row must be dropped. `turn_ends`: (token index just past an answer, whether it is trained, whether its
+    end holds a stop); `ex` holds assistant labels, and `train_on="all"` trains every token, so any answer
+    that fits will do."""
     where = f"{ex.source}: " if ex.source else ""
     n = len(ex.input_ids)
+    answers = turn_ends
     if train_on == "all":
-        turn_ends = [(e, True) for e, _ in turn_ends]
+        turn_ends = [(e, True, stopped) for e, _, stopped in turn_ends]
     if policy == "drop":
         raise ConversationError(f"{where}{n:,} tokens, longer than max_length {max_length:,}: raise --max-length, "
                                 "or --truncation turns keeps the leading turns that fit", reason=TOO_LONG)
     if policy == "turns":
-        fits = [e for e, trained in turn_ends if e <= max_length]
-        if not any(trained for e, trained in turn_ends if e <= max_length):
+        fits = [e for e, trained, _ in turn_ends if e <= max_length]
+        if not any(trained for e, trained, _ in turn_ends if e <= max_length):
             raise ConversationError(
-                f"{where}the first trained answer ends at token {next((e for e, t in turn_ends if t), n):,}, "
+                f"{where}the first trained answer ends at token {next((e for e, t, _ in turn_ends if t), n):,}, "
                 f"past max_length {max_length:,}: raise --max-length to keep the row", reason=FIRST_ANSWER)
         cut = max(fits)
     elif policy == "right":
         cut = max_length
     else:
         raise ConfigError(f"truncation must be one of {', '.join(TRUNCATION)}, not {policy!r}")
-    out = Example(ex.input_ids[:cut], ex.labels[:cut], ex.source, ex.prefix_preserving, n - cut, ex.split)
+    kept = [(e, stopped) for e, trained, stopped in answers if e <= cut and trained]
+    cut_answer = ex.labels[cut - 1] != IGNORE and cut not in {e for e, _ in kept}  # its stop is cut off
+    unstopped = sum(not stopped for _, stopped in kept) + cut_answer
+    out = Example(ex.input_ids[:cut], ex.labels[:cut], ex.source, ex.prefix_preserving, n - cut, ex.split,
+                  ex.stop_appended and cut == n, unstopped)
     if out.num_trained == 0 and train_on != "all":
         raise ConversationError(f"{where}no trained token in the first {max_length:,} tokens: raise --max-length "
                                 "to keep the row", reason=NOTHING_TRAINED)
@@ -331,18 +349,22 @@ def encode(
     source: str = "",
     end_of_turn: str | None = None,
     stream: str = "rendering",
+    stop_tokens=(),
 ) -> Example:
     """Render `messages` with the chat template and label each assistant answer (its text after the
     generation prompt through the end-of-turn marker); everything else is -100. `input_ids` are the
     tokenizer's encoding of the whole rendering (see STREAMS for the one exception and the alternative);
-    `end_of_turn` names the marker where the template leaves it ambiguous.
+    `end_of_turn` names the marker where the template leaves it ambiguous; `stop_tokens` are the model's
+    own stop list (its generation_config.json `eos_token_id`, as strings: `hub.model_stop_tokens`), which
+    the end of each turn is read with (README, "The stop").
 
     >>> ex = encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tok)
     >>> tok.decode([t for t in ex.labels if t != -100])
     'Hello!<|im_end|>'
     """
     out = encode_many([(messages, source)], tokenizer, train_on=train_on, max_length=max_length,
-                      template=template, truncation=truncation, end_of_turn=end_of_turn, stream=stream)[0]
+                      template=template, truncation=truncation, end_of_turn=end_of_turn, stream=stream,
+                      stop_tokens=stop_tokens)[0]
     if isinstance(out, ChatmaskError):
         raise out
     return out
@@ -357,6 +379,7 @@ def encode_turns(
     source: str = "",
     end_of_turn: str | None = None,
     stream: str = "rendering",
+    stop_tokens=(),
 ) -> list[Example]:
     """One example per trained assistant turn: prompt = that turn's generation prompt exactly as at
     inference, only that turn trained. The faithful form for templates that rewrite earlier turns."""
@@ -364,14 +387,14 @@ def encode_turns(
     text_tokens(tokenizer)
     msgs = normalize_messages(messages, source)
     weights = _weights(messages)
-    r = renderer(tokenizer, template, end_of_turn)
+    r = renderer(tokenizer, template, end_of_turn, stop_tokens)
     where = source or "conversation"
     plans = []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant" or not weights[i]:
             continue
         sub = msgs[: i + 1]
-        R = r.render(sub, source=source)
+        R = r.training_text(sub, source=source)
         turn = answer_regions(r, sub, R, where)[-1]
         G = r.render(msgs[:i], True, source=source) if not r.gen_prompt_empty else R[: turn.start]
         if R.startswith(G) and len(G) <= turn.start:
@@ -390,10 +413,10 @@ def encode_turns(
     return out
 
 
-def check_template(tokenizer, template: str | None = None, end_of_turn: str | None = None) -> list[str]:
+def check_template(tokenizer, template: str | None = None, end_of_turn: str | None = None, stop_tokens=()) -> list[str]:
     """Problems and notes about how a template can be trained, e.g. `not prefix-preserving: ...`.
     An empty list means: prefix-preserving, with an end-of-turn marker that is trained."""
-    r = renderer(tokenizer, template, end_of_turn)
+    r = renderer(tokenizer, template, end_of_turn, stop_tokens)
     notes = list(r.notes)
     if not r.marker:
         notes.append(
@@ -412,8 +435,9 @@ def check_template(tokenizer, template: str | None = None, end_of_turn: str | No
         elif eos and eos not in r.marker:
             notes.append(
                 f"end-of-turn marker {r.marker!r} is trained but is not the tokenizer's eos_token {eos!r}: "
-                "make generation stop on it (generation_config.eos_token_id)"
+                "generation must stop on it (a model chatmask saves lists it in generation_config.json)"
             )
+    notes += _stop_notes(r)
     if r.gen_prompt_empty and r.gen_always:
         notes.append("the template ignores add_generation_prompt and always ends with the assistant header: answers "
                      "are trained from the end of that header")
@@ -429,7 +453,7 @@ def check_template(tokenizer, template: str | None = None, end_of_turn: str | No
     for name, roles in probes.items():
         msgs = [{"role": ro, "content": f"text {j}"} for j, ro in enumerate(roles)]
         try:
-            R = r.render(msgs)
+            R = r.training_text(msgs)
         except TemplateError as e:
             notes.append(f"raises on a conversation with {name}: {str(e).split(': ', 1)[-1]}")
             continue
@@ -448,6 +472,18 @@ def check_template(tokenizer, template: str | None = None, end_of_turn: str | No
         if m in r.text:
             notes.append("has {% generation %} tags: chatmask does not need them (labels come from the rendering)")
             break
+    return notes
+
+
+def _stop_notes(r: Renderer) -> list[str]:
+    """What check_template says about the stops: an appended one, contexts that train none."""
+    notes = []
+    if r.append:
+        notes.append(f"the template writes no end of turn after the last answer: its stop {r.append!r} is appended "
+                     "there (the model writes it at inference), and counted (rows_stop_appended)")
+    for ctx in sorted(r.unstopped - {"last"} if r.marker else set()):
+        notes.append(f"no stop after an answer followed by a {ctx} message: such answers are trained without one "
+                     "(rows_without_trained_stop counts them); pass --stop-tokens with the model's stop list")
     return notes
 
 

@@ -26,7 +26,8 @@ from . import conversations, labels, tokens
 from .config import DataConfig
 from .errors import FIX_ROW, ChatmaskError, ConfigError, ConversationError
 
-FORMAT_VERSION = 3  # 2: input_ids are the whole-text encoding of the rendering; 3: drops by length counted
+FORMAT_VERSION = 4  # 2: input_ids are the whole-text encoding of the rendering; 3: drops by length counted;
+# 4: every answer's stop trained (README, "The stop"), the last one's appended where the template writes none
 BATCH = 512  # conversations labelled per tokenizer call
 SHARD_ROWS = 50_000  # rows per Arrow file: bounded memory whatever the input size
 _FEATURES = None
@@ -86,6 +87,16 @@ def tokenizer_fingerprint(tok) -> str:
     return h.hexdigest()
 
 
+def with_stops(cfg: DataConfig, tok) -> DataConfig:
+    """`cfg` with --stop-tokens resolved (the model's own stop list read once, not per batch or worker), so
+    the cache key and the written config name what labelled the rows."""
+    from .hub import stop_tokens
+
+    if cfg.stop_tokens is not None:
+        return cfg
+    return cfgmod.replace(cfg, stop_tokens=",".join(stop_tokens(cfg, tok)) or "none")
+
+
 def cache_key(data: str, cfg: DataConfig, tok) -> str:
     h = hashlib.sha256()
     _hash_source(data, h)
@@ -116,6 +127,8 @@ class Labelled(NamedTuple):
     source: str
     truncated: int
     split: int
+    unstopped: int
+    appended: bool
 
 
 class Dropped(NamedTuple):
@@ -127,15 +140,17 @@ class Dropped(NamedTuple):
 
 def _label_batch(batch, cfg: DataConfig, tok=None) -> list[Labelled | Dropped]:
     """[(messages, source)] -> one Labelled or Dropped per row, in order."""
+    from .hub import stop_tokens
+
     tok = tok or _worker_tok
     out = []
     for r in labels.encode_many(batch, tok, train_on=cfg.train_on, max_length=cfg.max_length,
                                 template=cfg.template, truncation=cfg.truncation, end_of_turn=cfg.end_of_turn,
-                                stream=cfg.stream):
+                                stream=cfg.stream, stop_tokens=stop_tokens(cfg, tok)):
         if isinstance(r, ChatmaskError):
             out.append(Dropped(r.reason, str(r)))
         else:
-            out.append(Labelled(r.input_ids, r.labels, r.source, r.truncated, r.split))
+            out.append(Labelled(r.input_ids, r.labels, r.source, r.truncated, r.split, r.unstopped, r.stop_appended))
     return out
 
 
@@ -178,7 +193,7 @@ def _labelled(data, cfg, tok, report):
 
 
 class _Stats:
-    def __init__(self, marker_ids):
+    def __init__(self):
         self.kept = 0
         self.dropped = collections.Counter()
         self.first = {}
@@ -187,16 +202,18 @@ class _Stats:
         self.truncated_rows = 0
         self.split_rows = 0
         self.split_tokens = 0
-        self.final_eot_untrained = 0
+        self.unstopped_rows = 0
+        self.unstopped = 0
+        self.appended = 0
+        self.first_unstopped = None
         self.lengths = collections.Counter()
-        self.marker_ids = marker_ids
 
     def add(self, row: Labelled | Dropped):
         if isinstance(row, Dropped):
             self.dropped[row.reason] += 1
             self.first.setdefault(row.reason, row.message)
             return
-        ids, labs, _, truncated, split = row
+        ids, labs, source, truncated, split, unstopped, appended = row
         self.split_rows += bool(split)
         self.split_tokens += split
         self.kept += 1
@@ -205,11 +222,11 @@ class _Stats:
         self.trained += t
         self.truncated_rows += bool(truncated)
         self.lengths[min(len(ids) // 256, 32)] += 1
-        m = self.marker_ids
-        if m:
-            last = next(i for i in range(len(labs) - 1, -1, -1) if labs[i] != labels.IGNORE)  # from the end
-            if labs[last - len(m) + 1: last + 1] != m:
-                self.final_eot_untrained += 1
+        self.appended += appended
+        if unstopped:
+            self.unstopped_rows += 1
+            self.unstopped += unstopped
+            self.first_unstopped = self.first_unstopped or source
 
     def as_dict(self, report) -> dict:
         read = self.kept + sum(self.dropped.values())
@@ -234,11 +251,26 @@ class _Stats:
             # straddled a prompt/answer boundary and was re-spelt as two
             "rows_split_at_boundary": self.split_rows,
             "tokens_split_at_boundary": self.split_tokens,
-            "rows_final_eot_untrained": self.final_eot_untrained,
+            # answers whose trained run ends without a stop (the template writes none there, or truncation
+            # cut it off): they do not teach the model to stop
+            "rows_without_trained_stop": self.unstopped_rows,
+            "answers_without_trained_stop": self.unstopped,
+            "first_without_trained_stop": self.first_unstopped,
+            # conversations ending with an answer after which the template writes no end of turn: its stop appended
+            "rows_stop_appended": self.appended,
             "length_histogram": {f"{k * 256}-{k * 256 + 255}" if k < 32 else f"{32 * 256}+": v
                                  for k, v in sorted(self.lengths.items())},
             "rows_labelled": read,
         }
+
+
+def stop_summary(stats: dict) -> str:
+    """One line: the rows with an answer trained without its stop, and why that matters."""
+    n, rows = stats["rows_without_trained_stop"], stats["rows_kept"]
+    return (f"warning: {n:,} of {rows:,} rows have an answer trained without a stop "
+            f"({stats['answers_without_trained_stop']:,} answers; first: {stats['first_without_trained_stop']}): "
+            "the template writes none after it, or --max-length cut it off; such answers do not teach the model to "
+            "end its turn (`chatmask check` says which; --stop-tokens names the model's stop list)")
 
 
 def drop_summary(stats: dict) -> str:
@@ -311,9 +343,12 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
     inputs return at once). Bad rows raise ConversationError unless `cfg.skip_invalid`."""
     from .hub import data_tokenizer, temp_dir
 
+    from .hub import stop_tokens
+
     tok = data_tokenizer(cfg, None, tokenizer)
+    cfg = with_stops(cfg, tok)
     tokens.text_tokens(tok)  # an unusable tokenizer, a missing or broken template fail here, before any work
-    labels.renderer(tok, cfg.template, cfg.end_of_turn)
+    r = labels.renderer(tok, cfg.template, cfg.end_of_turn, stop_tokens(cfg, tok))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; pass a folder (it is created if missing)")
@@ -329,9 +364,7 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
         raise ConfigError(f"cannot write the output folder {out}: {e.strerror}") from None
     try:
         report = conversations.LoadReport()
-        r = labels.renderer(tok, cfg.template, cfg.end_of_turn)
-        marker_ids = tokens.text_tokens(tok).whole_ids([r.marker])[0] if r.marker.strip() else []
-        stats = _Stats(marker_ids)
+        stats = _Stats()
         bar = None
         if progress:
             from .progress import progress as progress_bar
@@ -355,16 +388,18 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
         _finish_layout(tmp, n_shards, key, data)
         resolved = {"data": str(data), "cache_key": key, "format_version": FORMAT_VERSION,
                     "tokenizer_fingerprint": tokenizer_fingerprint(tok), "end_of_turn_marker": r.marker,
+                    "stops": list(r.stops), "appended_stop": r.append,
                     "template": r.text, **cfgmod.to_dict(cfg)}
         (tmp / "config.json").write_text(json.dumps(resolved, indent=2))
         (tmp / "stats.json").write_text(json.dumps(s, indent=2))
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if s["rows_dropped"] and log:
-        log(drop_summary(s))
-    if s["salvaged"] and log:
-        log(s["salvaged"])
+    if log:
+        for line in (drop_summary(s) if s["rows_dropped"] else "", stop_summary(s) if s["rows_without_trained_stop"]
+                     else "", s["salvaged"] or ""):
+            if line:
+                log(line)
     return Prepared(out, s, False)
 
 
@@ -402,6 +437,7 @@ def prepare_cached(data: str, cfg: DataConfig, tok, **kw) -> Prepared:
     """`prepare` into chatmask's cache folder, named by the cache key (what train and stats use)."""
     from .hub import cache_dir
 
+    cfg = with_stops(cfg, tok)
     return prepare(data, cfg, cache_dir() / "prepared" / cache_key(data, cfg, tok)[:24], tokenizer=tok, **kw)
 
 
@@ -438,15 +474,18 @@ def role_tokens(data: str, cfg: DataConfig, tok, *, max_rows: int | None = None)
     else to the template."""
     import bisect
 
+    from .hub import stop_tokens
+
     counts = collections.Counter()
     report = conversations.LoadReport()
+    stops = stop_tokens(cfg, tok)
     n = 0
     for conv in conversations.load(data, format=cfg.format, salvage=cfg.salvage, skip_invalid=True,
                                    split=cfg.split, report=report):
         if (max_rows is not None and n >= max_rows) or (cfg.limit is not None and n >= cfg.limit):
             break
         try:
-            R, spans = labels.content_spans(conv.messages, tok, cfg.template, conv.source)
+            R, spans = labels.content_spans(conv.messages, tok, cfg.template, conv.source, stops)
         except ChatmaskError:
             continue
         n += 1

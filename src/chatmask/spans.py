@@ -43,7 +43,7 @@ class _Skeleton:
 class Renderer:
     """A compiled template bound to a tokenizer's special tokens, with its analysis and skeleton cache."""
 
-    def __init__(self, template_text: str, tokenizer, end_of_turn: str | None = None):
+    def __init__(self, template_text: str, tokenizer, end_of_turn: str | None = None, stop_tokens=()):
         from transformers.utils.chat_template_utils import _compile_jinja_template  # sandboxed, as transformers
 
         self.text = template_text
@@ -61,15 +61,25 @@ class Renderer:
         self._skeletons: dict[tuple, _Skeleton | None] = {}
         self._srenders: dict[tuple, str | None] = {}
         self.end_of_turn = end_of_turn
-        self.markers, self.gen_prompt_empty, self.gen_always, self.notes = analyse(self)
+        self.stop_tokens = tuple(s for s in stop_tokens if s)
+        self.analysis = a = analyse(self)
+        self.markers, self.gen_prompt_empty, self.gen_always, self.notes = a.markers, a.gen_empty, a.gen_always, \
+            list(a.notes)
+        self.append, self.stops, self.headers, self.unstopped = a.append, a.stops, a.headers, a.unstopped
         # the marker after an answer followed by a user message (else the last one): what `check` shows
         self.marker = self.markers.get("user", self.markers.get("last", ""))
         self.warned = False
 
+    def context(self, next_role: str | None) -> str:
+        """The context of an answer followed by a `next_role` message (None: the last message), as `markers`
+        names it."""
+        m = self.markers
+        ctx = next_role or "last"
+        return ctx if ctx in m else "user" if "user" in m else "last"
+
     def marker_for(self, next_role: str | None) -> str:
         """The end-of-turn marker of an answer followed by a `next_role` message (None: the last message)."""
-        m = self.markers
-        return m.get(next_role or "last", m.get("user", m.get("last", "")))
+        return self.markers.get(self.context(next_role), "")
 
     def warn_once(self) -> None:
         """Say once, at labelling time, what `check_template` finds that makes the labels less than exact."""
@@ -89,6 +99,12 @@ class Renderer:
         if not any(self.markers.values()):
             warnings.warn("chat template: no end-of-turn marker follows the answers, so the model is not taught "
                           "to stop", ChatmaskWarning, stacklevel=3)
+        elif self.unstopped:
+            where = ", ".join("after the last answer" if c == "last" else f"before a {c} message"
+                              for c in sorted(self.unstopped))
+            warnings.warn(f"chat template: no stop ends an answer {where}: such answers are trained without one "
+                          "(counted in rows_without_trained_stop); pass --stop-tokens with the model's stop list, or "
+                          "add the template's tokens (chatmask.add_template_tokens)", ChatmaskWarning, stacklevel=3)
 
     # -- rendering
     def render(self, messages, add_generation_prompt=False, source="") -> str:
@@ -103,6 +119,14 @@ class Renderer:
                 f"{where}the chat template raised {type(e).__name__}: {e}",
                 reason="template error",
             ) from None
+
+    def training_text(self, messages, source="") -> str:
+        """The rendering a conversation is trained on: the template's, and the stop it does not write after
+        a last answer (`append`), which the model writes at inference."""
+        R = self.render(messages, source=source)
+        if self.append and messages and messages[-1]["role"] == "assistant":
+            R += self.append
+        return R
 
     # -- per shape
     def skeleton(self, roles: tuple) -> _Skeleton | None:
@@ -163,7 +187,7 @@ class Renderer:
         if key not in self._srenders:
             msgs = [{"role": r, "content": f"{_PAD}{S0}{j}{S1}{_PAD}"} for j, r in enumerate(roles)]
             try:
-                self._srenders[key] = self.render(msgs, gen)
+                self._srenders[key] = self.render(msgs, gen) if gen else self.training_text(msgs)
             except TemplateError:
                 self._srenders[key] = None
         return self._srenders[key]
@@ -223,17 +247,18 @@ def resolve_template(tokenizer, template: str | None = None) -> str:
     return template if templates.is_jinja(template) else templates.get(template).jinja
 
 
-def renderer(tokenizer, template: str | None = None, end_of_turn: str | None = None) -> Renderer:
-    """The cached Renderer for (tokenizer, template, end_of_turn)."""
+def renderer(tokenizer, template: str | None = None, end_of_turn: str | None = None, stop_tokens=()) -> Renderer:
+    """The cached Renderer for (tokenizer, template, end_of_turn, the model's stop tokens)."""
     text = resolve_template(tokenizer, template)
     try:
         per_tok = _renderers.setdefault(tokenizer, {})
     except TypeError:  # not weak-referenceable
         per_tok = {}
-    key = (text, len(tokenizer), end_of_turn)
+    stop_tokens = tuple(stop_tokens or ())
+    key = (text, len(tokenizer), end_of_turn, stop_tokens)
     r = per_tok.get(key)
     if r is None:
-        r = per_tok[key] = Renderer(text, tokenizer, end_of_turn)
+        r = per_tok[key] = Renderer(text, tokenizer, end_of_turn, stop_tokens)
     return r
 
 
@@ -298,7 +323,7 @@ def _diff_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
     tag = f"{S0}{i}{S1}"
     alt = list(msgs)
     alt[i] = {"role": msgs[i]["role"], "content": tag}
-    A = r.render(alt, source=source)
+    A = r.training_text(alt, source=source)
     if A.count(tag) != 1:
         raise TemplateError(
             f"{source}, message {i + 1}: the template renders a {msgs[i]['role']} message "
@@ -316,12 +341,12 @@ def _diff_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
     return p, len(R) - q
 
 
-def content_spans(messages, tokenizer, template=None, source="") -> tuple[str, dict[int, tuple[int, int]]]:
-    """The rendering and the character span of each rendered message content in it (for audits: which
+def content_spans(messages, tokenizer, template=None, source="", stop_tokens=()) -> tuple[str, dict[int, tuple[int, int]]]:
+    """The training text and the character span of each rendered message content in it (for audits: which
     role each token came from). Messages a template does not render have no span."""
-    r = renderer(tokenizer, template)
+    r = renderer(tokenizer, template, stop_tokens=stop_tokens)
     msgs = normalize_messages(messages, source)
-    R = r.render(msgs, source=source)
+    R = r.training_text(msgs, source=source)
     found = _match_skeleton(r, msgs, R)
     if found is not None:
         return R, found[1]
@@ -351,7 +376,7 @@ def _turns_slow(r: Renderer, msgs, R, source) -> list[Turn]:
                 reason="template error")
         end = cend + len(m)
         if preserving:
-            preserving = r.render(msgs[: i + 1], source=source).startswith(R[:end])
+            preserving = r.training_text(msgs[: i + 1], source=source).startswith(R[:end])
         turns.append(Turn(i, cstart - head, end, preserving))
     return turns
 
