@@ -126,7 +126,10 @@ def data_file(tmp_path, monkeypatch, rows) -> str:
 
 
 def model_folder(folder, tok, **kw) -> str:
-    """`tiny_llama(tok, **kw)` and `tok` saved in `folder`: a model a run or the CLI can load by path."""
+    """`tiny_llama(tok, **kw)` and `tok` saved in `folder`: a model a run or the CLI can load by path. Its
+    config names the tokenizer's bos and eos, as a real model's does (its generation_config.json is the
+    model's stop list that labelling reads)."""
+    kw = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, **kw}
     tiny_llama(tok, **kw).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)

@@ -7,7 +7,7 @@ import pytest
 
 from chatmask import cli
 from chatmask.config import DataConfig, TrainConfig
-from chatmask.metrics import generate_answers
+from chatmask.generation import generate_answers
 from chatmask.train import train
 from conftest import data_file, model_folder
 

@@ -202,7 +202,7 @@ def test_generate_answers_left_pads_and_decodes_only_new_tokens():
     (call,) = lm.calls
     ids, mask = call["input_ids"], call["attention_mask"]
     assert mask[:, -1].all() and (ids[mask == 0] == TOK.pad_token_id).all()  # padding on the left
-    assert call["eos"] == [TOK.eos_token_id, TOK.convert_tokens_to_ids("<|im_end|>")]
+    assert call["eos"] == [TOK.convert_tokens_to_ids("<|im_end|>"), TOK.eos_token_id]  # the trained stop first
     assert call["pad"] == TOK.pad_token_id
     assert lm.training  # restored
 

@@ -263,7 +263,9 @@ def test_training_lowers_loss_and_saves(data, bpe_tok, tmp_path):
     assert r["evals"][-1]["val_loss"] < r["evals"][0]["val_loss"] and r["train_losses"][-1] < r["train_losses"][0]
     assert (tmp_path / "o" / "model" / "config.json").exists()
     lines = (tmp_path / "o" / "log.jsonl").read_text().splitlines()
-    assert len(lines) == 12 and "val_loss" in json.loads(lines[5])
+    assert len(lines) == 13 and "val_loss" in json.loads(lines[5])
+    stop = json.loads(lines[-1])  # the stop rate, measured once at the end
+    assert stop["step"] == 12 and stop["prompts"] == r["stop"]["prompts"] and "stop_rate" in stop
 
 
 def test_accumulation_window_normalisation(data, bpe_tok, tmp_path):
@@ -382,7 +384,9 @@ def test_tensorboard_writer_and_eval_mode_survive_every_exit(data, bpe_tok, tmp_
 
     model = tiny(bpe_tok)
     model.train()
-    monkeypatch.setattr(train_mod, "_evaluate_loss", lambda *a: (_ for _ in ()).throw(RuntimeError("eval failed")))
+    from chatmask import evaluation
+
+    monkeypatch.setattr(evaluation, "_evaluate_loss", lambda *a: (_ for _ in ()).throw(RuntimeError("eval failed")))
     with pytest.raises(RuntimeError, match="eval failed"):
         train_mod.evaluate(model, [], 0, 8)
     assert model.training

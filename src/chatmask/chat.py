@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import ChatConfig
 from .errors import ConfigError
+from .generation import answer_text, cut, inference, renderer, stopping
 
 
 @dataclass
@@ -24,6 +25,8 @@ class Chat:
     end_of_turn: str | None
     what: str
     """what was loaded, for the user: 'run out/ (LoRA adapters on smollm2)'"""
+    stop_tokens: tuple = ()
+    """the model's own stop list the run was trained with (--stop-tokens), if any"""
 
 
 def find_run(path: str, arm: str | None = None, seed: int = 0) -> Path | None:
@@ -54,7 +57,9 @@ def _json(path: Path) -> dict:
 
 def load_chat(name: str, *, arm: str | None = None, seed: int = 0, dtype=None) -> Chat:
     """The model, tokenizer and template to talk to `name` (see the module's docstring)."""
-    from .hub import load_tokenizer
+    from types import SimpleNamespace
+
+    from .hub import load_tokenizer, stop_tokens
     from .models import grow_embeddings, load_model
 
     run = find_run(name, arm, seed)
@@ -77,19 +82,24 @@ def load_chat(name: str, *, arm: str | None = None, seed: int = 0, dtype=None) -
     else:
         model = load_model(str(folder), dtype=dtype)
         what = f"run {run} ({'full fine-tuning' if tc.get('finetune') == 'full' else 'merged adapters'})"
-    return Chat(model, tok, dc.get("template"), dc.get("end_of_turn"), what)
+    # the stop list the rows were labelled with: --stop-tokens, else the model's (OUT/model's generation_config)
+    stops = stop_tokens(SimpleNamespace(stop_tokens=dc.get("stop_tokens")), tok)
+    return Chat(model, tok, dc.get("template"), dc.get("end_of_turn"), what, stops)
 
 
 class _Stream:
-    """A transformers streamer: decoded text handed to `on_text` as words complete, and kept."""
+    """A transformers streamer: decoded text handed to `on_text` as words complete, and kept; a stop
+    written as plain text (several tokens here) is not shown."""
 
-    def __init__(self, tokenizer, on_text):
+    def __init__(self, tokenizer, on_text, strings=()):
         from transformers import TextStreamer
 
         outer = self
 
         class S(TextStreamer):
             def on_finalized_text(self, text: str, stream_end: bool = False):
+                if stream_end:  # the streamer holds back the last word, so a trailing stop arrives here
+                    text = next((text.rstrip()[: -len(s)] for s in strings if text.rstrip().endswith(s)), text)
                 outer.text += text
                 if on_text is not None:
                     on_text(text)
@@ -100,32 +110,23 @@ class _Stream:
 
 def reply(chat: Chat, messages: list[dict], cfg: ChatConfig = ChatConfig(), on_text=None) -> str:
     """One answer to `messages` (ending with a user turn), rendered as in training with the generation
-    prompt; sampled unless cfg.temperature is 0; stops at eos or the end-of-turn marker."""
+    prompt; sampled unless cfg.temperature is 0; stops where the run was trained to stop (or eos)."""
     import torch
 
-    from .labels import renderer
     from .messages import normalize_messages
-    from .metrics import stop_ids
 
     tok, model = chat.tokenizer, chat.model
-    r = renderer(tok, chat.template, chat.end_of_turn)
+    r = renderer(tok, chat.template, chat.end_of_turn, chat.stop_tokens)
     text = r.render(normalize_messages(messages), add_generation_prompt=True)
     device = next(model.parameters()).device
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], device=device)  # (1, T)
-    stops = stop_ids(tok, r.marker)
-    stream = _Stream(tok, on_text)
+    st = stopping(tok, r)
+    stream = _Stream(tok, on_text, st.strings)
     sample = cfg.temperature > 0
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
-                           do_sample=sample, num_beams=1, eos_token_id=stops,
-                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stops[0],
-                           streamer=stream.streamer,
-                           **({"temperature": cfg.temperature, "top_p": cfg.top_p} if sample else {}))
-    finally:
-        model.train(was)
-    return stream.text.strip()
+    with inference(model):
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+                             do_sample=sample, num_beams=1, use_cache=True, streamer=stream.streamer,
+                             **st.kwargs(tok), **({"temperature": cfg.temperature, "top_p": cfg.top_p} if sample else {}))
+    return answer_text(tok, st, cut(tok, st, gen[0, ids.shape[1]:].tolist())[0]).strip()

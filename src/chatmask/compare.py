@@ -123,9 +123,10 @@ def _metric_hook(data, data_cfg, train_cfg, cmp, tok):
         if not sets:
             return {"error": "no `What describes <type> in the text?` questions in the validation rows"
                              + (" or --metric-data" if cmp.metric_data else "")}
-        return {name: metrics.ner_f1(model, tok, convs, template=data_cfg.template, max_questions=cmp.metric_questions,
-                                     with_entities=cmp.metric_with_entities, batch_size=train_cfg.eval_batch_size,
-                                     progress=True)
+        return {name: metrics.ner_f1(model, tok, convs, template=data_cfg.template, end_of_turn=data_cfg.end_of_turn,
+                                     stop_tokens=getattr(data_cfg, "stop_tokens", None) or (),
+                                     max_questions=cmp.metric_questions, with_entities=cmp.metric_with_entities,
+                                     batch_size=train_cfg.eval_batch_size, progress=True)
                 for name, convs in sets.items()}
 
     return run
@@ -161,6 +162,24 @@ def metric_summary(per_arm: dict[str, list[dict]]) -> dict:
             entry["difference_ci95"] = ci["difference"]
         out[name] = entry
     return out
+
+
+def stop_summary(runs: list[dict]) -> dict:
+    """One arm's stop rate over its runs' `stop` (evaluation.stop_rate): {stop_rate_mean, stop_rate_std,
+    header_rate_mean, ran_on_rate_mean, prompts, mean_new_tokens, mean_reference_tokens, max_new_tokens,
+    prompts_sha256}; {"error": why} when a run has none (measured off, or it could not be)."""
+    stops = [r.get("stop") for r in runs]
+    bad = next((s for s in stops if not isinstance(s, dict) or "error" in s or not s.get("prompts")), False)
+    if bad is not False:
+        return {"error": bad["error"] if isinstance(bad, dict) and "error" in bad else
+                "not measured (--stop-prompts 0, or runs made before chatmask measured it)"}
+    mean = lambda k: statistics.fmean(s[k] for s in stops)  # noqa: E731
+    rate, rate_sd = _mean_std([s["stop_rate"] for s in stops])
+    return {"stop_rate_mean": rate, "stop_rate_std": rate_sd, "header_rate_mean": mean("header_rate"),
+            "ran_on_rate_mean": mean("ran_on_rate"), "prompts": stops[0]["prompts"],
+            "mean_new_tokens": mean("mean_new_tokens"), "mean_reference_tokens": mean("mean_reference_tokens"),
+            "max_new_tokens": stops[0]["max_new_tokens"], "stops": stops[0].get("stops"),
+            "prompts_sha256": sorted({s.get("prompts_sha256") for s in stops}, key=str)}
 
 
 def loss_interval(per_arm: dict[str, list[dict]]) -> dict:
@@ -200,9 +219,16 @@ def write_report(out: Path, data, data_cfg, train_cfg, cmp, runs: dict, tok, com
             "wall_seconds_mean": statistics.fmean(r.get("wall_seconds", r["train_seconds"]) for r in rs),
             "val_tokens": rs[0]["val_tokens"], "val_tokens_sha256": rs[0]["val_tokens_sha256"],
             "val_rows": rs[0].get("val_rows"),
+            "stop": stop_summary(rs),
             "per_seed": [{"seed": s, "final_val_loss": r["final_val_loss"], "best_val_loss": r["best_val_loss"],
-                          "evals": r["evals"], "metric": r.get("metric")} for s, r in enumerate(rs)],
+                          "evals": r["evals"], "metric": r.get("metric"), "stop": r.get("stop")}
+                         for s, r in enumerate(rs)],
         }
+    asked = {h for arm in arms for h in summary[arm]["stop"].get("prompts_sha256", [])}
+    if len(asked) > 1:  # the same validation rows, other --stop-prompts / --stop-max-new-tokens per run
+        for arm in arms:
+            summary[arm]["stop"]["warning"] = "the runs answered different stop prompts (runs reused from other " \
+                                              "--stop-prompts or --stop-max-new-tokens); compare them with care"
     per_arm = {arm: [runs[(arm, s)] for s in range(cmp.seeds)] for arm in arms}
     metric = metric_summary(per_arm) if cmp.metric != "none" else {}
     loss_ci = loss_interval(per_arm)

@@ -16,8 +16,7 @@ import random
 import re
 
 from .errors import ChatmaskError
-from .labels import renderer
-from .messages import normalize_messages
+from .generation import generate_answers, renderer, stop_ids  # noqa: F401 (metrics.stop_ids stays importable)
 
 QUESTION = re.compile(r"^What describes (.+) in the text\?$")
 _DECODER = json.JSONDecoder()
@@ -217,69 +216,14 @@ def bootstrap_f1(per_question: dict[str, list], **kw) -> dict:
     return paired_bootstrap(pooled, _f1_of, **kw)
 
 
-def stop_ids(tokenizer, marker: str) -> list[int]:
-    """The eos id and, when it is one token, the template's end-of-turn marker (`<|im_end|>`, `<|eot_id|>`)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if marker.strip():
-        m = tokenizer(marker.strip(), add_special_tokens=False)["input_ids"]
-        if len(m) == 1 and m[0] not in ids:
-            ids.append(m[0])
-    if not ids:
-        raise ChatmaskError("the tokenizer has no eos_token and the template no single-token end-of-turn marker; "
-                            "generation would never stop: set tokenizer.eos_token")
-    return ids
-
-
-def generate_answers(model, tokenizer, prompts: list[list[dict]], *, template=None, max_new_tokens=64,
-                     batch_size=8, progress: bool = False) -> list[str]:
-    """Greedy answers to `prompts` (message lists ending with a user turn), rendered as at inference and
-    stopped at eos or the template's end-of-turn token; only the new text, special tokens skipped."""
-    import torch
-
-    r = renderer(tokenizer, template)
-    texts = [r.render(normalize_messages(p), add_generation_prompt=True) for p in prompts]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # the template writes BOS
-    stops = stop_ids(tokenizer, r.marker)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    device = next(model.parameters()).device
-    order = sorted(range(len(ids)), key=lambda k: len(ids[k]))  # similar lengths together: less padding
-    out: list[str] = [""] * len(ids)
-    was_training = model.training
-    model.eval()
-    bar = None
-    if progress:
-        from .progress import progress as progress_bar
-
-        bar = progress_bar(len(ids), "generating", "answers")
-    try:
-        with torch.no_grad():
-            for s in range(0, len(order), batch_size):
-                chunk = order[s : s + batch_size]
-                T = max(len(ids[k]) for k in chunk)
-                # left padding: every prompt ends at column T, where generation starts
-                input_ids = torch.tensor([[pad] * (T - len(ids[k])) + ids[k] for k in chunk], device=device)  # (B, T)
-                mask = torch.tensor([[0] * (T - len(ids[k])) + [1] * len(ids[k]) for k in chunk], device=device)  # (B, T)
-                gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad)  # (B, T + new)
-                for k, text in zip(chunk, tokenizer.batch_decode(gen[:, T:], skip_special_tokens=True)):
-                    out[k] = text
-                if bar is not None:
-                    bar.update(len(chunk))
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
-    return out
-
-
 def _passage(prompt: list[dict], chars: int = 160) -> str:
     first = next((m.get("content") for m in prompt if m.get("role") == "user"), "") or ""
     text = " ".join(str(first).split())
     return text if len(text) <= chars else text[:chars - 1] + "…"
 
 
-def ner_f1(model, tokenizer, conversations, *, template=None, max_questions=None, with_entities=0.8,
-           max_new_tokens=64, batch_size=8, progress: bool = False) -> dict:
+def ner_f1(model, tokenizer, conversations, *, template=None, end_of_turn=None, stop_tokens=(), max_questions=None,
+           with_entities=0.8, max_new_tokens=64, batch_size=8, progress: bool = False) -> dict:
     """Entity F1 of `model` on the NER questions of `conversations`, `max_questions` of them picked by
     `pick_questions` (see `score` for the keys, with `per_type` and `per_question`), plus
     `with_entities` (questions whose gold list is not empty), `parsed` (answers holding a JSON list),
@@ -291,9 +235,10 @@ def ner_f1(model, tokenizer, conversations, *, template=None, max_questions=None
     0.412 over 200 questions
     """
     qs = pick_questions(ner_questions(conversations), max_questions, with_entities=with_entities)
-    raw = generate_answers(model, tokenizer, [p for p, _, _ in qs], template=template,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    marker = renderer(tokenizer, template).marker
+    raw = generate_answers(model, tokenizer, [p for p, _, _ in qs], template=template, end_of_turn=end_of_turn,
+                           stop_tokens=stop_tokens, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           progress=progress)
+    marker = renderer(tokenizer, template, end_of_turn, stop_tokens).marker
     lists = [first_list(a, marker) for a in raw]
     pred = [p or [] for p in lists]
     out = score(pred, [g for _, _, g in qs], [t for _, t, _ in qs])

@@ -111,6 +111,64 @@ def f1_verdict(result, arms) -> str:
 
 
 
+STOP_HEAD = ["arm", "prompts", "stopped", "ran into a header", "ran on to the limit", "answer tokens (mean) vs reference"]
+
+
+def _share(m, sd, seeds):
+    return f"{m:.0%}" + (f" ± {sd:.0%}" if seeds > 1 and sd is not None else "")
+
+
+def stop_rows(result, arms) -> list[list[str]]:
+    """One row per arm (STOP_HEAD's columns) from each arm's `stop`; [] when no arm has one measured."""
+    out = []
+    for arm in arms:
+        st = result[arm].get("stop") or {}
+        if "stop_rate_mean" not in st:
+            continue
+        seeds = result[arm]["seeds"]
+        out.append([arm, str(st["prompts"]), _share(st["stop_rate_mean"], st.get("stop_rate_std"), seeds),
+                    f"{st['header_rate_mean']:.0%}", f"{st['ran_on_rate_mean']:.0%}",
+                    f"{st['mean_new_tokens']:.1f} vs {st['mean_reference_tokens']:.1f}"])
+    return out
+
+
+def stop_text(result, arms) -> str:
+    """What the stop rate counts, in one paragraph (or why it is missing)."""
+    sts = [result[a].get("stop") or {} for a in arms]
+    st = next((x for x in sts if "stop_rate_mean" in x), None)
+    if st is None:
+        why = next((x["error"] for x in sts if "error" in x), None)
+        return f"Not measured: {why}." if why else ""
+    stops = " / ".join(f"`{x}`" for x in st.get("stops") or []) or "a trained stop"
+    text = (f"Greedy answers to the first {st['prompts']} validation prompts whose trained answer fits in "
+            f"{st['max_new_tokens']} tokens (the same prompts for every run): *stopped* ends with {stops} within "
+            f"{st['max_new_tokens']} tokens, *ran into a header* wrote the next message's header before any stop, "
+            f"*ran on* reached the limit; shares are means over seeds.")
+    warn = next((x["warning"] for x in sts if "warning" in x), None)
+    return text + (f" Note: {warn}." if warn else "")
+
+
+def stop_markdown(result, arms) -> list[str]:
+    """The stop-rate table and what it counts, as Markdown lines; [] when it was not asked for."""
+    rows, text = stop_rows(result, arms), stop_text(result, arms)
+    if not rows and not text:
+        return []
+    table = (["| " + " | ".join(STOP_HEAD) + " |", "|" + "---|" * len(STOP_HEAD)]
+             + ["| " + " | ".join(r) + " |" for r in rows] + [""]) if rows else []
+    return ["## Stop rate (does the model end its answer where it was trained to?)", ""] + table + [text, ""]
+
+
+def _stop_html(result, arms) -> str:
+    rows, text = stop_rows(result, arms), stop_text(result, arms)
+    if not rows and not text:
+        return ""
+    e = html.escape
+    table = ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in STOP_HEAD) + "</tr>"
+             + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>") if rows else ""
+    return (f"<h2>Stop rate (does the model end its answer where it was trained to?)</h2>{table}"
+            f"<p>{_code(text).replace('*', '')}</p>")
+
+
 def _stats_lines(result):
     s = result["data_stats"]
     total = sum(s[k] for k in ("system", "user", "assistant", "tool", "template")) or 1
@@ -208,13 +266,16 @@ def report_markdown(result: dict, arms) -> str:
     lines += ["", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(result, arms)]
     lines += ["", _verdict(result, arms), ""]
+    lines += stop_markdown(result, arms)
     lines += f1_markdown(result, arms)
     lines += answers_markdown(result, arms)
     lines += ["## Per seed", ""]
     for arm in arms:
         for s in result[arm]["per_seed"]:
             f1s = {n: m["f1"] for n, m in (s.get("metric") or {}).items() if isinstance(m, dict) and "f1" in m}
+            st = s.get("stop") or {}
             lines.append(f"- {arm} seed {s['seed']}: final {_f(s['final_val_loss'])}, best {_f(s['best_val_loss'])}"
+                         + (f", stopped {st['stopped']}/{st['prompts']}" if st.get("prompts") else "")
                          + "".join(f", F1 {n} {f:.3f}" for n, f in f1s.items()))
     lines += ["", "## How it was made", "", "```", result["command"], "```", "", "```json",
               json.dumps({k: result[k] for k in ("data_config", "train_config", "compare_config")}, indent=2), "```", ""]
@@ -262,6 +323,6 @@ def report_html(result: dict, arms, svg: str) -> str:
         "pre{background:#f6f6f6;padding:1em;overflow:auto}svg{max-width:100%;height:auto}</style></head><body>"
         f"<h1>chatmask compare: masked vs unmasked</h1>{svg}<ul>{stats}</ul>"
         "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEAD) + f"</tr>{rows}</table>"
-        f"<p>{_code(_verdict(result, arms))}</p>{_f1_html(result, arms)}{_answers_html(result, arms)}<h2>How it was made</h2><pre>{e(result['command'])}</pre><pre>{conf}</pre>"
+        f"<p>{_code(_verdict(result, arms))}</p>{_stop_html(result, arms)}{_f1_html(result, arms)}{_answers_html(result, arms)}<h2>How it was made</h2><pre>{e(result['command'])}</pre><pre>{conf}</pre>"
         "</body></html>"
     )

@@ -3,16 +3,16 @@
 Loss = sum of token losses / number of trained tokens of the whole optimizer step (accumulation window
 and every process), so arms and batch shapes are comparable. The LM head runs only where a label is
 trained (`logits_to_keep` as a boolean mask, where a probe shows the model applies it). Evaluation
-always scores the assistant tokens of one held-out split, whatever `train_on` is. Checkpoints hold
-weights, optimizer, scheduler and RNG states; the data order is a pure function of (seed, step), so
-`resume` continues exactly.
+(evaluation.py) always scores the assistant tokens of one held-out split, whatever `train_on` is, and
+measures the stop rate once at the end. Checkpoints hold weights, optimizer, scheduler and RNG states;
+the data order is a pure function of (seed, step), so `resume` continues exactly. OUT/model stops where
+the answers were trained to stop (its generation_config.json) and carries the chat template trained with.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -28,6 +28,8 @@ from . import batches, config
 from .checkpoints import is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded
 from .config import DataConfig, TrainConfig  # noqa: F401 (TrainConfig: train.TrainConfig stays importable)
 from .errors import ConfigError
+# train.evaluate, train.split_rows, ... stay importable
+from .evaluation import Split, evaluate, evaluate_rows, row_loss_sums, shift_targets, split_rows  # noqa: F401
 from .labels import IGNORE
 
 DEFAULT_STEPS = 100
@@ -55,19 +57,10 @@ def sparse_head_works(model) -> bool:
     return logits_close(part, full, p0.dtype)
 
 
-def _targets(batch: dict):
-    """(target (B, T): the token each position must predict, keep (B, T): the positions trained, the
-    model's other inputs: masks, positions, boundaries)."""
-    labels = batch["labels"]  # (B, T)
-    target = torch.full_like(labels, IGNORE)
-    target[:, :-1] = labels[:, 1:]
-    return target, target != IGNORE, {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
-
-
 def token_loss_sum(model, batch: dict, sparse: bool = True) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over trained targets, their number). Labels are shifted here, once."""
     ids = batch["input_ids"]  # (B, T)
-    target, keep, kwargs = _targets(batch)
+    target, keep, kwargs = shift_targets(batch)
     n = int(keep.sum())
     if sparse and n:
         logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False, **kwargs).logits  # (N, V)
@@ -87,103 +80,6 @@ def adamw(params, **kw) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, fused=True, **kw)
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(params, **kw)
-
-
-# ---------------------------------------------------------------- data
-
-
-@dataclass
-class Split:
-    train: object  # datasets.Dataset with input_ids / labels (assistant labels)
-    val: object
-    val_tokens: int
-    val_sha256: str
-
-
-def split_rows(ds, cfg: TrainConfig, val_ds=None) -> Split:
-    """Hold out validation rows: a seeded choice independent of the training seed, or `val_ds`."""
-    if val_ds is None:
-        g = torch.Generator().manual_seed(cfg.split_seed)
-        perm = torch.randperm(len(ds), generator=g).tolist()
-        k = max(1, round(cfg.val_split * len(ds)))
-        if cfg.val_rows:
-            k = min(k, cfg.val_rows)
-        if k >= len(ds):
-            raise ConfigError(f"{len(ds)} rows are too few to hold out {k} for validation and train on the rest: "
-                              "use more rows, or pass --val-data FILE with validation rows of their own")
-        val_ds, ds = ds.select(sorted(perm[:k])), ds.select(sorted(perm[k:]))
-    elif cfg.val_rows and len(val_ds) > cfg.val_rows:
-        val_ds = val_ds.select(range(cfg.val_rows))
-    h = hashlib.sha256()
-    n = 0
-    for ids, labs in zip(val_ds["input_ids"], val_ds["labels"]):
-        kept = [(i, t) for i, t in enumerate(labs) if t != IGNORE and i > 0]
-        n += len(kept)
-        h.update(json.dumps([list(ids), kept]).encode())
-    if n == 0:
-        raise ConfigError("the validation rows have no assistant token to score")
-    return Split(ds, val_ds, n, h.hexdigest())
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(model, val, pad_id: int, batch_size: int, acc=None, sparse=True) -> float:
-    """Mean cross-entropy over the assistant tokens of `val` (labels as prepared: assistant only)."""
-    rows = evaluate_rows(model, val, pad_id, batch_size, acc, sparse)
-    return float(rows[:, 0].sum() / rows[:, 1].sum())
-
-
-def evaluate_rows(model, val, pad_id: int, batch_size: int, acc=None, sparse=True) -> torch.Tensor:
-    """(R, 2) float64: each validation row's cross-entropy sum over its assistant tokens and their
-    number, in `val`'s order (for a bootstrap over rows); the model's mode is restored."""
-    was = model.training
-    model.eval()
-    try:
-        return _evaluate_loss(model, val, pad_id, batch_size, acc, sparse)
-    finally:
-        model.train(was)
-
-
-def row_loss_sums(model, batch: dict, sparse: bool = True) -> torch.Tensor:
-    """(B, 2) float64: per row of `batch`, the cross-entropy sum over its trained targets and their number."""
-    ids = batch["input_ids"]  # (B, T)
-    target, keep, kwargs = _targets(batch)
-    out = torch.zeros(ids.shape[0], 2, dtype=torch.float64)
-    if not keep.any():
-        return out
-    if sparse:
-        logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False, **kwargs).logits  # (N, V)
-    else:
-        logits = model(input_ids=ids, use_cache=False, **kwargs).logits[keep]  # (N, V)
-    loss = torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="none")  # (N,)
-    row = keep.nonzero()[:, 0].cpu()  # (N,): the row of each kept target, row-major as logits_to_keep
-    out[:, 0].index_add_(0, row, loss.detach().double().cpu())
-    out[:, 1] = keep.sum(dim=1).double().cpu()
-    return out
-
-
-def _evaluate_loss(model, val, pad_id: int, batch_size: int, acc, sparse) -> torch.Tensor:
-    order = sorted(range(len(val)), key=lambda i: len(val[i]["input_ids"]))
-    rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
-    table = torch.zeros(len(val), 2, dtype=torch.float64)  # (R, 2): this process's rows filled in
-    device = acc.device if acc else next(model.parameters()).device
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    # every process runs the same number of forward passes (a wrapped model may talk to the others in
-    # each one, e.g. DDP's buffer broadcast); a process out of chunks repeats one and does not count it
-    for k in range(-(-len(chunks) // world)):
-        idx = k * world + rank
-        chunk = chunks[idx if idx < len(chunks) else 0]
-        rows = val.select(chunk)
-        b = batches.collate([{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])],
-                            pad_id, "assistant")
-        sums = row_loss_sums(model, batches.to_device(b, device), sparse)
-        if idx < len(chunks):
-            table[chunk] = sums
-    if acc and world > 1:  # every row was filled by exactly one process
-        table = acc.reduce(table.to(device), "sum").cpu()
-    return table
 
 
 # ---------------------------------------------------------------- the loop
@@ -271,7 +167,7 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
             bar.close()
         if writer is not None:
             writer.close()
-    return _finish(run, on_end)
+    return _finish(run, on_end, progress)
 
 
 def total_steps(cfg: TrainConfig, n_rows: int, world: int) -> int:
@@ -536,23 +432,48 @@ def _save(run: _Run) -> None:
     acc.wait_for_everyone()
 
 
-def _finish(run: _Run, on_end) -> dict:
-    """The result, the task metric (`on_end`), OUT/model and OUT/result.json."""
+def _finish(run: _Run, on_end, progress: bool = False) -> dict:
+    """The result, the stop rate, the task metric (`on_end`), OUT/model and OUT/result.json."""
     acc = run.acc
     result = _result(run.state, run.split, run.data_cfg)
     acc.wait_for_everyone()
     # FSDP / DeepSpeed hold shards: every process takes part in gathering the full weights
     full = acc.get_state_dict(run.model) if is_sharded(acc) else None
-    if acc.is_main_process and on_end is not None and full is not None and acc.num_processes > 1:
-        # generating on one process would wait forever for the other shards
+    one_device = full is None or acc.num_processes == 1  # generating on one process of several shards would hang
+    if acc.is_main_process and run.cfg.stop_prompts:
+        result["stop"] = _stop_rate(run, one_device, progress)
+    if acc.is_main_process and on_end is not None and not one_device:
         result["metric"] = {"error": "not computed in a sharded multi-process run; score OUT/model on one device"}
         run.say(f"note: {result['metric']['error']}")
     elif acc.is_main_process and on_end is not None:
         result["metric"] = on_end(acc.unwrap_model(run.model), run.split)
     if acc.is_main_process:
-        _save_final(run.out, acc.unwrap_model(run.model), run.tok, run.cfg, full)
+        _save_final(run, acc.unwrap_model(run.model), full)
         (run.out / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _stop_rate(run: _Run, one_device: bool, progress: bool) -> dict:
+    """evaluation.stop_rate of the trained model, said in one line and logged to OUT/log.jsonl."""
+    from . import evaluation
+    from .errors import ChatmaskError
+    from .generation import run_renderer
+
+    if not one_device:
+        res = {"prompts": 0, "error": "not measured in a sharded multi-process run; measure OUT/model on one device"}
+    else:
+        try:
+            res = evaluation.stop_rate(run.acc.unwrap_model(run.model), run.tok, run.split.val,
+                                       run_renderer(run.tok, run.data_cfg), prompts=run.cfg.stop_prompts,
+                                       max_new_tokens=run.cfg.stop_max_new_tokens,
+                                       batch_size=run.cfg.eval_batch_size, progress=progress)
+        except ChatmaskError as e:  # no stop to measure (a template without an end of turn, no eos)
+            res = {"prompts": 0, "error": str(e)}
+    run.say(evaluation.describe(res))
+    keys = ("prompts", "stop_rate", "header_rate", "ran_on_rate", "mean_new_tokens", "mean_reference_tokens",
+            "max_new_tokens", "error")
+    _log_step(run.out, {"step": run.state["step"], **{k: res[k] for k in keys if k in res}}, None)
+    return res
 
 
 def _tensorboard(out: Path, cfg: TrainConfig, acc):
@@ -594,18 +515,36 @@ def _result(state: dict, split: Split, data_cfg: DataConfig) -> dict:
     }
 
 
-def _save_final(out: Path, model, tok, cfg: TrainConfig, state_dict=None) -> None:
-    """OUT/model: the model (or its adapters) as save_pretrained writes it; `state_dict`: the full weights
-    gathered from a sharded run."""
+def _save_final(run: _Run, model, state_dict=None) -> None:
+    """OUT/model: the model (or its adapters) as save_pretrained writes it, a generation config that stops
+    where the run trained answers to stop, and the tokenizer with the chat template it was trained with;
+    `state_dict`: the full weights gathered from a sharded run."""
+    from .generation import run_renderer, save_chat_template, save_generation_config
     from .hub import atomic_dir
+
+    r = run_renderer(run.tok, run.data_cfg)
+    written = {}
 
     def write(tmp: Path):
         m = model
-        if cfg.finetune == "lora" and cfg.merge_lora:
+        if run.cfg.finetune == "lora" and run.cfg.merge_lora:
             m = m.merge_and_unload()
-        m.save_pretrained(tmp, state_dict=state_dict)
-        tok.save_pretrained(tmp)
+        conf = getattr(m, "config", None)
+        was = getattr(conf, "use_cache", None)
+        if conf is not None:
+            conf.use_cache = True  # switched off for training; a saved model answers with its cache
+        try:
+            m.save_pretrained(tmp, state_dict=state_dict)
+        finally:
+            if conf is not None:
+                conf.use_cache = was
+        written.update(save_generation_config(tmp, m, run.tok, r))
+        save_chat_template(tmp, run.tok, r.text)
 
-    dest = out / "model"
+    dest = run.out / "model"
     shutil.rmtree(dest, ignore_errors=True)
     atomic_dir(dest, write)
+    if written.get("strings"):
+        run.say(f"note: the stop(s) {', '.join(map(repr, written['strings']))} are several tokens for this tokenizer, "
+                f"so {dest}/generation_config.json stops at {written['eos_token_id']} only: generate with "
+                "stop_strings= and tokenizer= (chatmask chat does), or train with --add-template-tokens")
