@@ -64,6 +64,13 @@ def test_compare_writes_report_with_same_validation_tokens(ner_file, bpe_tok, tm
     assert lo <= hi
     assert m["masked"]["val_tokens_sha256"] == m["unmasked"]["val_tokens_sha256"]
     assert m["masked"]["val_tokens"] == m["unmasked"]["val_tokens"]
+    # the stop rate of both arms, on the same prompts, per seed and pooled
+    for arm in ("masked", "unmasked"):
+        st = m[arm]["stop"]
+        assert st["prompts"] > 0 and 0 <= st["stop_rate_mean"] <= 1 and st["stops"][0] == "<|im_end|>"
+        assert st["stop_rate_mean"] + st["header_rate_mean"] + st["ran_on_rate_mean"] == pytest.approx(1.0)
+        assert [s["stop"]["prompts"] for s in m[arm]["per_seed"]] == [st["prompts"]] * 2
+    assert m["masked"]["stop"]["prompts_sha256"] == m["unmasked"]["stop"]["prompts_sha256"]
     assert m["unmasked"]["trained_tokens"] > m["masked"]["trained_tokens"]
     assert m["data_stats"]["user_to_assistant"] > 1
     for f in ("loss.png", "loss.svg", "report.md", "report.html"):
@@ -74,6 +81,7 @@ def test_compare_writes_report_with_same_validation_tokens(ner_file, bpe_tok, tm
     assert "<svg" in html and "src=" not in html  # self-contained
     assert "## Answers side by side" in md and "Answers side by side" in html  # held-out questions, both arms
     assert "## Entity F1" in md and "Entity F1" in html
+    assert "## Stop rate" in md and "Stop rate" in html and "ran into a header" in md
     zero = max(m["metric"]["heldout"][a]["f1_pooled"] for a in ("masked", "unmasked")) < 0.005
     assert ("is 0: no run named a gold entity" if zero else "paired bootstrap over the 4 questions") in md
     # finished runs are reused, not retrained

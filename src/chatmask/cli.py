@@ -240,7 +240,7 @@ def cmd_stats(args) -> int:
 STAT_NAMES = ("rows_read", "rows_kept", "rows_dropped", "rows_dropped_for_length", "rows_dropped_invalid",
               "dropped_fraction", "tokens", "trained_tokens", "trained_fraction", "truncated_rows",
               "rows_split_at_boundary", "tokens_split_at_boundary", "rows_without_trained_stop",
-              "answers_without_trained_stop", "rows_stop_appended", "rows_labelled",
+              "answers_without_trained_stop", "answers_cut_before_their_stop", "rows_stop_appended", "rows_labelled",
               "user_to_assistant", "tokens_by_role_rows")
 
 

@@ -116,6 +116,8 @@ def _check_metric_reuse(rdir: Path, res: dict, cmp: CompareConfig) -> None:
 
 
 def _metric_hook(data, data_cfg, train_cfg, cmp, tok):
+    from .hub import stop_tokens
+
     def run(model, split):
         from . import metrics
 
@@ -124,7 +126,7 @@ def _metric_hook(data, data_cfg, train_cfg, cmp, tok):
             return {"error": "no `What describes <type> in the text?` questions in the validation rows"
                              + (" or --metric-data" if cmp.metric_data else "")}
         return {name: metrics.ner_f1(model, tok, convs, template=data_cfg.template, end_of_turn=data_cfg.end_of_turn,
-                                     stop_tokens=getattr(data_cfg, "stop_tokens", None) or (),
+                                     stop_tokens=stop_tokens(data_cfg, tok),
                                      max_questions=cmp.metric_questions, with_entities=cmp.metric_with_entities,
                                      batch_size=train_cfg.eval_batch_size, progress=True)
                 for name, convs in sets.items()}

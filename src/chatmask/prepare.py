@@ -204,6 +204,7 @@ class _Stats:
         self.split_tokens = 0
         self.unstopped_rows = 0
         self.unstopped = 0
+        self.cut_answers = 0
         self.appended = 0
         self.first_unstopped = None
         self.lengths = collections.Counter()
@@ -224,6 +225,7 @@ class _Stats:
         self.lengths[min(len(ids) // 256, 32)] += 1
         self.appended += appended
         if unstopped:
+            self.cut_answers += bool(truncated) and labs[-1] != labels.IGNORE  # cut inside an answer
             self.unstopped_rows += 1
             self.unstopped += unstopped
             self.first_unstopped = self.first_unstopped or source
@@ -255,6 +257,7 @@ class _Stats:
             # cut it off): they do not teach the model to stop
             "rows_without_trained_stop": self.unstopped_rows,
             "answers_without_trained_stop": self.unstopped,
+            "answers_cut_before_their_stop": self.cut_answers,  # of those, by --max-length (--truncation right)
             "first_without_trained_stop": self.first_unstopped,
             # conversations ending with an answer after which the template writes no end of turn: its stop appended
             "rows_stop_appended": self.appended,
@@ -265,12 +268,14 @@ class _Stats:
 
 
 def stop_summary(stats: dict) -> str:
-    """One line: the rows with an answer trained without its stop, and why that matters."""
-    n, rows = stats["rows_without_trained_stop"], stats["rows_kept"]
-    return (f"warning: {n:,} of {rows:,} rows have an answer trained without a stop "
-            f"({stats['answers_without_trained_stop']:,} answers; first: {stats['first_without_trained_stop']}): "
-            "the template writes none after it, or --max-length cut it off; such answers do not teach the model to "
-            "end its turn (`chatmask check` says which; --stop-tokens names the model's stop list)")
+    """One line: the rows with an answer trained without its stop, and why."""
+    n, rows, cut = stats["rows_without_trained_stop"], stats["rows_kept"], stats.get("answers_cut_before_their_stop", 0)
+    other = stats["answers_without_trained_stop"] - cut
+    why = ([f"{cut:,} cut by --max-length before their stop (--truncation turns keeps whole answers)"] if cut else []) \
+        + ([f"{other:,} after which the template writes no stop (`chatmask check` says where; --stop-tokens names "
+            "the model's stop list)"] if other else [])
+    return (f"note: {n:,} of {rows:,} rows have an answer trained without a stop: {'; '.join(why)}; first: "
+            f"{stats['first_without_trained_stop']}. Such answers do not teach the model to end its turn")
 
 
 def drop_summary(stats: dict) -> str:
