@@ -133,3 +133,15 @@ def model_folder(folder, tok, **kw) -> str:
     tiny_llama(tok, **kw).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+def trained_runs(ex) -> list[list[int]]:
+    """The trained runs of an example (maximal stretches of labels that are not -100), as id lists."""
+    out, cur = [], []
+    for t, lab in zip(ex.input_ids, ex.labels):
+        if lab != -100:
+            cur.append(t)
+        elif cur:
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])

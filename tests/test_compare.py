@@ -81,7 +81,9 @@ def test_compare_writes_report_with_same_validation_tokens(ner_file, bpe_tok, tm
     assert "<svg" in html and "src=" not in html  # self-contained
     assert "## Answers side by side" in md and "Answers side by side" in html  # held-out questions, both arms
     assert "## Entity F1" in md and "Entity F1" in html
-    assert "## Stop rate" in md and "Stop rate" in html and "ran into a header" in md
+    for arm in ("masked", "unmasked"):  # one row per arm in the report's stop table, one prompt sample per arm
+        assert f"| {arm} | {m[arm]['stop']['prompts']} | " in md and len(m[arm]["stop"]["prompts_sha256"]) == 1
+    assert "## Stop rate" in md and "Stop rate" in html and "ran into a header" in md and "ran into a header" in html
     zero = max(m["metric"]["heldout"][a]["f1_pooled"] for a in ("masked", "unmasked")) < 0.005
     assert ("is 0: no run named a gold entity" if zero else "paired bootstrap over the 4 questions") in md
     # finished runs are reused, not retrained

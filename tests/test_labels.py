@@ -12,6 +12,7 @@ import chatmask
 import chatmask.spans
 from chatmask import IGNORE, ConversationError, TemplateError, templates
 from chatmask.labels import renderer
+from conftest import trained_runs
 
 POST = [
     {"role": "user", "content": "Text: Q:\n\nHow can I restore my Unity?"},
@@ -27,17 +28,6 @@ POST_IDS = [2, 256000, 1645, 108, 1637, 235292, 1274, 235292, 109, 2299, 798, 59
 POST_TRAINED = set(range(21, 29)) | set(range(45, 49))
 
 
-def trained_runs(ex):
-    runs, cur = [], []
-    for t, lab in zip(ex.input_ids, ex.labels):
-        if lab != IGNORE:
-            cur.append(t)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
-    return runs
 
 
 def render(tok, msgs, gen=False, template=None):

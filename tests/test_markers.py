@@ -10,6 +10,7 @@ import pytest
 import chatmask
 from chatmask import IGNORE, TemplateError
 from conftest import make_bpe_tokenizer
+from conftest import trained_runs as runs
 
 CONV = [
     {"role": "user", "content": "How can I restore my Unity?"},
@@ -49,16 +50,6 @@ CODELLAMA70B = (  # CodeLlama-70B-Instruct's shape: ' <step> ' between turns, it
 CHATML_EOS = "{{ bos_token }}" + chatmask.templates.get("chatml").jinja + "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}"
 
 
-def runs(ex):
-    """The trained runs of an example, as id lists."""
-    out, cur = [], []
-    for t, lab in zip(ex.input_ids, ex.labels):
-        if lab != IGNORE:
-            cur.append(t)
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out + ([cur] if cur else [])
 
 
 def trained_texts(tok, ex):

@@ -135,3 +135,23 @@ def test_too_few_validation_rows_get_no_interval():
     r["masked"]["val_rows"] = 5
     assert ("The 5 validation rows are too few for an interval over rows (at least 10: raise --val-rows or "
             "--val-split).") in report_markdown(r, ["masked", "unmasked"])
+
+
+def test_stop_rate_table_per_arm_and_why_it_is_missing():
+    r = _result(seeds=2)
+    for arm, rate in (("masked", 0.75), ("unmasked", 0.25)):
+        r[arm]["stop"] = {"stop_rate_mean": rate, "stop_rate_std": 0.0, "header_rate_mean": 1 - rate,
+                          "ran_on_rate_mean": 0.0, "prompts": 8, "mean_new_tokens": 12.5, "mean_reference_tokens": 10.0,
+                          "max_new_tokens": 128, "stops": ["<|im_end|>", "</s>"], "prompts_sha256": ["ab"]}
+        for s in r[arm]["per_seed"]:
+            s["stop"] = {"prompts": 8, "stopped": round(8 * rate)}
+    md = report_markdown(r, ["masked", "unmasked"])
+    assert "| masked | 8 | 75% ± 0% | 25% | 0% | 12.5 vs 10.0 |" in md and "| unmasked | 8 | 25% ± 0% | 75% |" in md
+    assert "ends with `<|im_end|>` / `</s>` within 128 tokens" in md and "masked seed 0: final" in md
+    assert "stopped 6/8" in md
+    html = report_html(r, ["masked", "unmasked"], "<svg></svg>")
+    assert "Stop rate" in html and "<code>&lt;|im_end|&gt;</code>" in html
+    for arm in ("masked", "unmasked"):
+        r[arm]["stop"] = {"error": "not measured (--stop-prompts 0, or runs made before chatmask measured it)"}
+    assert "Not measured: not measured (--stop-prompts 0" in report_markdown(r, ["masked", "unmasked"])
+    assert "## Stop rate" not in report_markdown(_result(), ["masked", "unmasked"])  # no `stop` at all: no section

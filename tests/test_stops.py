@@ -15,6 +15,7 @@ from chatmask.config import DataConfig
 from chatmask.errors import ChatmaskWarning
 from chatmask.prepare import prepare
 from conftest import make_bpe_tokenizer
+from conftest import trained_runs as runs
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 MANIFEST = json.loads((TEMPLATES / "manifest.json").read_text(encoding="utf-8"))
@@ -49,15 +50,6 @@ def tokenizer(name, variant, blank_tok, base_tok):
     return tok, tuple(m.get("generation_stop") or ()) if variant == "tokens+model" else ()
 
 
-def runs(ex):
-    out, cur = [], []
-    for t, lab in zip(ex.input_ids, ex.labels):
-        if lab != IGNORE:
-            cur.append(t)
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out + ([cur] if cur else [])
 
 
 def texts(tok, ex):
