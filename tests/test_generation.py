@@ -61,6 +61,23 @@ def test_generate_ids_passes_stop_strings_and_cuts_each_row(base_tok):
     assert lm.calls[0]["stop_strings"] == ["<|im_end|>"] and lm.calls[0]["tokenizer"] is base_tok
 
 
+def test_a_generation_config_transformers_would_refuse_to_save_keeps_its_valid_part(tmp_path, bpe_tok):
+    from transformers import GenerationConfig
+
+    from chatmask.generation import save_generation_config
+    from conftest import tiny_llama
+
+    model = tiny_llama(bpe_tok)
+    model.generation_config = GenerationConfig(temperature=0.2, top_p=0.9, max_new_tokens=77)  # no do_sample
+    got = save_generation_config(tmp_path, model, bpe_tok, renderer(bpe_tok))
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert got["dropped"] == ["temperature", "top_p"] and saved["max_new_tokens"] == 77 and "temperature" not in saved
+    assert saved["eos_token_id"] == [bpe_tok.convert_tokens_to_ids("<|im_end|>"), bpe_tok.eos_token_id]
+    model.generation_config = GenerationConfig(do_sample=True, temperature=0.2)  # valid: kept whole
+    assert save_generation_config(tmp_path, model, bpe_tok, renderer(bpe_tok))["dropped"] == []
+    assert json.loads((tmp_path / "generation_config.json").read_text())["temperature"] == 0.2
+
+
 def _train(tmp_path, monkeypatch, finetune, steps, **kw):
     """A tiny Llama trained with ChatML, its tokens added to a base tokenizer: (OUT, the tokenizer)."""
     from chatmask.train import train

@@ -53,6 +53,8 @@ def test_arrows_point_down_the_data_flow():
         assert "models" not in g[m] and "train" not in g[m], m
     assert not g["conversations"] & {"labels", "spans", "tokens", "markers", "prepare"}
     assert g["errors"] == set()
+    # talking to a model and scoring it both generate through generation.py; neither uses the other
+    assert "metrics" not in g["chat"] and "chat" not in g["metrics"] and "generation" in g["chat"] & g["metrics"]
 
 
 def test_import_from_the_folder_that_holds_a_clone_named_chatmask(tmp_path):

@@ -211,8 +211,35 @@ def save_generation_config(folder, model, tokenizer, r) -> dict:
         gc.bos_token_id = tokenizer.bos_token_id
     gc.use_cache = True  # training switched the cache off; answering wants it
     gc._from_model_config = False  # edited here: not to be rebuilt from config.json on load
+    dropped = []
+    try:
+        gc.validate(strict=True)  # what save_pretrained insists on for an edited config
+    except ValueError:  # the model's own config breaks a rule (temperature without do_sample, ...)
+        gc, dropped = _valid_part(gc)
     gc.save_pretrained(str(folder))
-    return {"eos_token_id": list(st.ids), "pad_token_id": st.pad, "strings": list(st.strings)}
+    return {"eos_token_id": list(st.ids), "pad_token_id": st.pad, "strings": list(st.strings), "dropped": dropped}
+
+
+def _valid_part(gc):
+    """(the stops and ids of `gc` with each other field it sets that passes transformers' strict check, the
+    fields left out)."""
+    from transformers import GenerationConfig
+
+    core = ("bos_token_id", "eos_token_id", "pad_token_id", "use_cache")
+    out = GenerationConfig(**{k: getattr(gc, k) for k in core})
+    out._from_model_config = False
+    dropped = []
+    rest = {k: v for k, v in gc.to_diff_dict().items() if k not in core and not k.startswith("_")
+            and k != "transformers_version"}
+    for k in sorted(rest, key=lambda k: k != "do_sample"):  # do_sample first: the sampling flags need it
+        trial = copy.deepcopy(out)
+        setattr(trial, k, rest[k])
+        try:
+            trial.validate(strict=True)
+            out = trial
+        except ValueError:
+            dropped.append(k)
+    return out, dropped
 
 
 def save_chat_template(folder, tokenizer, template_text: str) -> None:

@@ -548,3 +548,6 @@ def _save_final(run: _Run, model, state_dict=None) -> None:
         run.say(f"note: the stop(s) {', '.join(map(repr, written['strings']))} are several tokens for this tokenizer, "
                 f"so {dest}/generation_config.json stops at {written['eos_token_id']} only: generate with "
                 "stop_strings= and tokenizer= (chatmask chat does), or train with --add-template-tokens")
+    if written.get("dropped"):
+        run.say(f"note: the model's generation config sets {', '.join(written['dropped'])} where transformers does "
+                f"not allow it (sampling flags without do_sample); {dest}/generation_config.json leaves them out")
