@@ -25,7 +25,7 @@ import time
 def run_once(extra: list[str], folder: str) -> tuple[float, float]:
     """(seconds, peak RSS of the demo process in GB) for one `chatmask demo` with a cache of its own (nothing
     prepared before, as for a new user) that shares only the converted model."""
-    from chatmask.hub import cache_dir
+    from chatmask.paths import cache_dir
 
     cache = os.path.join(folder, "cache")
     os.makedirs(cache)

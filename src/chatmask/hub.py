@@ -10,46 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import ConfigError
+from .paths import atomic_dir, cache_dir
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WHERE = "pass a local folder, a .gguf file or smollm2 (the embedded default)"
-
-
-def cache_dir() -> Path:
-    """Where converted checkpoints and prepared datasets live ($CHATMASK_CACHE, else ~/.cache/chatmask)."""
-    return Path(os.environ.get("CHATMASK_CACHE") or Path.home() / ".cache" / "chatmask")
-
-
-def temp_dir(parent: Path, prefix: str) -> Path:
-    """A new temporary folder in `parent`, to be renamed into place when complete. It gets the permissions
-    the user's umask gives any new folder (mkdtemp alone makes it 0700: no other user or job could read it)."""
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    umask = os.umask(0o22)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
-
-
-def atomic_dir(final: Path, write) -> Path:
-    """Run write(tmp_dir), then rename tmp_dir to `final`: a killed run never leaves a half-written folder."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(final.parent, f".{final.name}.tmp")
-    try:
-        write(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished first
-            if not final.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def _smollm2_gguf() -> Path:
@@ -111,7 +79,7 @@ def _converted(name: str, what: str) -> Path | None:
                 del model.config.quantization_config
             model.save_pretrained(tmp)
 
-    return atomic_dir(final, write)
+    return atomic_dir(final, write, replace=False)  # content-addressed: a twin's folder is as good
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:

@@ -346,7 +346,8 @@ def prepare(data: str, cfg: DataConfig, out: str | os.PathLike, *, tokenizer=Non
             log=print) -> Prepared:
     """Label every conversation of `data` and write a `datasets` folder at `out` (a cache: the same
     inputs return at once). Bad rows raise ConversationError unless `cfg.skip_invalid`."""
-    from .hub import data_tokenizer, temp_dir
+    from .hub import data_tokenizer
+    from .paths import temp_dir
 
     from .hub import stop_tokens
 
@@ -440,7 +441,7 @@ def prepared_config(folder) -> dict | None:
 
 def prepare_cached(data: str, cfg: DataConfig, tok, **kw) -> Prepared:
     """`prepare` into chatmask's cache folder, named by the cache key (what train and stats use)."""
-    from .hub import cache_dir
+    from .paths import cache_dir
 
     cfg = with_stops(cfg, tok)
     return prepare(data, cfg, cache_dir() / "prepared" / cache_key(data, cfg, tok)[:24], tokenizer=tok, **kw)

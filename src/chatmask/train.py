@@ -520,7 +520,7 @@ def _save_final(run: _Run, model, state_dict=None) -> None:
     where the run trained answers to stop, and the tokenizer with the chat template it was trained with;
     `state_dict`: the full weights gathered from a sharded run."""
     from .generation import run_renderer, save_chat_template, save_generation_config
-    from .hub import atomic_dir
+    from .paths import atomic_dir
 
     r = run_renderer(run.tok, run.data_cfg)
     written = {}
