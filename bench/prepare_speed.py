@@ -284,7 +284,8 @@ def check(heads: dict, texts: list[str], contestants: list[Contestant], tok) -> 
             notes.append(f"its input_ids equal the limit's on {sum(a[0] == b[0] for a, b in zip(got, ref))}")
             continue
         ids_differ = sum(a[0] != b[0] for a, b in zip(got, ref))
-        c.differs = f"{sum(a != b for a, b in zip(got, ref))}/{len(ref)}" + (f" ({ids_differ} ids)" if ids_differ else "")
+        c.differs = (f"{sum(a != b for a, b in zip(got, ref))}/{len(ref)}"
+                     + (f" ({ids_differ} ids)" if ids_differ else ""))
     return "; ".join(notes)
 
 

@@ -223,7 +223,7 @@ def padding_free_is_correct(info, dtype) -> tuple[bool, float]:
     return d < 1e-4, d
 
 
-def main():
+def _args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="12 steps of 8 rows, one round")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 12 with --quick, else 24)")
@@ -237,38 +237,23 @@ def main():
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--gpu-extras", default="{}", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.child:
-        return child(args.child, args.work, args.finetune, args.device, args.dtype, json.loads(args.gpu_extras))
-    steps = args.steps or (12 if args.quick else 24)
-    work = Path(tempfile.mkdtemp(prefix="train-peers-"))
-    info = setup(work, steps, args.batch_size, args.max_length)
-    tokens = sum(len(r) for r in _ordered_rows(info)["input_ids"])
-    names = args.only.split(",") if args.only else list(CONTESTANTS)
-    gpu_extras = {}
-    if args.device == "cuda":
-        import importlib.util
+    return ap.parse_args()
 
-        gpu_extras = {"flash_attn": importlib.util.find_spec("flash_attn") is not None,
-                      "liger": importlib.util.find_spec("liger_kernel") is not None}
-    notes = []
-    if "trl-padding-free" in names:
-        ok, d = padding_free_is_correct(info, args.dtype)
-        if not ok and not gpu_extras.get("flash_attn"):
-            names.remove("trl-padding-free")
-            notes.append(f"trl-padding-free rejected: its first-batch loss differs from the padded one by {d:.2e} "
-                         "(examples attend to each other with this attention)")
-        else:
-            notes.append(f"trl-padding-free: first-batch loss equals the padded one (|d| {d:.1e}): examples kept apart")
-    import torch
 
-    dev = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"train_peers: {dev}, {args.dtype}, {args.finetune}, {'CrossNER' if UNINER.exists() else 'ShareGPT'}, "
-          f"{steps} steps of {args.batch_size} rows, {tokens:,} input tokens, torch {torch.__version__}, "
-          f"trl {__import__('trl').__version__}, transformers {__import__('transformers').__version__}", flush=True)
-    for n in notes:
-        print("note: " + n, flush=True)
+def _admit_padding_free(names, info, dtype, gpu_extras) -> list[str]:
+    """Drops trl-padding-free from `names` where its examples attend to each other; the notes to print."""
+    if "trl-padding-free" not in names:
+        return []
+    ok, d = padding_free_is_correct(info, dtype)
+    if not ok and not gpu_extras.get("flash_attn"):
+        names.remove("trl-padding-free")
+        return [f"trl-padding-free rejected: its first-batch loss differs from the padded one by {d:.2e} "
+                "(examples attend to each other with this attention)"]
+    return [f"trl-padding-free: first-batch loss equals the padded one (|d| {d:.1e}): examples kept apart"]
+
+
+def _rounds(args, names, work, tokens, gpu_extras) -> dict[str, list[dict]]:
+    """Every contestant in its own process, `args.rounds` times, the order alternating: name -> its results."""
     results = {n: [] for n in names}
     for k in range(args.rounds):
         for name in (names if k % 2 == 0 else names[::-1]):
@@ -284,6 +269,10 @@ def main():
             r["wall"] = wall
             results[name].append(r)
             print(f"  round {k + 1} {name:17} {wall:7.1f} s wall, {tokens / wall:6.0f} tok/s", flush=True)
+    return results
+
+
+def _report(results, tokens, steps):
     ref = results.get("chatmask", [None])[0]
     print(f"\n{'contestant':18} {'wall s':>8} {'tok/s':>7} {'loop s':>8} {'loop tok/s':>10} {'peak RSS MB':>12} "
           f"{'loss step 1':>12} {'loss last':>10} {'max |dloss| vs chatmask':>24}")
@@ -299,13 +288,43 @@ def main():
               f"{max(r['peak_rss_mb'] for r in rs):12.0f} {losses[0]:12.4f} {losses[-1]:10.4f} {dl:24.4f}")
     print("\nloss per step:\n" + " ".join(f"{n:>17}" for n in results))
     for s in range(steps):
-        print(" ".join(f"{rs[0]['losses'][s]:17.4f}" if s < len(rs[0]["losses"]) else " " * 17 for rs in results.values()))
+        print(" ".join(f"{rs[0]['losses'][s]:17.4f}" if s < len(rs[0]["losses"]) else " " * 17
+                       for rs in results.values()))
+
     def ratio(d):
         ours = max((v for n, v in d.items() if n.startswith("chatmask")), default=float("nan"))
         return ours / max((v for n, v in d.items() if not n.startswith("chatmask")), default=float("nan"))
 
     print(f"loop_speedup_vs_best_peer={ratio(best_loop):.3f}  (the training loops alone: steps, data, logging)")
     print(f"speedup_vs_best_peer={ratio(best):.3f}")
+
+
+def main():
+    args = _args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.child:
+        return child(args.child, args.work, args.finetune, args.device, args.dtype, json.loads(args.gpu_extras))
+    steps = args.steps or (12 if args.quick else 24)
+    work = Path(tempfile.mkdtemp(prefix="train-peers-"))
+    info = setup(work, steps, args.batch_size, args.max_length)
+    tokens = sum(len(r) for r in _ordered_rows(info)["input_ids"])
+    names = args.only.split(",") if args.only else list(CONTESTANTS)
+    gpu_extras = {}
+    if args.device == "cuda":
+        import importlib.util
+
+        gpu_extras = {"flash_attn": importlib.util.find_spec("flash_attn") is not None,
+                      "liger": importlib.util.find_spec("liger_kernel") is not None}
+    notes = _admit_padding_free(names, info, args.dtype, gpu_extras)
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"train_peers: {dev}, {args.dtype}, {args.finetune}, {'CrossNER' if UNINER.exists() else 'ShareGPT'}, "
+          f"{steps} steps of {args.batch_size} rows, {tokens:,} input tokens, torch {torch.__version__}, "
+          f"trl {__import__('trl').__version__}, transformers {__import__('transformers').__version__}", flush=True)
+    for n in notes:
+        print("note: " + n, flush=True)
+    _report(_rounds(args, names, work, tokens, gpu_extras), tokens, steps)
 
 
 if __name__ == "__main__":

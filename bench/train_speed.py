@@ -307,7 +307,7 @@ def export(out):
     print(f"wrote {out}")
 
 
-def main():
+def _args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="SmolLM2 only, fewer steps (< 2 min on 2 cores)")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -318,7 +318,11 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)")
     ap.add_argument("--export", metavar="DIR", help="write rows, config and tokenizer for --from, and stop")
     ap.add_argument("--from", dest="src", metavar="DIR", help="rows, config and tokenizer from --export")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    args = _args()
     if args.export:
         return export(args.export)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -333,16 +337,19 @@ def main():
              ("sharegpt", "smollm2", min(3, args.batch_size), 2) if args.quick else
              ("sharegpt", "smollm2", args.batch_size, steps)]
     if not args.quick:
-        cases += [("crossner", "random-small", args.batch_size, steps), ("sharegpt", "random-small", args.batch_size, steps)]
+        cases += [("crossner", "random-small", args.batch_size, steps),
+                  ("sharegpt", "random-small", args.batch_size, steps)]
     if not (Path(args.src) / "crossner.json" if args.src else UNINER).exists():
         print(f"note: {UNINER} not found; CrossNER cases skipped")
         cases = [c for c in cases if c[0] != "crossner"]
     dev = (torch.cuda.get_device_name(0) if args.device == "cuda"
            else f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads")
-    print(f"train_speed: torch {torch.__version__}, {dev}, {args.dtype}, {'LoRA' if args.lora else 'full'} fine-tuning, measured steps per variant and case "
-          f"alternating after a warm-up{'; weights random (--from)' if args.src else ''}")
-    print(f"{'data':9} {'model':13} {'rows':>4} {'steps':>5} {'hf tok/s':>9} {'chatmask tok/s':>15} {'speedup':>8} {'padding':>8} "
-          f"{'hf peak MB':>11} {'cm peak MB':>11} {'mem ratio':>9} {'rss ratio':>9} {'|dloss|':>8}  attention")
+    print(f"train_speed: torch {torch.__version__}, {dev}, {args.dtype}, {'LoRA' if args.lora else 'full'} "
+          f"fine-tuning, measured steps per variant and case alternating after a warm-up"
+          f"{'; weights random (--from)' if args.src else ''}")
+    print(f"{'data':9} {'model':13} {'rows':>4} {'steps':>5} {'hf tok/s':>9} {'chatmask tok/s':>15} {'speedup':>8} "
+          f"{'padding':>8} {'hf peak MB':>11} {'cm peak MB':>11} {'mem ratio':>9} {'rss ratio':>9} {'|dloss|':>8}  "
+          f"attention")
     head = None
     for data, model_name, bs, n_steps in cases:
         r = case(data, model_name, n_steps, bs, args.device, dtype, args.src, args.lora)
@@ -350,9 +357,9 @@ def main():
         sp = tps["chatmask"] / tps["hf-standard"]
         ratio, rss_ratio = (m["chatmask"] / m["hf-standard"] if m["hf-standard"] > 0 else float("nan")
                             for m in (mem, rss))
-        print(f"{data:9} {model_name:13} {bs:4} {n_steps:5} {tps['hf-standard']:9.0f} {tps['chatmask']:15.0f} {sp:8.2f} "
-              f"{r['padding']:8.1%} {mem['hf-standard']:11.0f} {mem['chatmask']:11.0f} {ratio:9.2f} {rss_ratio:9.2f} "
-              f"{r['dloss']:8.1e}  {r['attention']}", flush=True)
+        print(f"{data:9} {model_name:13} {bs:4} {n_steps:5} {tps['hf-standard']:9.0f} {tps['chatmask']:15.0f} "
+              f"{sp:8.2f} {r['padding']:8.1%} {mem['hf-standard']:11.0f} {mem['chatmask']:11.0f} {ratio:9.2f} "
+              f"{rss_ratio:9.2f} {r['dloss']:8.1e}  {r['attention']}", flush=True)
         ck = "chatmask+ckpt"
         print(f"    --gradient-checkpointing (chatmask's step, same batches): {tps[ck]:.0f} tok/s = "
               f"{tps[ck] / tps['chatmask']:.2f}x the tokens/s without, peak {mem[ck]:.0f} MB = "

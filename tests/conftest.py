@@ -1,6 +1,11 @@
-"""Offline fixtures: tokenizers built in-process in milliseconds, tiny random models."""
+"""Offline fixtures: tokenizers built in-process in milliseconds, tiny random models, and the helpers every
+test file shares: data files (`write_jsonl`, `data_file`), a saved tokenizer folder (`tok_dir`), the CLI run
+in-process (`cli_main`) or as a user's shell runs it (`run_cli`)."""
 
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -22,7 +27,8 @@ CORPUS = [
     "def f(x):\n    return x + 1  # code, JSON {\"a\": [1, 2]} and <html> tags",
 ]
 
-ALL_SPECIALS = sorted({s for t in templates.BUILTIN.values() for s in t.special_tokens} | {"<s>", "</s>", "<unk>", "<pad>"})
+ALL_SPECIALS = sorted({s for t in templates.BUILTIN.values() for s in t.special_tokens}
+                      | {"<s>", "</s>", "<unk>", "<pad>"})
 
 
 def make_bpe_tokenizer(chat_template="chatml"):
@@ -34,9 +40,8 @@ def make_bpe_tokenizer(chat_template="chatml"):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=ALL_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=ALL_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 3, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
@@ -68,7 +73,8 @@ def make_post_tokenizer():
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     # ChatML with the <bos>/<eos> that the post's Gemma tokenizer added around the rendered text
-    fast.chat_template = "{{ bos_token }}" + templates.get("chatml").jinja + "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}"
+    fast.chat_template = ("{{ bos_token }}" + templates.get("chatml").jinja
+                          + "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}")
     return fast
 
 
@@ -80,6 +86,14 @@ def bpe_tok():
 @pytest.fixture(scope="session")
 def post_tok():
     return make_post_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory, bpe_tok) -> str:
+    """`bpe_tok` saved in a folder, as `--tokenizer` takes it (shared by the session: copy it to change it)."""
+    d = tmp_path_factory.mktemp("tok")
+    bpe_tok.save_pretrained(d)
+    return str(d)
 
 
 def make_base_bpe_tokenizer():
@@ -115,14 +129,37 @@ def tiny_llama(tok, seed: int = 0, layers: int = 2, hidden: int = 32, **config):
     return LlamaForCausalLM(LlamaConfig(**{**cfg, **config}))
 
 
+def write_jsonl(path, rows, extra_lines=()) -> str:
+    """`rows` one JSON object a line in `path` (a str row is written as it is: a line that is not JSON on
+    purpose), then `extra_lines` as they are; returns the path as a str."""
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows] + list(extra_lines)
+    Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
 def data_file(tmp_path, monkeypatch, rows) -> str:
     """`rows` as tmp_path/d.jsonl, with chatmask's cache in tmp_path too (nothing shared between tests)."""
-    import json
-
     monkeypatch.setenv("CHATMASK_CACHE", str(tmp_path / "cache"))
-    p = tmp_path / "d.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in rows))
-    return str(p)
+    return write_jsonl(tmp_path / "d.jsonl", rows)
+
+
+def cli_main(capsys, *argv) -> tuple[int, str, str]:
+    """`chatmask ARGV` in this process (no interpreter to start): (exit code, stdout, stderr)."""
+    from chatmask import cli
+
+    rc = cli.main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def run_cli(*argv, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`chatmask ARGV` in a fresh interpreter, as a user's shell runs it (what needs its own process: an
+    environment read at import, a kill, the imports a command makes). `env` is laid over this process's
+    environment; a value None removes that variable. The result has returncode, stdout, stderr as text."""
+    e = {**os.environ, **(env or {})}
+    e = {k: v for k, v in e.items() if v is not None}
+    return subprocess.run([sys.executable, "-m", "chatmask", *map(str, argv)], capture_output=True, text=True,
+                          env=e, timeout=timeout)
 
 
 def model_folder(folder, tok, **kw) -> str:

@@ -12,11 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
-
-from chatmask import cli
+from conftest import cli_main, run_cli, write_jsonl
 
 OK = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]}
 OKL = json.dumps(OK)
+
+
+def _row(*messages) -> str:
+    """A line of OpenAI-style rows whose messages are given as JSON text (so that they can be malformed)."""
+    return f'{OKL}\n{{"messages": [{", ".join(messages)}]}}\n'
+
+
+USER, ASSISTANT = '{"role": "user", "content": "x"}', '{"role": "assistant", "content": "y"}'
 
 # name -> (file name, bytes, expected fragments of the error); line 2 is the bad one where it applies
 BAD = {
@@ -26,14 +33,16 @@ BAD = {
     "top-level scalar": ("d.json", "42", ["d.json:1", "array"]),
     "no messages key": ("d.jsonl", f'{OKL}\n{{"text": "hello"}}\n', ["d.jsonl:2"]),
     "messages not a list": ("d.jsonl", f'{OKL}\n{{"messages": "hi"}}\n', ["d.jsonl:2", "list"]),
-    "message without role": ("d.jsonl", f'{OKL}\n{{"messages": [{{"content": "x"}}]}}\n', ["d.jsonl:2", "message 1", "role"]),
-    "unknown role": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "robot", "content": "x"}}]}}\n', ["d.jsonl:2", "message 1", "robot"]),
-    "null content": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "user", "content": null}}, {{"role": "assistant", "content": "y"}}]}}\n', ["d.jsonl:2", "message 1"]),
-    "number content": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "user", "content": 3}}, {{"role": "assistant", "content": "y"}}]}}\n', ["d.jsonl:2", "message 1"]),
-    "non-text parts": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "user", "content": [{{"type": "image", "url": "u"}}]}}, {{"role": "assistant", "content": "y"}}]}}\n', ["d.jsonl:2", "message 1"]),
-    "empty conversation": ("d.jsonl", f'{OKL}\n{{"messages": []}}\n', ["d.jsonl:2", "empty"]),
-    "no assistant turn": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "user", "content": "x"}}]}}\n', ["d.jsonl:2", "assistant"]),
-    "two assistants in a row": ("d.jsonl", f'{OKL}\n{{"messages": [{{"role": "user", "content": "x"}}, {{"role": "assistant", "content": "y"}}, {{"role": "assistant", "content": "z"}}]}}\n', ["d.jsonl:2", "message 3", "follows"]),
+    "message without role": ("d.jsonl", _row('{"content": "x"}'), ["d.jsonl:2", "message 1", "role"]),
+    "unknown role": ("d.jsonl", _row('{"role": "robot", "content": "x"}'), ["d.jsonl:2", "message 1", "robot"]),
+    "null content": ("d.jsonl", _row('{"role": "user", "content": null}', ASSISTANT), ["d.jsonl:2", "message 1"]),
+    "number content": ("d.jsonl", _row('{"role": "user", "content": 3}', ASSISTANT), ["d.jsonl:2", "message 1"]),
+    "non-text parts": ("d.jsonl", _row('{"role": "user", "content": [{"type": "image", "url": "u"}]}', ASSISTANT),
+                       ["d.jsonl:2", "message 1"]),
+    "empty conversation": ("d.jsonl", _row(), ["d.jsonl:2", "empty"]),
+    "no assistant turn": ("d.jsonl", _row(USER), ["d.jsonl:2", "assistant"]),
+    "two assistants in a row": ("d.jsonl", _row(USER, ASSISTANT, '{"role": "assistant", "content": "z"}'),
+                                ["d.jsonl:2", "message 3", "follows"]),
 }
 
 
@@ -43,17 +52,8 @@ def _write(tmp_path, name, content):
     return str(p)
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory, bpe_tok):
-    d = tmp_path_factory.mktemp("tok")
-    bpe_tok.save_pretrained(d)
-    return str(d)
-
-
 def prep(capsys, *argv):
-    rc = cli.main(["prepare", *argv, "--quiet"])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+    return cli_main(capsys, "prepare", *argv, "--quiet")
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -96,11 +96,14 @@ def test_unusual_but_valid_inputs_prepare(tmp_path, tok_dir, capsys):
         f = _write(tmp_path, name, content)
         rc, out, err = prep(capsys, f, "--tokenizer", tok_dir, "--out", str(tmp_path / f"out-{name}"))
         assert rc == 0 and "2 rows" in out, (name, err)
-    # a 1 MB message: prepared, or dropped by the truncation policy with its reason counted
-    f = _write(tmp_path, "big.jsonl", (OKL + "\n" + json.dumps(big) + "\n").encode())
+    # a 1 MB message (a million tokens) is prepared
+    f = write_jsonl(tmp_path / "big.jsonl", [OK, big])
     rc, out, err = prep(capsys, f, "--tokenizer", tok_dir, "--out", str(tmp_path / "big"), "--max-length", "100000000")
-    assert rc == 0 and "2 rows" in out, err
-    # without --skip-invalid too: a row too long for --max-length is the length policy's outcome, not a bad row
+    assert rc == 0 and "2 rows" in out and "1,000,048 tokens" in out, err
+    # a message ten times --max-length (2,048) is dropped by the truncation policy, its reason counted (the
+    # million tokens again would only take longer); without --skip-invalid too: the length policy's outcome
+    long = {"messages": [{"role": "user", "content": "word " * 4_000}, {"role": "assistant", "content": "ok"}]}
+    f = write_jsonl(tmp_path / "long.jsonl", [OK, long])
     rc, out, err = prep(capsys, f, "--tokenizer", tok_dir, "--out", str(tmp_path / "big2"))
     assert rc == 0 and "1 first answer past max_length" in out and "raise --max-length" in out, out
     rc, out, err = prep(capsys, f, "--tokenizer", tok_dir, "--out", str(tmp_path / "big3"), "--truncation", "right")
@@ -143,30 +146,32 @@ def _hash(folder):
     import datasets
 
     ds = datasets.load_from_disk(str(folder))
-    return hashlib.sha256(json.dumps([list(ds["input_ids"]), list(ds["labels"]), list(ds["source"])]).encode()).hexdigest()
+    columns = [list(ds["input_ids"]), list(ds["labels"]), list(ds["source"])]
+    return hashlib.sha256(json.dumps(columns).encode()).hexdigest()
 
 
 @pytest.mark.slow  # a subprocess killed mid-run: seconds, not milliseconds
 def test_kill_9_during_prepare_never_leaves_a_usable_partial_cache(tmp_path, tok_dir):
-    rows = [{"messages": [{"role": "user", "content": f"question {k} " * 30}, {"role": "assistant", "content": f"answer {k} " * 20}]}
-            for k in range(3000)]
-    f = _write(tmp_path, "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
-    env = {**os.environ, "CHATMASK_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "chatmask", "prepare", f, "--tokenizer", tok_dir, "--out", str(tmp_path / "o"), "--quiet"]
-    subprocess.run(cmd[:-3] + ["--out", str(tmp_path / "ref"), "--quiet"], env=env, check=True, timeout=300)
+    rows = [{"messages": [{"role": "user", "content": f"question {k} " * 30},
+                          {"role": "assistant", "content": f"answer {k} " * 20}]} for k in range(3000)]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    env = {"CHATMASK_CACHE": str(tmp_path / "cache")}
+    argv = ["prepare", f, "--tokenizer", tok_dir, "--quiet", "--out"]
+    assert run_cli(*argv, tmp_path / "ref", env=env).returncode == 0
     ref = _hash(tmp_path / "ref")
     import random
 
     rnd = random.Random(0)
     for _ in range(3):
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cmd = [sys.executable, "-m", "chatmask", *argv, str(tmp_path / "o")]  # Popen: to kill it mid-run
+        p = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rnd.uniform(2.0, 5.0))
         p.send_signal(signal.SIGKILL)
         p.wait()
         out = tmp_path / "o"
         if out.exists():  # only ever a complete folder
             assert _hash(out) == ref
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    r = run_cli(*argv, tmp_path / "o", env=env)
     assert r.returncode == 0, r.stderr
     assert _hash(tmp_path / "o") == ref
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.tmp-")]  # leftovers of killed runs removed

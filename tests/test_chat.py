@@ -91,3 +91,62 @@ def test_compare_folder_arms_and_mistakes(data, base_dir, tmp_path, bpe_tok, cap
     assert "--temperature" in capsys.readouterr().err
     assert cli.main(["chat", str(tmp_path / "nowhere"), "--prompt", "Hi"]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_chat_renders_with_the_template_the_run_trained_with(data, tmp_path, capsys, monkeypatch):
+    """A run trained with a built-in --template (chatml) that is not its tokenizer's own (zephyr): chat's prompt
+    is rendered with the trained template, also where the run's saved tokenizer carries its own template."""
+    from transformers import LlamaForCausalLM
+
+    from chatmask import templates
+    from chatmask.hub import load_tokenizer
+    from conftest import make_bpe_tokenizer
+
+    own = make_bpe_tokenizer("zephyr")
+    tc = TrainConfig(model=model_folder(tmp_path / "base", own), finetune="full", lr=0.02, steps=1, eval_every=1,
+                     save_every=1, val_split=0.25, batch_size=2, tensorboard=False, stop_prompts=0)
+    train(data, DataConfig(template="chatml"), tc, tmp_path / "run", log=None, progress=False)
+    saved = tmp_path / "run" / "model"
+    assert load_tokenizer(str(saved)).chat_template == templates.get("chatml").jinja  # what other tools render
+    # the tokenizer in the run folder with its own template again (as in a run saved before the template was)
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        (saved / name).unlink(missing_ok=True)
+    own.save_pretrained(saved)
+    assert load_tokenizer(str(saved)).chat_template == own.chat_template
+    prompts = []
+    real = LlamaForCausalLM.generate
+
+    def spy(self, *args, **kw):
+        prompts.append(own.decode(kw["input_ids"][0]))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", spy)
+    assert cli.main(["chat", str(tmp_path / "run"), "--prompt", "Say beta please", "--max-new-tokens", "2"]) == 0
+    assert len(prompts) == 1 and "<|user|>" not in prompts[0], prompts  # not zephyr's
+    assert prompts[0].endswith("<|im_start|>user\nSay beta please<|im_end|>\n<|im_start|>assistant\n"), prompts
+
+
+def test_session_reads_and_writes_through_the_callables_it_is_given(monkeypatch):
+    """The prompt loop needs no terminal: lines come from `read`, everything said goes to `write`."""
+    import chatmask.chat as chat_mod
+    from chatmask.config import ChatConfig
+
+    seen = []
+
+    def fake_reply(chat, messages, cfg, on_text=None):
+        seen.append([m["content"] for m in messages])
+        on_text("ok")
+        return "ok"
+
+    monkeypatch.setattr(chat_mod, "reply", fake_reply)
+    lines = iter(["Hi", "  ", "Again", "/reset", "New", "/exit", "never read"])
+    written = []
+    chat = chat_mod.Chat(None, None, None, None, "a fake")
+    chat_mod.session(chat, ChatConfig(system="S"), read=lambda prompt: next(lines), write=written.append)
+    assert seen == [["S", "Hi"], ["S", "Hi", "ok", "Again"], ["S", "New"]]
+    text = "".join(written)
+    assert text.startswith("chatting with a fake") and text.count("assistant> ok\n") == 3
+    assert "(conversation cleared)" in text and next(lines) == "never read"
+    written.clear()
+    chat_mod.session(chat, ChatConfig(), prompt="One", read=None, write=written.append)
+    assert seen[-1] == ["One"] and "".join(written) == "ok\n"

@@ -43,7 +43,8 @@ def _run(cmd, env):
 
 def test_two_processes_equal_one(setup, tmp_path):
     data, env, common = setup
-    _run([sys.executable, "-m", "chatmask", "train", data, *common, "--batch-size", "4", "--out", str(tmp_path / "one")], env)
+    one_process = [sys.executable, "-m", "chatmask", "train", data, *common, "--batch-size", "4"]
+    _run([*one_process, "--out", str(tmp_path / "one")], env)
     torchrun = shutil.which("torchrun") or pytest.skip("no torchrun")
     _run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "chatmask", "train", data, *common,
           "--batch-size", "2", "--out", str(tmp_path / "two")], env)

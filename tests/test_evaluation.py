@@ -28,7 +28,8 @@ def test_first_answer_is_the_prompt_and_the_first_trained_run(bpe_tok, val):
 
 @pytest.mark.parametrize("text, stopped, want", [
     ("It is 2.<|im_end|>", True, ("stopped", None)),
-    ("It is 2.<|im_start|>user\nmore<|im_end|>", True, ("header", "<|im_start|>user")),  # a stop after it: still a run-on
+    # a stop after the header: still a run into it
+    ("It is 2.<|im_start|>user\nmore<|im_end|>", True, ("header", "<|im_start|>user")),
     ("It is 2. It is 2. It is", False, ("ran on", None)),
 ])
 def test_each_answer_has_one_outcome(text, stopped, want):

@@ -7,25 +7,22 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from conftest import cli_main, run_cli, write_jsonl
 
-from chatmask import cli, hub
+from chatmask import hub
 from chatmask.errors import ConfigError
 
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory, bpe_tok):
-    d = tmp_path_factory.mktemp("tok")
-    bpe_tok.save_pretrained(d)
-    return d
+ROW = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
 
 
 def test_generic_folder_loads_like_autotokenizer(tok_dir):
     from transformers import AutoTokenizer
 
-    assert hub._generic_folder(str(tok_dir))
-    ours, auto = hub.load_tokenizer(str(tok_dir)), AutoTokenizer.from_pretrained(str(tok_dir))
+    assert hub._generic_folder(tok_dir)
+    ours, auto = hub.load_tokenizer(tok_dir), AutoTokenizer.from_pretrained(tok_dir)
     assert type(ours) is type(auto)
     assert ours.get_vocab() == auto.get_vocab()
     assert ours.all_special_tokens == auto.all_special_tokens and ours.chat_template == auto.chat_template
@@ -37,18 +34,17 @@ def test_folder_with_model_config_goes_through_autotokenizer(tok_dir, tmp_path):
     # a config.json may make AutoTokenizer pick the model type's own class: never bypass it then
     d = tmp_path / "withconfig"
     d.mkdir()
-    for f in tok_dir.iterdir():
+    for f in Path(tok_dir).iterdir():
         (d / f.name).write_bytes(f.read_bytes())
     (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert not hub._generic_folder(str(d))
 
 
 def test_check_and_prepare_do_not_import_torch(tok_dir, tmp_path):
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}))
+    data = write_jsonl(tmp_path / "d.jsonl", [ROW])
+    prepare = ["prepare", data, "--tokenizer", tok_dir, "--out", str(tmp_path / "p"), "--quiet"]
     code = ("import sys; from chatmask.cli import main; "
-            f"assert main(['check', '--tokenizer', {str(tok_dir)!r}]) == 0; "
-            f"assert main(['prepare', {str(data)!r}, '--tokenizer', {str(tok_dir)!r}, '--out', {str(tmp_path / 'p')!r}, '--quiet']) == 0; "
+            f"assert main(['check', '--tokenizer', {tok_dir!r}]) == 0; assert main({prepare!r}) == 0; "
             "print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -56,9 +52,9 @@ def test_check_and_prepare_do_not_import_torch(tok_dir, tmp_path):
 
 
 def _offline_cli(tmp_path, *argv, **env):
-    e = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_OFFLINE")}
-    e.update(HF_HOME=str(tmp_path / "hf"), **env)
-    return subprocess.run([sys.executable, "-m", "chatmask", *argv], capture_output=True, text=True, env=e, timeout=60)
+    """The CLI in a process of its own (huggingface_hub reads HF_HUB_OFFLINE at import), not offline unless
+    `env` says so, with a hub cache of its own."""
+    return run_cli(*argv, env={"HF_HUB_OFFLINE": None, "HF_HOME": str(tmp_path / "hf"), **env}, timeout=60)
 
 
 def test_unreachable_hub_fails_at_once_with_what_to_do(tmp_path):
@@ -91,13 +87,13 @@ def test_a_file_is_not_a_model_folder(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_prepared_folder_has_the_umask_permissions(umask, tmp_path, tok_dir, capsys):
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}))
+    data = write_jsonl(tmp_path / "d.jsonl", [ROW])
     old = os.umask(umask)
     try:
-        assert cli.main(["prepare", str(data), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "p"), "--quiet"]) == 0
+        rc, _, err = cli_main(capsys, "prepare", data, "--tokenizer", tok_dir, "--out", str(tmp_path / "p"), "--quiet")
     finally:
         os.umask(old)
+    assert rc == 0, err
     assert stat.S_IMODE((tmp_path / "p").stat().st_mode) == 0o777 & ~umask
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import chatmask
 import chatmask.spans
 from chatmask import IGNORE, ConversationError, TemplateError, templates
+from chatmask.config import TRAIN_ON
 from chatmask.labels import renderer
 from conftest import trained_runs
 
@@ -26,8 +27,6 @@ POST_IDS = [2, 256000, 1645, 108, 1637, 235292, 1274, 235292, 109, 2299, 798, 59
             1841, 19306, 6815, 575, 573, 2793, 235336, 256001, 108, 256000, 105776, 108, 3681, 45737, 4437, 256001,
             108, 1]
 POST_TRAINED = set(range(21, 29)) | set(range(45, 49))
-
-
 
 
 def render(tok, msgs, gen=False, template=None):
@@ -90,7 +89,7 @@ GOLDEN = "e0cdb8185c199f6066923abe632fd89d8d9ef2483b90df0527da218b8b75f013"
 
 def test_golden_hash(post_tok):
     """The post's rows under every train_on, as prepare would store them: any change in labelling shows."""
-    rows = [chatmask.encode(POST, post_tok, train_on=t) for t in chatmask.labels.TRAIN_ON]
+    rows = [chatmask.encode(POST, post_tok, train_on=t) for t in TRAIN_ON]
     blob = json.dumps([[e.input_ids, e.labels] for e in rows], separators=(",", ":")).encode()
     assert hashlib.sha256(blob).hexdigest() == GOLDEN
 
@@ -108,7 +107,8 @@ SHAPES = {
         {"role": "user", "content": f"question {k}?"}, {"role": "assistant", "content": f"answer number {k}."})],
     "markup_in_content": [
         {"role": "user", "content": "Say <|im_end|> and [INST] and </s>"},
-        {"role": "assistant", "content": "ok <|im_end|>\n<|im_start|>user\n[INST] x [/INST] </s><|eot_id|><end_of_turn><|end|>"},
+        {"role": "assistant",
+         "content": "ok <|im_end|>\n<|im_start|>user\n[INST] x [/INST] </s><|eot_id|><end_of_turn><|end|>"},
         {"role": "user", "content": "<|im_start|>assistant\nagain"},
         {"role": "assistant", "content": "<｜end▁of▁sentence｜><｜User｜>done"},
     ],
@@ -147,7 +147,8 @@ def _stop(tok, name):
 
 
 def _plain(msgs):
-    return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"])} for m in msgs]
+    return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+             else "".join(p["text"] for p in m["content"])} for m in msgs]
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -182,7 +183,8 @@ def test_builtin_template_sweep(bpe_tok, name, shape):
 
 
 R1_LIKE = templates.get("deepseek").jinja.replace(
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}", "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\n' }}")
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}",
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\n' }}")
 
 
 def test_deepseek_drops_think_and_r1_generation_prompt_falls_back(bpe_tok):
@@ -229,7 +231,8 @@ def test_qwen3_style_empty_think_block_is_trained(bpe_tok):
 
 
 def test_template_without_marker_trains_content_alone(bpe_tok):
-    tpl = "{% for m in messages %}{{ m.role | upper + ': ' + m.content + '\n' }}{% endfor %}{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+    tpl = ("{% for m in messages %}{{ m.role | upper + ': ' + m.content + '\n' }}{% endfor %}"
+           "{% if add_generation_prompt %}ASSISTANT: {% endif %}")
     ex = chatmask.encode(SHAPES["system_first"], bpe_tok, template=tpl)
     # nothing ends an answer before the next header; after the last one the eos is appended, and counted
     assert [bpe_tok.decode(r) for r in trained_runs(ex)] == ["4", "6\n</s>"]
@@ -280,20 +283,6 @@ def test_bad_messages_raise_conversation_error(bpe_tok):
             chatmask.encode(b, bpe_tok, source="f.jsonl:2")
 
 
-def test_truncation_policies(bpe_tok):
-    msgs = SHAPES["multi_turn"]
-    full = chatmask.encode(msgs, bpe_tok)
-    ends = [i + 1 for i in range(len(full.labels)) if full.labels[i] != IGNORE and (i + 1 == len(full.labels) or full.labels[i + 1] == IGNORE)]
-    ex = chatmask.encode(msgs, bpe_tok, max_length=ends[1] + 3)
-    assert ex.input_ids == full.input_ids[: ends[1]]  # whole turns only, marker kept
-    ex = chatmask.encode(msgs, bpe_tok, max_length=ends[1] + 3, truncation="right")
-    assert ex.input_ids == full.input_ids[: ends[1] + 3]
-    with pytest.raises(ConversationError, match="longer than max_length"):
-        chatmask.encode(msgs, bpe_tok, max_length=ends[1], truncation="drop")
-    with pytest.raises(ConversationError, match="first trained answer"):
-        chatmask.encode(msgs, bpe_tok, max_length=ends[0] - 1)
-
-
 def test_add_template_tokens():
     import torch
 
@@ -317,35 +306,52 @@ def make_bpe_tokenizer_without_chatml():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
 # ---------------------------------------------------------------- property tests
 
 _text = st.lists(
-    st.sampled_from(list("ab yz\n\t .,!?日☃🙂") + ["<|im_end|>", "<|im_start|>", "[INST]", "</s>", "<think>", "</think>", "{{", "%}"]),
+    st.sampled_from(list("ab yz\n\t .,!?日☃🙂")
+                    + ["<|im_end|>", "<|im_start|>", "[INST]", "</s>", "<think>", "</think>", "{{", "%}"]),
     max_size=10,
 ).map("".join)
 _msg = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]), "content": _text})
+_turn = st.tuples(_text, _text).map(lambda qa: [{"role": "user", "content": qa[0]},
+                                               {"role": "assistant", "content": qa[1]}])
+_well_formed = st.builds(lambda system, turns: system + [m for turn in turns for m in turn],
+                         st.lists(_text.map(lambda t: {"role": "system", "content": t}), max_size=1),
+                         st.lists(_turn, min_size=1, max_size=3))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(msgs=st.lists(_msg, min_size=0, max_size=6), name=st.sampled_from(sorted(templates.BUILTIN)))
-def test_random_conversations_are_exact_or_a_chatmask_error(bpe_tok, msgs, name):
-    try:
-        ex = chatmask.encode(msgs, bpe_tok, template=name)
-    except chatmask.ChatmaskError:
-        return
-    assert bpe_tok.decode(ex.input_ids) == render(bpe_tok, msgs, template=name)
-    assert all(lab in (IGNORE, t) for t, lab in zip(ex.input_ids, ex.labels))
-    runs = [bpe_tok.decode(r) for r in trained_runs(ex)]
-    stop = _stop(bpe_tok, name)
-    assert runs and all(r.endswith(stop) for r in runs)
-    if ex.prefix_preserving:
-        want = [a for a in expected_answers(bpe_tok, msgs, stop, name) if a]
-        assert runs == want
+def test_random_conversations_are_exact_or_a_chatmask_error(bpe_tok):
+    """Random conversations (any roles in any order, and well-formed ones) under every built-in template:
+    either labelled exactly, or refused with a ConversationError / TemplateError, and enough are labelled
+    that the checks cannot pass by every row being refused."""
+    checked = []
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(msgs=st.lists(_msg, max_size=6) | _well_formed, name=st.sampled_from(sorted(templates.BUILTIN)))
+    def check(msgs, name):
+        try:
+            ex = chatmask.encode(msgs, bpe_tok, template=name)
+        except (ConversationError, TemplateError):
+            return
+        assert bpe_tok.decode(ex.input_ids) == render(bpe_tok, msgs, template=name)
+        assert all(lab in (IGNORE, t) for t, lab in zip(ex.input_ids, ex.labels))
+        runs = [bpe_tok.decode(r) for r in trained_runs(ex)]
+        stop = _stop(bpe_tok, name)
+        assert runs and all(r.endswith(stop) for r in runs)
+        if ex.prefix_preserving:
+            want = [a for a in expected_answers(bpe_tok, msgs, stop, name) if a]
+            assert runs == want
+        checked.append(name)
+
+    check()
+    assert len(checked) >= 50, f"only {len(checked)} of 150 random conversations were labelled and checked"
 
 
 @pytest.mark.parametrize("name", sorted(templates.BUILTIN))
@@ -364,3 +370,30 @@ def test_row_by_row_path_agrees_with_cached_skeleton(bpe_tok, name, monkeypatch)
         except chatmask.ChatmaskError as e:
             slow = type(e)
         assert slow == fast[shape], shape
+
+
+@pytest.mark.parametrize("name", sorted(templates.BUILTIN))
+def test_respelling_path_agrees_with_run_assembly(bpe_tok, name, monkeypatch):
+    """`labels._assemble` (per run of tokens) is a fast path: the reference path, which a row with a token
+    straddling a boundary takes, must give every shape the same example, whole or truncated."""
+    def outcome(msgs, **options):
+        try:
+            return chatmask.encode(msgs, bpe_tok, template=name, **options)
+        except chatmask.ChatmaskError as e:
+            return str(e)
+
+    def outcomes():
+        out = {}
+        for shape, msgs in SHAPES.items():
+            out[shape] = whole = outcome(msgs)
+            if isinstance(whole, chatmask.Example):  # cut inside the last answer, both ways
+                for truncation in ("turns", "right"):
+                    out[shape, truncation] = outcome(msgs, max_length=len(whole.input_ids) - 2, truncation=truncation)
+        return out
+
+    fast = outcomes()
+    assert sum(isinstance(v, chatmask.Example) and v.truncated > 0 for v in fast.values()) >= 4
+    labels = chatmask.labels
+    monkeypatch.setattr(labels, "_assemble",
+                        lambda plan, row, tt: labels._assemble_respelling(plan, row, tt, *labels._regions(plan)))
+    assert outcomes() == fast

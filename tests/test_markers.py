@@ -47,7 +47,8 @@ CODELLAMA70B = (  # CodeLlama-70B-Instruct's shape: ' <step> ' between turns, it
     "{{ bos_token }}{% for m in messages %}{{ 'Source: ' + m.role + '\n\n ' + m.content | trim + ' <step> ' }}"
     "{% endfor %}{{ 'Source: assistant\nDestination: user\n\n ' }}"
 )
-CHATML_EOS = "{{ bos_token }}" + chatmask.templates.get("chatml").jinja + "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}"
+CHATML_EOS = ("{{ bos_token }}" + chatmask.templates.get("chatml").jinja
+              + "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}")
 
 
 
@@ -69,7 +70,7 @@ def test_gpt_oss_last_answer_ends_with_return():
     ex = chatmask.encode(CONV, tok, template=GPT_OSS)
     assert trained_texts(tok, ex) == ["<|channel|>final<|message|>I've read this text.<|end|>",
                                       '<|channel|>final<|message|>["Unity"]<|return|>']
-    assert ex.split == 0 and ex.input_ids == tok(r.render(CONV), add_special_tokens=False)["input_ids"]
+    assert ex.respelt == 0 and ex.input_ids == tok(r.render(CONV), add_special_tokens=False)["input_ids"]
 
 
 def test_olmo_last_answer_ends_with_eos(bpe_tok):
@@ -91,7 +92,7 @@ def test_plain_text_marker_stops_before_next_header(base_tok, template):
     # a token may straddle the marker's end (">" + "\n" merged): re-spelt, and counted
     assert texts == ["I've read this text.<|end|>", '["Unity"]<|end|>']
     rendered = r.render(CONV)
-    if ex.split == 0:
+    if ex.respelt == 0:
         assert ex.input_ids == base_tok(rendered, add_special_tokens=False)["input_ids"]
     assert base_tok.decode(ex.input_ids) == rendered
 
@@ -126,9 +127,10 @@ def test_gpt_oss_as_plain_text_reads_the_user_header_from_the_first_message(base
 
 # no header in front of the first message, no special token, no stop, and only user messages follow an
 # answer: nothing tells where the turn ends
-HEADLESS = ("{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('alternate') }}"
-            "{% endif %}{% if loop.first %}{{ m.content }}{% else %}{{ ' || ' + m.role + ': ' + m.content }}"
-            "{% endif %}{% endfor %}")
+HEADLESS = ("{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+            "{{ raise_exception('alternate') }}{% endif %}"
+            "{% if loop.first %}{{ m.content }}{% else %}{{ ' || ' + m.role + ': ' + m.content }}{% endif %}"
+            "{% endfor %}")
 
 
 def test_ambiguous_marker_is_an_error_naming_the_fix(base_tok):

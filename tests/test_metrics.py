@@ -102,7 +102,8 @@ def test_ner_questions():
     convs = CONVS + [
         _ner("x", ("person", "not json")),  # skipped: answer not a JSON list
         _ner("x", ("person", [1, "a"])),  # skipped: not all strings
-        [{"role": "user", "content": "  What describes person in the text?\n"}, {"role": "assistant", "content": '["B"]'}],
+        [{"role": "user", "content": "  What describes person in the text?\n"},
+         {"role": "assistant", "content": '["B"]'}],
     ]
     qs = ner_questions(convs)
     assert [(len(p), t, g) for p, t, g in qs] == [
@@ -168,7 +169,8 @@ def test_generate_answers_with_a_peft_model():
 
     prompts = [p for p, _, _ in ner_questions(CONVS[:1])]
     plain = generate_answers(_tiny_llama(), TOK, prompts, max_new_tokens=6)
-    peft_model = get_peft_model(_tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(_tiny_llama(), lora)
     peft_model.train()
     assert generate_answers(peft_model, TOK, prompts, max_new_tokens=6) == plain  # LoRA B starts at zero
     assert peft_model.training  # the caller's mode is restored
@@ -184,10 +186,12 @@ class _EchoLM(torch.nn.Module):
 
     def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, **kw):
         assert not self.training and not torch.is_grad_enabled()
-        self.calls.append({"input_ids": input_ids, "attention_mask": attention_mask, "eos": eos_token_id, "pad": pad_token_id})
+        self.calls.append({"input_ids": input_ids, "attention_mask": attention_mask, "eos": eos_token_id,
+                           "pad": pad_token_id})
         rows = []
         for n in attention_mask.sum(1).tolist():
-            ids = TOK(json.dumps([str(n)]), add_special_tokens=False)["input_ids"] + [TOK.convert_tokens_to_ids("<|im_end|>")]
+            ids = TOK(json.dumps([str(n)]), add_special_tokens=False)["input_ids"]
+            ids = ids + [TOK.convert_tokens_to_ids("<|im_end|>")]
             rows.append(ids + [pad_token_id] * (max_new_tokens - len(ids)))
         return torch.cat([input_ids, torch.tensor(rows)], 1)
 
@@ -197,7 +201,8 @@ def test_generate_answers_left_pads_and_decodes_only_new_tokens():
     lm = _EchoLM()
     out = generate_answers(lm, TOK, prompts, max_new_tokens=12, batch_size=8)
     r = renderer(TOK)
-    lengths = [len(TOK(r.render(p, add_generation_prompt=True), add_special_tokens=False)["input_ids"]) for p in prompts]
+    lengths = [len(TOK(r.render(p, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+               for p in prompts]
     assert out == [json.dumps([str(n)]) for n in lengths]  # in the caller's order, marker and padding skipped
     (call,) = lm.calls
     ids, mask = call["input_ids"], call["attention_mask"]

@@ -5,9 +5,9 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
+from conftest import run_cli, write_jsonl
 
 import chatmask
 from chatmask import IGNORE, cli
@@ -21,27 +21,12 @@ ROWS = [
 ]
 
 
-def write_jsonl(path, rows, extra_lines=()):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-        for line in extra_lines:
-            f.write(line + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory, bpe_tok):
-    d = tmp_path_factory.mktemp("tok")
-    bpe_tok.save_pretrained(d)
-    return str(d)
-
-
 def folder_hash(path):
     import datasets
 
     ds = datasets.load_from_disk(str(path))
-    return hashlib.sha256(json.dumps([list(ds["input_ids"]), list(ds["labels"]), list(ds["source"])]).encode()).hexdigest()
+    rows = [list(ds["input_ids"]), list(ds["labels"]), list(ds["source"])]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def test_prepare_writes_a_datasets_folder_equal_to_encode(tmp_path, bpe_tok):
@@ -51,7 +36,7 @@ def test_prepare_writes_a_datasets_folder_equal_to_encode(tmp_path, bpe_tok):
     assert len(ds) == len(ROWS) and ds.column_names == ["input_ids", "labels", "source"]
     for k in (0, 17, 39):
         ex = chatmask.encode(ROWS[k]["messages"], bpe_tok, source=f"d.jsonl:{k + 1}")
-        assert ds[k]["input_ids"] == ex.input_ids and ds[k]["labels"] == ex.labels and ds[k]["source"] == "d.jsonl:" + str(k + 1)
+        assert (ds[k]["input_ids"], ds[k]["labels"], ds[k]["source"]) == (ex.input_ids, ex.labels, f"d.jsonl:{k + 1}")
     s = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert s["rows_kept"] == 40 and s["trained_tokens"] == sum(sum(1 for x in r if x != IGNORE) for r in ds["labels"])
     conf = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -92,15 +77,16 @@ def test_skip_invalid_counts_by_reason(tmp_path, bpe_tok):
     assert (s["rows_dropped_for_length"], s["rows_dropped_invalid"], s["dropped_fraction"]) == (1, 2, 3 / 8)
     assert "d.jsonl:8" in s["first_dropped"]["first answer past max_length"]
     # every row dropped: the error says why, in the same one line
-    with pytest.raises(chatmask.ConversationError, match=r"no row became an example: dropped 8 of 8 rows read: 6 first "
-                                                         r"answer past max_length, 1 no assistant turn, 1 invalid JSON"):
+    with pytest.raises(chatmask.ConversationError, match=r"no row became an example: dropped 8 of 8 rows read: 6 "
+                       r"first answer past max_length, 1 no assistant turn, 1 invalid JSON"):
         prepare(data, DataConfig(skip_invalid=True, max_length=4), tmp_path / "o2", tokenizer=bpe_tok, progress=False)
 
 
 def test_truncation_keeps_whole_turns_and_counts(tmp_path, bpe_tok):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS[:3])
     full = chatmask.encode(ROWS[0]["messages"], bpe_tok)
-    first_end = next(i for i in range(len(full.labels) - 1) if full.labels[i] != IGNORE and full.labels[i + 1] == IGNORE) + 1
+    first_end = next(i for i in range(len(full.labels) - 1)
+                     if full.labels[i] != IGNORE and full.labels[i + 1] == IGNORE) + 1
     p = prepare(data, DataConfig(max_length=first_end + 2), tmp_path / "o", tokenizer=bpe_tok, progress=False)
     ds = p.dataset()
     assert ds[0]["input_ids"] == full.input_ids[:first_end]
@@ -165,11 +151,8 @@ def test_folder_trains_under_trl_sfttrainer(tmp_path, bpe_tok):
 # ---------------------------------------------------------------- CLI
 
 
-def run_cli(*argv):
-    return subprocess.run([sys.executable, "-m", "chatmask", *argv], capture_output=True, text=True, timeout=120)
-
-
-def test_cli_prepare_view_stats(tmp_path, tok_dir, capsys):
+def test_cli_prepare_view_stats(tmp_path, tok_dir, capsys, monkeypatch):
+    monkeypatch.setenv("CHATMASK_CACHE", str(tmp_path / "cache"))
     data = write_jsonl(tmp_path / "d.jsonl", ROWS[:6])
     out = tmp_path / "o"
     assert cli.main(["prepare", data, "--tokenizer", tok_dir, "--out", str(out), "--quiet"]) == 0
@@ -223,8 +206,9 @@ def test_html_view_in_a_real_browser(tmp_path, bpe_tok):
     page.write_text(html_page([ex], bpe_tok))
     shot = tmp_path / "shot.png"
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={tmp_path / 'ud'}",
-                    "--window-size=900,700", f"--screenshot={shot}", page.as_uri()],
+                    "--disable-component-update", "--no-first-run", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'ud'}", "--window-size=900,700", f"--screenshot={shot}",
+                    page.as_uri()],
                    capture_output=True, timeout=60)
     from PIL import Image
 
@@ -254,3 +238,79 @@ def test_every_option_that_changes_rows_is_in_the_cache_key(tmp_path, bpe_tok):
     assert cache_key(data, DataConfig(template="chatml", add_template_tokens=True), bpe_tok) != \
         cache_key(data, DataConfig(template="chatml"), bpe_tok)
     assert cache_key(data, DataConfig(num_proc=2), bpe_tok) == base
+
+
+# ---------------------------------------------------------------- the audit (audit.py)
+
+
+SPACED = ("{% for m in messages %}{% if m.role == 'user' %}User: {{ m.content }}\n{% elif m.role == 'system' %}"
+          "{{ m.content }}\n\n{% else %}Assistant: {{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}Assistant: {% endif %}")  # its answers' first word merges with a space
+
+
+def _roles_by_offsets(messages, tok, template=None):
+    """The reference count of tokens by role: the whole rendering encoded with offsets, each token given to
+    the message content its first character is in, else to the template (the definition stats.json states)."""
+    from chatmask.audit import ROLES
+    from chatmask.labels import content_spans
+
+    text, spans = content_spans(messages, tok, template)
+    counts = dict.fromkeys(ROLES, 0)
+    for a, _ in tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]:
+        inside = [messages[i]["role"] for i, (s, e) in spans.items() if s <= a < e]
+        counts[inside[0] if inside else "template"] += 1
+    return counts
+
+
+@pytest.mark.parametrize("template", [None, SPACED])
+def test_tokens_by_role_are_counted_in_prepares_own_pass(tmp_path, bpe_tok, template):
+    """stats.json's tokens by role equal the reference count over every row kept, with a system message,
+    rows of other lengths, and tokens that straddle a content's edge; a row dropped is not counted."""
+    system = [{"role": "system", "content": "Be brief."}]
+    rows = [{"messages": system * (k % 2) + r["messages"][: 2 + 2 * (k % 3 > 0)]} for k, r in enumerate(ROWS[:9])]
+    unanswered = json.dumps({"messages": [{"role": "user", "content": "no answer"}]})
+    data = write_jsonl(tmp_path / "d.jsonl", rows, [unanswered])
+    cfg = DataConfig(skip_invalid=True, template=template)
+    s = prepare(data, cfg, tmp_path / "o", tokenizer=bpe_tok, progress=False).stats
+    want = {}
+    for r in rows:
+        for role, n in _roles_by_offsets(r["messages"], bpe_tok, template).items():
+            want[role] = want.get(role, 0) + n
+    assert want["system"] > 0 and want["template"] > 0
+    assert s["tokens_by_role"] == want and s["tokens_by_role_rows"] == len(rows) and s["rows_dropped"] == 1
+    assert s["user_to_assistant"] == pytest.approx(want["user"] / want["assistant"])
+
+
+def test_tokens_by_role_count_the_first_batches_only(tmp_path, bpe_tok, monkeypatch):
+    """Counting by role looks at each rendering again: only the batches that start within audit.ROLE_ROWS
+    rows pay for it, and stats.json says over how many rows (the same counts as those rows alone give)."""
+    from chatmask import audit
+    from chatmask import prepare as prep
+
+    monkeypatch.setattr(prep, "BATCH", 3)
+    monkeypatch.setattr(audit, "ROLE_ROWS", 4)  # batches start at rows 0, 3, 6: the first two are counted
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS[:9])
+    s = prepare(data, DataConfig(), tmp_path / "o", tokenizer=bpe_tok, progress=False).stats
+    first = prepare(write_jsonl(tmp_path / "f.jsonl", ROWS[:6]), DataConfig(), tmp_path / "f", tokenizer=bpe_tok,
+                    progress=False).stats
+    assert s["rows_kept"] == 9 and s["tokens_by_role_rows"] == 6
+    assert s["tokens_by_role"] == first["tokens_by_role"] and first["tokens_by_role_rows"] == 6
+
+
+def test_fail_if_names_every_numeric_statistic_and_checks_it(tmp_path, bpe_tok):
+    from chatmask import audit
+
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS[:4])
+    s = prepare(data, DataConfig(), tmp_path / "o", tokenizer=bpe_tok, progress=False).stats
+    numeric = {k for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} - {"seconds"}
+    assert set(audit.STAT_NAMES) == numeric
+    assert audit.failed_condition(s, ["rows_kept<4", "rows_kept<5", "trained_fraction>0"]) == "rows_kept<5"
+    assert audit.failed_condition(s, ["rows_kept>4", "rows_dropped!=0", "tokens<=3"]) is None
+    assert audit.failed_condition({**s, "user_to_assistant": None}, ["user_to_assistant<1e9"]) is None
+    for bad, said in (("rows_kept", "expected NAME OP NUMBER"), ("nonsense<1", "unknown statistic 'nonsense'"),
+                      ("rows_kept<1.2.3", "'1.2.3' is not a number")):
+        with pytest.raises(chatmask.ChatmaskError, match=said):
+            audit.parse_expr(bad)
+    lines = "\n".join(audit.summary_lines(s))
+    assert "rows: 4 kept of 4 read" in lines
+    assert f"tokens by role (4 rows): system 0 (0.0%), user {s['tokens_by_role']['user']:,} (" in lines

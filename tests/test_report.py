@@ -55,7 +55,8 @@ def test_f1_table_and_whether_the_arms_differ_beyond_noise():
     apart = report_markdown(_result(seeds=3, f1=0.9, unmasked_f1=0.2), ["masked", "unmasked"])
     assert "| held-out rows of the training domains: 20 (20 with entities) | masked | 0.947 ± 0.000 |" in apart
     assert "masked - unmasked = +0.614" in apart and "the arms differ beyond this noise" in apart
-    assert "Seed by seed, masked scored higher in 3 of 3 seeds (0.947 vs 0.333, 0.947 vs 0.333, 0.947 vs 0.333)." in apart
+    assert ("Seed by seed, masked scored higher in 3 of 3 seeds (0.947 vs 0.333, 0.947 vs 0.333, 0.947 vs 0.333)."
+            in apart)
     close = report_markdown(_result(seeds=3, f1=0.5, unmasked_f1=0.45), ["masked", "unmasked"])
     assert "the interval holds 0, so the arms do not differ beyond this noise" in close
     page = report_html(_result(seeds=3, f1=0.9, unmasked_f1=0.2), ["masked", "unmasked"], "<svg></svg>")
@@ -119,10 +120,12 @@ def test_a_metric_that_could_not_be_computed_says_why():
     r = _result()
     r["metric"] = {}
     for arm in ("masked", "unmasked"):
-        r[arm]["per_seed"][0]["metric"] = {"error": "no `What describes <type> in the text?` questions in the validation rows"}
+        r[arm]["per_seed"][0]["metric"] = {
+            "error": "no `What describes <type> in the text?` questions in the validation rows"}
     md = report_markdown(r, ["masked", "unmasked"])
     assert "Not computed: no `What describes <type> in the text?` questions in the validation rows." in md
-    assert "Not computed: no <code>What describes &lt;type&gt; in the text?</code>" in report_html(r, ["masked", "unmasked"], "<svg/>")
+    page = report_html(r, ["masked", "unmasked"], "<svg/>")
+    assert "Not computed: no <code>What describes &lt;type&gt; in the text?</code>" in page
 
 
 def test_too_few_validation_rows_get_no_interval():

@@ -2,9 +2,9 @@
 
 The rule: `encode(messages, tok, template=T).input_ids` is the tokenizer's whole-text tokenization of
 `tok.apply_chat_template(messages, chat_template=T, tokenize=False)` (add_special_tokens=False), except where
-a token of that tokenization would straddle a prompt/answer boundary: chatmask then splits it and counts it in
-`Example.split`. The trained tokens are exactly each assistant turn's answer region: the text after its
-generation prompt (header) through its end-of-turn marker.
+a token of that tokenization would straddle a prompt/answer boundary: chatmask then re-spells it as its parts
+and counts it in `Example.respelt`. The trained tokens are exactly each assistant turn's answer region: the
+text after its generation prompt (header) through its end-of-turn marker.
 
 The expected regions are derived here independently of chatmask: each assistant message's text, as the
 template writes it (trimmed or not, with the spaces the template puts around it), is searched for in the
@@ -231,14 +231,14 @@ def test_labels_exact(kind, model_type, layout, template, conv):
     mask, straddle = expected_mask(offsets, regions)
 
     ex = chatmask.encode(messages, tok, template=spec.jinja)
-    split = getattr(ex, "split", 0)
+    respelt = ex.respelt
     assert len(ex.labels) == len(ex.input_ids)
     assert all(lab == IGNORE or lab == t for lab, t in zip(ex.labels, ex.input_ids)), \
         "a trained label differs from its input id"
-    assert (split > 0) == (straddle > 0), (
-        f"whole-text tokens straddling an answer boundary: {straddle}, Example.split: {split}")
+    assert (respelt > 0) == (straddle > 0), (
+        f"whole-text tokens straddling an answer boundary: {straddle}, Example.respelt: {respelt}")
 
-    if split == 0:
+    if respelt == 0:
         assert ex.input_ids == ids, (
             "input_ids differ from the whole-text tokenization of the rendering\n"
             f"  chatmask:   {tok.convert_ids_to_tokens(ex.input_ids)}\n  whole text: {tok.convert_ids_to_tokens(ids)}")
@@ -247,7 +247,7 @@ def test_labels_exact(kind, model_type, layout, template, conv):
             f"trained tokens differ\n  chatmask: {[t for t, m in zip(tok.convert_ids_to_tokens(ids), trained) if m]}\n"
             f"  expected: {[t for t, m in zip(tok.convert_ids_to_tokens(ids), mask) if m]}")
     else:
-        # a split token: one trained run per answer, spelling exactly its region (a dummy-prefix space allowed)
+        # a re-spelt token: one trained run per answer, spelling exactly its region (a dummy-prefix space allowed)
         got = runs(ex.labels)
         assert len(got) == len(regions)
         for (i, j), (rs, re_) in zip(got, regions):

@@ -1,6 +1,6 @@
 """The token stream: the tokenizer's encoding of the whole rendering, computed piecewise with a memo and
 checked against whole-text encodings by ids; a token that straddles a prompt/answer boundary re-spelt as its
-parts (counted in Example.split); the `segments` stream; tokenizers chatmask cannot use."""
+parts (counted in Example.respelt); the `segments` stream; tokenizers chatmask cannot use."""
 
 import pytest
 from tokenizers import AddedToken
@@ -66,7 +66,7 @@ def test_straddling_token_is_respelt_and_counted():
     R = chatmask.labels.renderer(tok, SPACED).render(CONV)
     ex = chatmask.encode(CONV, tok, template=SPACED)
     w = whole(tok, R)
-    assert ex.split == 1 and ex.input_ids != w  # " read": one token in the rendering, cut at the boundary
+    assert ex.respelt == 1 and ex.input_ids != w  # " read": one token in the rendering, cut at the boundary
     assert tok.decode(ex.input_ids) == R
     runs = [[t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]]
     assert tok.decode(runs[0]) == "Hello there</s>read this</s>"
@@ -78,13 +78,14 @@ def test_straddling_token_is_respelt_and_counted():
 def test_sentencepiece_straddle_is_respelt_with_its_own_pieces():
     sp = pytest.importorskip("sp_tokenizers")
     tok = sp.hf_tokenizer("llama", layout="llama-default")
-    t = "{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST] {% else %}{{ m.content }}</s>{% endif %}{% endfor %}"
+    t = ("{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST] "
+         "{% else %}{{ m.content }}</s>{% endif %}{% endfor %}")
     msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello world"}]
     R = chatmask.labels.renderer(tok, t).render(msgs)
     ex = chatmask.encode(msgs, tok, template=t)
     pieces = tok.convert_ids_to_tokens(ex.input_ids)
     trained = tok.convert_ids_to_tokens([i for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
-    assert ex.split == 1 and "".join(trained).replace("▁", " ") == "Hello world</s>"
+    assert ex.respelt == 1 and "".join(trained).replace("▁", " ") == "Hello world</s>"
     assert "".join(pieces).replace("▁", " ").lstrip() == R  # every character, none added
     assert "".join(tok.convert_ids_to_tokens(whole(tok, R))) == "".join(pieces)
 

@@ -2,18 +2,22 @@
 accumulation window, the same validation tokens for every arm, and exact resume."""
 
 import json
-import time
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import chatmask
-from chatmask import IGNORE, batches
-from conftest import tiny_llama
-from chatmask.labels import select
+from chatmask import IGNORE, batches, checkpoints, devices, evaluation
 from chatmask.batches import global_batch
+from chatmask.checkpoints import LoopState
 from chatmask.config import DataConfig
+from chatmask.errors import ConfigError
+from chatmask.labels import apply_train_on
 from chatmask.train import TrainConfig, token_loss_sum, train
+from conftest import data_file, model_folder, tiny_llama
 
 ROWS = [{"messages": [{"role": "user", "content": f"What is {k} plus {k}? Tell me please."},
                       {"role": "assistant", "content": f"It is {2 * k}."},
@@ -167,20 +171,21 @@ def test_pack_respects_budget_and_cuts_first_labels(bpe_tok):
     assert (p["labels"][starts] == IGNORE).all()
 
 
-def test_select_makes_each_arm_from_assistant_labels():
+def test_apply_train_on_makes_each_arm_from_assistant_labels():
     ids = [1, 2, 3, 4, 5, 6, 7]
     lab = [IGNORE, 2, 3, IGNORE, IGNORE, 6, IGNORE]
-    assert select(ids, lab, "assistant") == lab
-    assert select(ids, lab, "all") == ids
-    assert select(ids, lab, "last_assistant") == [IGNORE] * 5 + [6, IGNORE]
-    assert select(ids, [IGNORE] * 7, "last_assistant") == [IGNORE] * 7
+    assert apply_train_on(ids, lab, "assistant") == lab
+    assert apply_train_on(ids, lab, "all") == ids
+    assert apply_train_on(ids, lab, "last_assistant") == [IGNORE] * 5 + [6, IGNORE]
+    assert apply_train_on(ids, [IGNORE] * 7, "last_assistant") == [IGNORE] * 7
 
 
 def test_train_on_is_one_rule_for_encode_and_for_training(bpe_tok):
     """`encode(train_on=X)` (what view shows) and training's arm X made from prepared assistant labels train
     the same tokens, also when the last answer has weight 0 and when truncation cut the last answer off."""
     conv = [{"role": "user", "content": "Hello! How are you today?"}, {"role": "assistant", "content": "I am fine."},
-            {"role": "user", "content": "The quick brown fox?"}, {"role": "assistant", "content": "Jumps over the lazy dog."}]
+            {"role": "user", "content": "The quick brown fox?"},
+            {"role": "assistant", "content": "Jumps over the lazy dog."}]
     last_w0 = [*conv[:3], {**conv[3], "weight": 0}]
     full = len(chatmask.encode(conv, bpe_tok).input_ids)
     cases = [(conv, None), (last_w0, None), (conv, full - 3)]  # the last: turns truncation drops the last answer
@@ -226,8 +231,7 @@ def test_sparse_head_is_checked_on_a_probe_and_training_falls_back_to_full_logit
     from transformers import LlamaForCausalLM
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from chatmask.models import add_lora
-    from chatmask.train import sparse_head_works
+    from chatmask.models import add_lora, sparse_head_works
 
     class IntOnlyHead(LlamaForCausalLM):  # takes logits_to_keep but slices positions the pre-mask way
         def forward(self, input_ids=None, logits_to_keep=0, use_cache=None, **kw):
@@ -330,10 +334,6 @@ def test_checkpoint_restores_every_rng_a_step_draws_from(monkeypatch, tmp_path):
     and on a GPU each device's (faked here: this machine has none)."""
     import random
 
-    import torch
-
-    from chatmask import checkpoints
-
     gpu = {"state": [torch.tensor([1, 2, 3], dtype=torch.uint8)]}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
@@ -344,7 +344,7 @@ def test_checkpoint_restores_every_rng_a_step_draws_from(monkeypatch, tmp_path):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     torch.manual_seed(0)
     random.seed(0)
-    path = checkpoints.save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, keep=1)
+    path = checkpoints.save_checkpoint(tmp_path, 1, model, opt, sched, LoopState(step=1), keep=1)
     want = (torch.rand(3).tolist(), random.random())
     torch.manual_seed(1)
     random.seed(1)
@@ -384,11 +384,9 @@ def test_tensorboard_writer_and_eval_mode_survive_every_exit(data, bpe_tok, tmp_
 
     model = tiny(bpe_tok)
     model.train()
-    from chatmask import evaluation
-
     monkeypatch.setattr(evaluation, "_evaluate_loss", lambda *a: (_ for _ in ()).throw(RuntimeError("eval failed")))
     with pytest.raises(RuntimeError, match="eval failed"):
-        train_mod.evaluate(model, [], 0, 8)
+        evaluation.evaluate(model, [], 0, 8)
     assert model.training
 
 
@@ -411,9 +409,9 @@ def test_a_step_descends_the_mean_loss_over_the_steps_trained_tokens(data, bpe_t
     # the same step by hand: the rows of step 0, every micro-batch's token losses summed, divided once
     ref = tiny(bpe_tok)
     ds = datasets.load_from_disk(str(next((tmp_path / "cache").glob("prepared/*"))))
-    split = train_mod.split_rows(ds, cfg)
-    rows = batches.global_batch(len(split.train), cfg, 0, 1)
-    mbs, n_total = batches.micro_batches(split.train, rows, cfg, 0, 1, bpe_tok.pad_token_id, "assistant",
+    holdout = evaluation.hold_out(ds, cfg)
+    indices = batches.global_batch(len(holdout.train), cfg, 0, 1)
+    mbs, n_total = batches.micro_batches(holdout.train, indices, cfg, 0, 1, bpe_tok.pad_token_id, "assistant",
                                          torch.float32, "mask")
     assert len(mbs) == 2  # two micro-batches: the division must span both
     total = sum(token_loss_sum(ref, mb)[0] for mb, _ in mbs)
@@ -422,41 +420,49 @@ def test_a_step_descends_the_mean_loss_over_the_steps_trained_tokens(data, bpe_t
         torch.testing.assert_close(before[n] - after[n].detach(), p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("busy, cores, have, want", [
+    (None, 2, 2, 2),  # load unknown (not Linux): left alone
+    (0.1, 2, 2, 2), (0.7, 4, 4, 4),  # a quiet machine: left alone
+    (0.75, 2, 2, 1), (1.0, 2, 2, 1), (1.0, 4, 4, 3), (2.6, 4, 4, 1),  # one thread per core left free
+    (6.0, 4, 4, 1),  # every core taken: still one thread
+    (1.0, 8, 4, 4),  # more cores free than torch's threads: never more threads than it has
+])
+def test_threads_for_each_load(busy, cores, have, want):
+    assert devices.threads_for(busy, cores, have) == want
+
+
 def test_threads_follow_the_cores_other_processes_leave(monkeypatch):
     """On a core another process holds, every parallel op waits for a descheduled thread (1.75x slower
-    here, bench/README.md): training takes one thread per free core, or --threads."""
-    import chatmask.train as tr
-
+    here, bench/README.md): training takes one thread per free core, or --threads. The load is faked: the
+    test does not depend on what else runs on the machine."""
     said, before = [], torch.get_num_threads()
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 4)
     try:
-        monkeypatch.setattr(tr, "busy_cores_elsewhere", lambda: 1.0)
-        monkeypatch.setattr(tr.os, "cpu_count", lambda: 2)
-        torch.set_num_threads(2)
-        tr.cpu_threads(TrainConfig(), said.append)
-        assert torch.get_num_threads() == 1 and "1.0 of 2 cores busy" in said[0]
-        torch.set_num_threads(2)
-        monkeypatch.setattr(tr, "busy_cores_elsewhere", lambda: 0.1)  # a quiet machine: left alone
-        tr.cpu_threads(TrainConfig(), said.append)
-        assert torch.get_num_threads() == 2 and len(said) == 1
-        tr.cpu_threads(TrainConfig(threads=1), said.append)  # --threads wins
-        assert torch.get_num_threads() == 1
+        for busy, want in [(None, 4), (0.2, 4), (1.0, 3), (2.0, 2), (3.4, 1), (5.0, 1)]:
+            torch.set_num_threads(4)
+            monkeypatch.setattr(devices, "busy_cores_elsewhere", lambda b=busy: b)
+            devices.cpu_threads(TrainConfig(), said.append)
+            assert torch.get_num_threads() == want, busy
+        assert len(said) == 4 and "1.0 of 4 cores busy: training on 3 thread(s) instead of 4" in said[0]
+        devices.cpu_threads(TrainConfig(threads=2), said.append)  # --threads wins, whatever the load
+        assert torch.get_num_threads() == 2 and len(said) == 4
     finally:
         torch.set_num_threads(before)
 
 
-def test_busy_cores_are_measured():
-    import subprocess
-    import sys
+def test_busy_cores_are_the_busy_jiffies_of_other_processes(monkeypatch):
+    """From two samples of (every core's jiffies, idle ones, this process's own): (busy - ours) / all, times
+    the cores. The samples are faked; the real /proc read only has to give a number or None."""
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 4)
+    samples = iter([(1000, 600, 50), (1400, 800, 150)])  # 400 jiffies: 200 idle, 100 ours, 100 others'
+    assert devices.busy_cores_elsewhere(0, sample=lambda: next(samples)) == pytest.approx(1.0)
 
-    from chatmask.train import busy_cores_elsewhere
+    def unreadable():
+        raise OSError("no /proc here")
 
-    p = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"])
-    try:
-        time.sleep(0.5)
-        busy = busy_cores_elsewhere(0.5)
-    finally:
-        p.kill()
-    assert busy is not None and busy >= 0.6  # one busy loop holds about one core
+    assert devices.busy_cores_elsewhere(0, sample=unreadable) is None
+    real = devices.busy_cores_elsewhere(0.01)
+    assert real is None or real >= 0
 
 
 def test_a_bf16_accelerator_earlier_in_the_process_does_not_leak_into_training(data, bpe_tok, tmp_path):
@@ -483,15 +489,152 @@ def test_evaluate_rows_are_each_rows_own_loss(bpe_tok, sparse):
     validation set's order, and sum to what evaluate's mean is made of."""
     import datasets
 
-    from chatmask import train as train_mod
-
     model = tiny(bpe_tok)
     val = datasets.Dataset.from_list(encoded(bpe_tok, k=5))
-    table = train_mod.evaluate_rows(model, val, bpe_tok.pad_token_id, batch_size=2, sparse=sparse)  # (5, 2)
+    table = evaluation.evaluate_rows(model, val, bpe_tok.pad_token_id, batch_size=2, sparse=sparse)  # (5, 2)
     assert table.shape == (5, 2)
     for i in range(5):
         b = batches.collate([val[i]], bpe_tok.pad_token_id)
         s, n = token_loss_sum(model.eval(), b, sparse)
         assert table[i, 1] == n and abs(float(table[i, 0]) - float(s)) < 1e-4
-    mean = train_mod.evaluate(model, val, bpe_tok.pad_token_id, batch_size=5, sparse=sparse)
+    mean = evaluation.evaluate(model, val, bpe_tok.pad_token_id, batch_size=5, sparse=sparse)
     assert abs(mean - float(table[:, 0].sum() / table[:, 1].sum())) < 1e-6
+
+
+# ---------------------------------------------------------------- the loop state, resume and saving
+
+STATE_KEYS = {"step", "history", "evals", "trained_tokens", "input_tokens", "seconds", "val_row_losses"}
+
+
+def test_an_old_checkpoints_state_json_still_resumes():
+    """state.json's keys are the loop state's: one written before val_row_losses existed reads back, and what
+    is written now has the same keys (plus Python's random state, kept apart)."""
+    old = {"step": 4, "history": [{"step": 4, "train_loss": 2.5, "lr": 1e-3, "trained_tokens": 30, "tokens_per_s": 9}],
+           "evals": [{"step": 0, "val_loss": 3.0, "seconds": 0.1}], "trained_tokens": 120, "input_tokens": 300,
+           "seconds": 1.5, "python_random": [3, [1, 2], None]}
+    state = LoopState.from_json(old)
+    assert (state.step, state.trained_tokens, state.input_tokens, state.val_row_losses) == (4, 120, 300, None)
+    assert state.to_json() == {k: v for k, v in old.items() if k != "python_random"}
+    state.val_row_losses = [[1.5, 3]]
+    assert set(state.to_json()) == STATE_KEYS and LoopState.from_json(state.to_json()) == state
+
+
+def _short(**kw):
+    return TrainConfig(**{"steps": 4, "eval_every": 2, "save_every": 2, "val_split": 0.1, "batch_size": 4,
+                          "finetune": "full", "lr": 1e-2, "tensorboard": False, "stop_prompts": 0, **kw})
+
+
+@pytest.mark.parametrize("change, said", [({"max_length": 64}, "--max-length 2048 -> 64"),
+                                          ({"template": "zephyr"}, "--template None -> 'zephyr'"),
+                                          ({"truncation": "right"}, "--truncation 'turns' -> 'right'")])
+def test_resume_refuses_a_changed_data_setting_other_than_the_path(data, bpe_tok, tmp_path, change, said):
+    out = tmp_path / "o"
+    assert train(data, DataConfig(), _short(), out, tokenizer=bpe_tok, model=tiny(bpe_tok), progress=False,
+                 log=None, stop_after=2) == {"stopped_at": 2}
+    state = json.loads((out / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert set(state) == STATE_KEYS | {"python_random"}
+    with pytest.raises(ConfigError, match=re.escape(said) + ".*another --out"):
+        train(data, DataConfig(**change), _short(resume=True), out, tokenizer=bpe_tok, model=tiny(bpe_tok),
+              progress=False, log=None)
+
+
+def test_a_prepared_folder_is_recorded_as_its_source_and_its_settings(data, bpe_tok, tmp_path, monkeypatch):
+    """A run on a folder written by `prepare` records the folder's source and the settings it was prepared
+    with (not the DataConfig passed beside it): resume from a copy of the folder continues, resume from a
+    folder prepared with another --max-length is refused for that setting, and the folder's shards are not
+    read to tell which data it holds."""
+    from chatmask import prepare as prep
+
+    a = prep.prepare(data, DataConfig(), tmp_path / "a", tokenizer=bpe_tok, progress=False, log=None).path
+    out = tmp_path / "o"
+    train(str(a), DataConfig(train_on="all"), _short(), out, tokenizer=bpe_tok, model=tiny(bpe_tok), progress=False,
+          log=None, stop_after=2)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["data"] == data and saved["prepared"] == str(a)
+    made = json.loads((a / "config.json").read_text())  # the folder's settings, its stop list resolved
+    assert saved["data_config"] == {**{k: made[k] for k in saved["data_config"]}, "train_on": "all"}
+    assert made["stop_tokens"] and made["train_on"] == "assistant"
+    short = prep.prepare(data, DataConfig(max_length=64, truncation="right"), tmp_path / "b", tokenizer=bpe_tok,
+                         progress=False, log=None).path
+    with pytest.raises(ConfigError, match=re.escape("--max-length 2048 -> 64")):
+        train(str(short), DataConfig(train_on="all"), _short(resume=True), out, tokenizer=bpe_tok,
+              model=tiny(bpe_tok), progress=False, log=None)
+    monkeypatch.setattr(prep, "_hash_source", lambda *a: pytest.fail("a prepared folder's files were hashed"))
+    assert checkpoints.data_id(a) == checkpoints.data_id(data)
+    copy = shutil.copytree(a, tmp_path / "elsewhere")
+    r = train(str(copy), DataConfig(train_on="all"), _short(resume=True), out, tokenizer=bpe_tok, model=tiny(bpe_tok),
+              progress=False, log=None)
+    assert r["steps"] == 4 and r["train_on"] == "all"
+
+
+def test_a_save_cut_off_midway_leaves_the_previous_model_whole(data, bpe_tok, tmp_path):
+    """OUT/model is written beside and swapped in: a save that fails after writing part of the new model
+    (a full disk, a kill) leaves the previous OUT/model complete and loadable, and result.json as it was."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "o"
+    train(data, DataConfig(), _short(steps=2), out, tokenizer=bpe_tok, model=tiny(bpe_tok), progress=False, log=None)
+    before = {p.name: p.read_bytes() for p in (out / "model").iterdir()}
+    result = (out / "result.json").read_text()
+    model = tiny(bpe_tok, seed=3)
+
+    def cut_off(path, **kw):
+        type(model).save_pretrained(model, path, **kw)
+        (Path(path) / "model.safetensors").write_bytes(b"cut off")
+        raise OSError("No space left on device")
+
+    model.save_pretrained = cut_off
+    with pytest.raises(OSError, match="No space left"):
+        train(data, DataConfig(), _short(resume=True), out, tokenizer=bpe_tok, model=model, progress=False, log=None)
+    assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == before
+    assert (out / "result.json").read_text() == result
+    assert AutoModelForCausalLM.from_pretrained(out / "model") is not None
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # nothing half-written left beside
+
+
+def test_a_checkpoint_cut_off_midway_leaves_the_previous_ones(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    checkpoints.save_checkpoint(tmp_path, 2, model, opt, sched, LoopState(step=2), keep=2)
+    want = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def cut_off(tensors, filename, *a, **kw):
+        Path(filename).write_bytes(b"cut off")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", cut_off)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    for step in (4, 2):  # the next checkpoint, and the same step written again
+        with pytest.raises(OSError, match="No space left"):
+            checkpoints.save_checkpoint(tmp_path, step, model, opt, sched, LoopState(step=step), keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
+    latest = checkpoints.latest_checkpoint(tmp_path)
+    assert checkpoints.load_checkpoint(latest, model, opt, sched).step == 2
+    assert all(torch.equal(p, want[n]) for n, p in model.named_parameters())
+
+
+def test_quantize_trains_lora_on_bitsandbytes_4bit_layers(tmp_path, monkeypatch, bpe_tok):
+    """--quantize 4bit: the model that trained holds bitsandbytes' Linear4bit layers with LoRA adapters on
+    them, and the adapters moved (a loss that goes down would not notice the quantization skipped)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora import LoraLayer
+
+    data = data_file(tmp_path, monkeypatch, ROWS[:24])
+    model_dir = model_folder(tmp_path / "tiny", bpe_tok, hidden=64)  # 64 wide: bitsandbytes' CPU kernels
+    seen = {}
+
+    def look(model, holdout):
+        lora = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        seen["4bit"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        seen["lora on 4bit"] = sum(isinstance(m.get_base_layer(), bnb.nn.Linear4bit) for m in lora)
+        seen["lora moved"] = all(bool(m.lora_B["default"].weight.abs().sum() > 0) for m in lora)
+        return {}
+
+    cfg = _short(model=model_dir, finetune="lora", quantize="4bit", steps=2, val_split=0.2, lr=0.02)
+    train(data, DataConfig(), cfg, tmp_path / "q", on_end=look, progress=False, log=None)
+    projections = 7 * 2  # q, k, v, o, gate, up, down in each of 2 layers; the head stays unquantized
+    assert seen == {"4bit": projections, "lora on 4bit": projections, "lora moved": True}

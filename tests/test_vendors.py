@@ -10,7 +10,7 @@ Transformers tokenizers are built from those files the ways users get them (Llam
 the hub tokenizer.json layout, AutoTokenizer on a tekken.json, TikTokenConverter on the tiktoken file) and
 chatmask encodes each conversation with the official chat template (tests/data/templates).
 
-The rule: chatmask's input_ids are the whole-text tokenization of the rendering (when `split` is 0). Where
+The rule: chatmask's input_ids are the whole-text tokenization of the rendering (when `respelt` is 0). Where
 that equals the vendor's encoding, chatmask must equal the vendor exactly (ids and trained positions). Where it
 does not (the vendor encodes message by message; e.g. SentencePiece adds a dummy `▁` to an answer glued to
 `[/INST]`, or the hub layout's Prepend normalizer adds one after `<s>`), the trained *content* must still match
@@ -37,7 +37,7 @@ import chatmask  # noqa: E402
 import sp_tokenizers as S  # noqa: E402
 from test_tokenizer_families import IGNORE, a, piece_text, read_template, runs, system, u  # noqa: E402
 
-SUMMARY: dict[str, tuple[int, int, int, int]] = {}  # pair -> (exact, total, differing, split rows)
+SUMMARY: dict[str, tuple[int, int, int, int]] = {}  # pair -> (exact, total, differing, re-spelt rows)
 
 
 
@@ -255,9 +255,9 @@ def summary_table():
     yield
     if SUMMARY:
         print("\n\nchatmask vs vendor encodings (exact: same ids and trained positions)")
-        print(f"{'pair':58} {'exact':>6} {'total':>6} {'differ':>7} {'split':>6}")
-        for name, (exact, total, differ, split) in SUMMARY.items():
-            print(f"{name:58} {exact:>6} {total:>6} {differ:>7} {split:>6}")
+        print(f"{'pair':58} {'exact':>6} {'total':>6} {'differ':>7} {'respelt':>7}")
+        for name, (exact, total, differ, respelt) in SUMMARY.items():
+            print(f"{name:58} {exact:>6} {total:>6} {differ:>7} {respelt:>7}")
     if PLAIN_DIFF:
         print(f"\nplain texts with space runs tokenized unlike the vendor (of {len(SPACE_RUNS)}):")
         for name, n in PLAIN_DIFF.items():
@@ -304,7 +304,7 @@ def squash(text: str) -> str:
 def test_chat_matches_vendor(pair: Pair):
     tok = pair.hf()
     jinja = read_template(pair.template)
-    exact = differ = split_rows = total = 0
+    exact = differ = respelt_rows = total = 0
     problems = []
     for k, messages in enumerate(CONVERSATIONS):
         if has_system(messages) and not pair.system:
@@ -318,16 +318,15 @@ def test_chat_matches_vendor(pair: Pair):
         except chatmask.TemplateError as e:
             problems.append(f"row {k}: TemplateError {str(e)[:160]}")
             continue
-        split = getattr(ex, "split", 0)
-        split_rows += split > 0
+        respelt_rows += ex.respelt > 0
         if any(lab != IGNORE and lab != t for lab, t in zip(ex.labels, ex.input_ids)):
             problems.append(f"row {k}: a trained label differs from its input id")
             continue
-        if split == 0 and ex.input_ids != whole:
+        if ex.respelt == 0 and ex.input_ids != whole:
             problems.append(f"row {k}: input_ids differ from the whole-text tokenization")
             continue
         trained = [lab != IGNORE for lab in ex.labels]
-        if split == 0 and whole == vendor_ids:
+        if ex.respelt == 0 and whole == vendor_ids:
             # the rule and the vendor agree on the ids, so chatmask must equal the vendor exactly
             if trained != vendor_mask:
                 mine, theirs = content_runs(tok, ex.input_ids, ex.labels), content_runs(tok, vendor_ids, vendor_mask)
@@ -342,7 +341,7 @@ def test_chat_matches_vendor(pair: Pair):
             theirs = [squash(t) for t in content_runs(tok, vendor_ids, vendor_mask)]
             if mine != theirs:
                 problems.append(f"row {k}: trained content differs from the vendor's: {mine} vs {theirs}")
-    SUMMARY[pair.name] = (exact, total, differ, split_rows)
+    SUMMARY[pair.name] = (exact, total, differ, respelt_rows)
     assert not problems, f"{pair.name}: {len(problems)} of {total} rows\n" + "\n".join(problems)
 
 
@@ -364,7 +363,7 @@ def test_segments_stream_is_the_vendors_way(pair: Pair):
         vendor_ids, vendor_mask = pair.vendor_encode(messages)
         ex = chatmask.encode(messages, tok, template=jinja)
         seg = chatmask.encode(messages, tok, template=jinja, stream="segments")
-        assert seg.split == 0
+        assert seg.respelt == 0
         assert all(lab in (IGNORE, t) for lab, t in zip(seg.labels, seg.input_ids))
         whole_ok += ex.input_ids == vendor_ids
         if seg.input_ids == vendor_ids:

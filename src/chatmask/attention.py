@@ -1,4 +1,4 @@
-"""Attention for packed rows: examples concatenated into one row must not attend to each other.
+"""Attention for packs (`batches.pack`): examples concatenated into one sequence must not attend to each other.
 
 `packed_attention(model, device) -> "varlen" | "mask"` chooses how, and checks it on a probe: `VARLEN`,
 an attention function registered with transformers (torch's flash varlen kernel on a GPU, sdpa once per
@@ -19,7 +19,7 @@ kernel on a GPU, sdpa once per example on CPU), plain sdpa for unpacked batches"
 
 def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
                       max_length_q=None, **kwargs):
-    """Attention kept inside each example of a packed row, the examples' boundaries read from
+    """Attention kept inside each example of a pack, the examples' boundaries read from
     `cu_seq_lens_q` over the flattened (B*T) tokens: torch's flash varlen kernel on a GPU (fp16/bf16),
     else sdpa (is_causal) once per example. Nothing crosses an example and attention costs sum(n_i^2)
     instead of a block-diagonal mask's T^2. Without boundaries (padded batches, generation) it is
@@ -39,20 +39,20 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         n = max_length_q if max_length_q is not None else int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
         return kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_q, n, n).view(B, T, H, D), None
     bounds = cu_seq_lens_q.tolist()
-    lens: list[list[int]] = [[] for _ in range(B)]  # per row, its examples' lengths
+    lens: list[list[int]] = [[] for _ in range(B)]  # per pack, its examples' lengths
     for s, e in itertools.pairwise(bounds):
         b = s // T
         if e - b * T > T or e <= s:
-            raise ValueError(f"packed segment [{s}, {e}) crosses a row of {T} tokens")
+            raise ValueError(f"packed segment [{s}, {e}) crosses a pack of {T} tokens")
         lens[b].append(e - s)
     if any(sum(n) != T for n in lens):
-        raise ValueError(f"packed segments {bounds} do not cover {B} row(s) of {T} tokens")
-    rows = []
-    for b in range(B):  # split, not slices: its backward is one cat, not a zero-filled row per example
+        raise ValueError(f"packed segments {bounds} do not cover {B} pack(s) of {T} tokens")
+    outs = []
+    for b in range(B):  # split, not slices: its backward is one cat, not a zero-filled pack per example
         q, k, v = ((x if B == 1 else x[b:b + 1]).split(lens[b], dim=2) for x in (query, key, value))
-        rows.append(torch.cat([sdpa_attention_forward(module, *qkv, None, dropout=dropout, scaling=scaling,
+        outs.append(torch.cat([sdpa_attention_forward(module, *qkv, None, dropout=dropout, scaling=scaling,
                                                       is_causal=True)[0] for qkv in zip(q, k, v)], dim=1))
-    return rows[0] if B == 1 else torch.cat(rows, dim=0), None  # (B, T, H, D)
+    return outs[0] if B == 1 else torch.cat(outs, dim=0), None  # (B, T, H, D)
 
 
 @functools.cache  # called in every layer of every forward
@@ -87,9 +87,9 @@ def _register_varlen():
 
 
 def packed_attention(model, device=None, keep: bool = False) -> str:
-    """How packed rows keep their examples apart in `model`, checked on a probe, never assumed:
+    """How packs keep their examples apart in `model`, checked on a probe, never assumed:
     'varlen' (attention per example: flash-attention's varlen kernel when the model runs flash-attention,
-    else `VARLEN`) or 'mask' (a 4D block-diagonal mask, T^2 per row). `device`: where training runs (default:
+    else `VARLEN`) or 'mask' (a 4D block-diagonal mask, T^2 per pack). `device`: where training runs (default:
     where the model is); on a GPU `VARLEN` is used only where torch's varlen kernel can run (fp16/bf16), as
     sdpa once per example would cost a kernel launch per example and layer. Call before wrapping the model
     (accelerate, DDP). `keep`: the user chose the attention implementation (--attn-implementation): it is

@@ -1,12 +1,13 @@
 """Rows to batches: which rows each optimizer step takes (`global_batch`, a pure function of seed and step,
 so a resumed run continues exactly; `micro_batches` cuts them per process), and the tensors they become
-(`collate` pads a batch, `pack` concatenates rows).
+(`collate` pads a batch of examples, `pack` concatenates them into packs).
 
-Labels stay unshifted (the loss shifts once). `labels.select` (the one definition of `train_on`) turns
-assistant labels into the labels of another arm, so every arm trains on the same prepared rows. Packed rows carry position ids that restart per example and either the examples'
-boundaries (`attention="varlen"`: `cu_seq_lens_*`, which flash-attention's varlen kernel and
-`attention.VARLEN` read) or a block-diagonal 4D mask (`attention="mask"`), so no token attends to, or is
-labelled from, another example.
+Labels stay unshifted (the loss shifts once). `labels.apply_train_on` (the one definition of `train_on`)
+turns assistant labels into the labels of another arm, so every arm trains on the same prepared rows. A
+*pack* is one sequence of the batch holding several examples end to end: position ids restart per example,
+and either the examples' boundaries (`attention="varlen"`: `cu_seq_lens_*`, which flash-attention's varlen
+kernel and `attention.VARLEN` read) or a block-diagonal 4D mask (`attention="mask"`) keep them apart, so no
+token attends to, or is labelled from, another example.
 """
 
 from __future__ import annotations
@@ -15,23 +16,23 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .labels import IGNORE, select
+from .labels import IGNORE, apply_train_on
 
 if TYPE_CHECKING:
     from .config import TrainConfig
 
 
-def collate(rows: list[dict], pad_id: int, train_on: str = "assistant") -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (-100 on padding)."""
-    T = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
-    att = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
-    lab = torch.full((len(rows), T), IGNORE, dtype=torch.long)  # (B, T)
-    for b, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[b, :n] = torch.tensor(r["input_ids"])
+def collate(examples: list[dict], pad_id: int, train_on: str = "assistant") -> dict[str, torch.Tensor]:
+    """Right-padded batch, one example per sequence: input_ids, attention_mask, labels (-100 on padding)."""
+    T = max(len(x["input_ids"]) for x in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
+    att = torch.zeros((len(examples), T), dtype=torch.long)  # (B, T)
+    lab = torch.full((len(examples), T), IGNORE, dtype=torch.long)  # (B, T)
+    for b, x in enumerate(examples):
+        n = len(x["input_ids"])
+        ids[b, :n] = torch.tensor(x["input_ids"])
         att[b, :n] = 1
-        lab[b, :n] = torch.tensor(select(r["input_ids"], r["labels"], train_on))
+        lab[b, :n] = torch.tensor(apply_train_on(x["input_ids"], x["labels"], train_on))
     return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 
@@ -40,45 +41,33 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def pack(rows: list[dict], pad_id: int, train_on: str = "assistant", max_tokens: int | None = None,
+def pack(examples: list[dict], pad_id: int, train_on: str = "assistant", max_tokens: int | None = None,
          dtype=torch.float32, attention: str = "mask") -> dict:
-    """Rows concatenated with position ids restarting per example. `attention="varlen"`: all rows in one
-    row without padding, and the examples' boundaries as `cu_seq_lens_q/k` + `max_length_q/k`, for
-    attention run per example (cost sum(n_i^2)); `"mask"`: one row per `max_tokens` budget (first-fit in
-    order, rows padded to the longest) with a 4D block-diagonal causal mask (additive, `dtype`), which
+    """Examples concatenated into packs, position ids restarting per example. `attention="varlen"`: one pack
+    of every example without padding, and the examples' boundaries as `cu_seq_lens_q/k` + `max_length_q/k`,
+    for attention run per example (cost sum(n_i^2)); `"mask"`: one pack per `max_tokens` budget (first-fit
+    in order, packs padded to the longest) with a 4D block-diagonal causal mask (additive, `dtype`), which
     sdpa and eager attention honour on every device (position ids alone do not isolate examples on CPU),
-    at T^2 cost per row. Boundaries are over the flattened (B*T) tokens; a padding tail is a segment of
+    at T^2 cost per pack. Boundaries are over the flattened (B*T) tokens; a padding tail is a segment of
     its own."""
     if attention not in ("mask", "varlen"):
         raise ValueError(f"unknown attention {attention!r}")
-    total = sum(len(r["input_ids"]) for r in rows)
-    # per-example attention needs no row budget: one row, no padding at all (the budget bounds a mask's T^2)
-    budget = total if attention == "varlen" else max_tokens or total
-    bins: list[list[dict]] = []
-    used: list[int] = []
-    for r in rows:
-        n = len(r["input_ids"])
-        for k in range(len(bins)):
-            if used[k] + n <= budget:
-                bins[k].append(r)
-                used[k] += n
-                break
-        else:
-            bins.append([r])
-            used.append(n)
-    T = max(used)
-    B = len(bins)
+    total = sum(len(x["input_ids"]) for x in examples)
+    # per-example attention needs no pack budget: one pack, no padding at all (the budget bounds a mask's T^2)
+    packs = _first_fit(examples, total if attention == "varlen" else max_tokens or total)
+    T = max(sum(len(x["input_ids"]) for x in p) for p in packs)
+    B = len(packs)
     ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
     lab = torch.full((B, T), IGNORE, dtype=torch.long)  # (B, T)
     pos = torch.zeros((B, T), dtype=torch.long)  # (B, T)
-    seg = torch.full((B, T), -1, dtype=torch.long)  # (B, T) example index within its packed row, -1 = padding
-    lens: list[int] = []  # segment lengths over the flattened rows, padding tails included
-    for b, group in enumerate(bins):
+    seg = torch.full((B, T), -1, dtype=torch.long)  # (B, T) example index within its pack, -1 = padding
+    lens: list[int] = []  # segment lengths over the flattened packs, padding tails included
+    for b, p in enumerate(packs):
         o = 0
-        for k, r in enumerate(group):
-            n = len(r["input_ids"])
-            ids[b, o:o + n] = torch.tensor(r["input_ids"])
-            lab[b, o:o + n] = torch.tensor(select(r["input_ids"], r["labels"], train_on))
+        for k, x in enumerate(p):
+            n = len(x["input_ids"])
+            ids[b, o:o + n] = torch.tensor(x["input_ids"])
+            lab[b, o:o + n] = torch.tensor(apply_train_on(x["input_ids"], x["labels"], train_on))
             # the first token of an example is never a target of the previous example's last position
             pos[b, o:o + n] = torch.arange(n)
             seg[b, o:o + n] = k
@@ -93,15 +82,39 @@ def pack(rows: list[dict], pad_id: int, train_on: str = "assistant", max_tokens:
         # the position ids; the boundaries alone keep examples apart
         out.update(attention_mask=torch.ones((B, T), dtype=torch.long), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                    max_length_q=max(lens), max_length_k=max(lens))
-        return out
+    else:
+        out["attention_mask"] = _block_diagonal_mask(seg, dtype)
+    return out
+
+
+def _first_fit(examples: list[dict], budget: int) -> list[list[dict]]:
+    """Examples grouped into packs of at most `budget` tokens, each into the first pack with room, in order
+    (an example longer than the budget gets a pack of its own)."""
+    packs: list[list[dict]] = []
+    used: list[int] = []
+    for x in examples:
+        n = len(x["input_ids"])
+        k = next((k for k, u in enumerate(used) if u + n <= budget), None)
+        if k is None:
+            packs.append([x])
+            used.append(n)
+        else:
+            packs[k].append(x)
+            used[k] += n
+    return packs
+
+
+def _block_diagonal_mask(seg: torch.Tensor, dtype) -> torch.Tensor:
+    """The additive causal mask that keeps each token inside its own example (`seg`: example index per
+    position, -1 on padding)."""
+    B, T = seg.shape
     same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
     causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
     allowed = same & causal & (seg[:, :, None] >= 0)
-    allowed |= torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves: no NaN from an empty softmax
+    allowed |= torch.eye(T, dtype=torch.bool)  # padding positions attend to themselves: no NaN from an empty softmax
     mask = torch.zeros((B, 1, T, T), dtype=dtype)  # (B, 1, T, T)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    out["attention_mask"] = mask
-    return out
+    return mask
 
 
 def _cut_cross_example_targets(lab: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
@@ -148,12 +161,12 @@ def micro_batches(ds, rows: list[int], cfg: TrainConfig, rank: int, world: int, 
     """This process's micro-batches of one optimizer step as (batch, real tokens), and the step's
     trained-target count over all processes (every process computes it from the same rows)."""
     data = ds.select(rows)
-    items = [{"input_ids": i, "labels": lab} for i, lab in zip(data["input_ids"], data["labels"])]
+    examples = [{"input_ids": i, "labels": lab} for i, lab in zip(data["input_ids"], data["labels"])]
     bs = cfg.batch_size
     out, total = [], 0
     for m in range(cfg.grad_accum):
         for r in range(world):
-            chunk = items[(m * world + r) * bs:(m * world + r + 1) * bs]
+            chunk = examples[(m * world + r) * bs:(m * world + r + 1) * bs]
             b = (pack(chunk, pad_id, train_on, cfg.pack_tokens, dtype, attention) if cfg.packing
                  else collate(chunk, pad_id, train_on))
             total += int((b["labels"][:, 1:] != IGNORE).sum())

@@ -1,15 +1,16 @@
 """Talk to a trained model with the chat template it was trained with: `chatmask chat RUN_OR_MODEL`.
 
-`load_chat(name)` takes a folder `train` wrote (its OUT/model: LoRA adapters on the run's base model, or
-full weights; its tokenizer; the run's --template and --end-of-turn), a folder `compare` wrote (one arm's
-run), or any model `load_model` takes (the embedded default too). `reply(chat, messages)` generates one
-answer, streamed to a callback as it is written, and stops at the template's end-of-turn marker.
+`load_chat(name)` takes a folder `train` wrote (OUT/model: LoRA adapters on the base model, or full weights;
+the run's --template and --end-of-turn), one arm's run of a `compare` folder, or any model. `reply(chat,
+messages)` streams one answer to a callback and stops where the run was trained to stop; `session(chat)` is
+the interactive prompt around it.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from .config import ChatConfig
@@ -126,7 +127,41 @@ def reply(chat: Chat, messages: list[dict], cfg: ChatConfig = ChatConfig(), on_t
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     with inference(model):
+        sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if sample else {}
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
                              do_sample=sample, num_beams=1, use_cache=True, streamer=stream.streamer,
-                             **st.kwargs(tok), **({"temperature": cfg.temperature, "top_p": cfg.top_p} if sample else {}))
+                             **st.kwargs(tok), **sampling)
     return answer_text(tok, st, cut(tok, st, gen[0, ids.shape[1]:].tolist())[0]).strip()
+
+
+HELLO = "an empty line does nothing, /reset starts over, Ctrl-D or /exit ends"
+
+
+def session(chat: Chat, cfg: ChatConfig = ChatConfig(), *, prompt: str | None = None, read=input,
+            write=partial(print, end="", flush=True)) -> None:
+    """Talk to `chat`: one answer to `prompt`, or without it a conversation read line by line from `read`
+    (called with the prompt text; EOFError ends it). Answers stream to `write` as they are generated."""
+    system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    if prompt is not None:
+        reply(chat, system + [{"role": "user", "content": prompt}], cfg, on_text=write)
+        write("\n")
+        return
+    write(f"chatting with {chat.what}; {HELLO}\n")
+    history = list(system)
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            write("\n")
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = list(system)
+            write("(conversation cleared)\n")
+        elif line.strip():
+            history.append({"role": "user", "content": line})
+            write("assistant> ")
+            answer = reply(chat, history, cfg, on_text=write)
+            write("\n")
+            history.append({"role": "assistant", "content": answer})

@@ -2,14 +2,18 @@
 
 Arm `masked` trains on assistant tokens (train_on=assistant), arm `unmasked` on every token
 (train_on=all); everything else is identical (seed, data order, steps, hyperparameters), K seeds each.
-Every arm is evaluated on the same assistant-only validation tokens (checked by count and hash). Each
-run writes its result when it ends and resumes from its checkpoints, so a study can finish in parts.
+The work every run shares is done once: the data is prepared once (assistant labels; each run applies its
+train_on) and every run trains on that folder, and the metric's question sets are built once. Every arm is
+evaluated on the same assistant-only validation tokens (checked by count and hash). Each run writes its
+result when it ends and resumes from its checkpoints, so a study can finish in parts.
 Outputs: loss.png / loss.svg, report.md, report.html, metrics.json.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -19,6 +23,7 @@ from pathlib import Path
 from . import config
 from .config import ARMS, CompareConfig, DataConfig, TrainConfig
 from .errors import ConfigError
+from .paths import atomic_write_text
 from .train import train
 
 
@@ -32,20 +37,33 @@ def _mean_std(xs):
 METRIC_SETS = ("heldout", "unseen")  # the validation rows' questions; --metric-data's
 
 
-def _metric_sets(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: CompareConfig,
-                 val_sources: set[str]) -> dict[str, list]:
-    """{set name: message lists} for the task metric: `heldout`, the validation rows (from --val-data
-    when given), and `unseen`, --metric-data, when given; a set without NER questions is left out."""
-    from . import conversations, metrics
+class QuestionSets:
+    """The task metric's questions, read and picked once per experiment: {set name: questions} with
+    `heldout`, the NER questions of the validation rows (from --val-data when given), and `unseen`,
+    --metric-data's, when given; a set without NER questions is left out. Every run holds out the same
+    rows (the report checks their hash), so the first run's ask builds them and the others reuse them."""
 
-    def load(path, keep=lambda c: True):
-        return [c.messages for c in conversations.load(path, format=data_cfg.format, salvage=data_cfg.salvage,
-                                                       skip_invalid=True, split=data_cfg.split) if keep(c)]
+    def __init__(self, data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: CompareConfig):
+        self.data, self.data_cfg, self.train_cfg, self.cmp = data, data_cfg, train_cfg, cmp
+        self._heldout: dict[frozenset, list] = {}  # by the validation rows' sources
+        self._unseen: list | None = None
 
-    sets = {"heldout": load(train_cfg.val_data or data, lambda c: c.source in val_sources)}
-    if cmp.metric_data:
-        sets["unseen"] = load(cmp.metric_data)
-    return {k: v for k, v in sets.items() if metrics.ner_questions(v)}
+    def _questions(self, path: str, keep=lambda source: True) -> list:
+        from . import conversations, metrics
+
+        c = self.data_cfg
+        convs = [conv.messages for conv in conversations.load(path, format=c.format, salvage=c.salvage,
+                                                              skip_invalid=True, split=c.split) if keep(conv.source)]
+        return metrics.pick_questions(metrics.ner_questions(convs), self.cmp.metric_questions,
+                                      with_entities=self.cmp.metric_with_entities)
+
+    def get(self, val_sources) -> dict[str, list]:
+        key = frozenset(val_sources)
+        if key not in self._heldout:
+            self._heldout[key] = self._questions(self.train_cfg.val_data or self.data, key.__contains__)
+        if self._unseen is None and self.cmp.metric_data:
+            self._unseen = self._questions(self.cmp.metric_data)
+        return {k: v for k, v in (("heldout", self._heldout[key]), ("unseen", self._unseen)) if v}
 
 
 def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: CompareConfig, out, *, tokenizer=None,
@@ -53,6 +71,7 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
     """Run every arm x seed (skipping runs already finished), then write the report. `model_factory`:
     a callable returning a fresh model (tests); default: load `train_cfg.model` for each run."""
     from .hub import data_tokenizer
+    from .prepare import prepare_cached, with_stops
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -60,14 +79,17 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda *a: None)
     tok = data_tokenizer(data_cfg, train_cfg.model, tokenizer, trust_remote_code=train_cfg.trust_remote_code)
-    arms = cmp.arms.split(",")
+    labelled = with_stops(data_cfg, tok)  # the stop list named once: what the rows are labelled with
+    prepared = prepare_cached(data, config.replace(labelled, train_on="assistant"), tok, log=say)
+    hook = _metric_hook(QuestionSets(data, labelled, train_cfg, cmp), labelled, train_cfg, cmp, tok) \
+        if cmp.metric != "none" else None
     runs = {}
     for seed in range(cmp.seeds):
-        for arm in arms:
+        for arm in cmp.arms.split(","):
             rdir = out / "runs" / f"{arm}-seed{seed}"
             done = rdir / "result.json"
             tc = config.replace(train_cfg, seed=train_cfg.seed + seed, resume=True)
-            dc = config.replace(data_cfg, train_on=ARMS[arm])
+            dc = config.replace(labelled, train_on=ARMS[arm])
             if done.exists():
                 _check_reuse(rdir, dc, tc)
                 res = json.loads(done.read_text())
@@ -77,24 +99,26 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
                 continue
             say(f"{arm} seed {seed}: training ({ARMS[arm]} tokens)")
             t0 = time.perf_counter()
-            hook = _metric_hook(data, data_cfg, tc, cmp, tok) if cmp.metric != "none" else None
-            res = train(data, dc, tc, rdir, tokenizer=tok, model=model_factory() if model_factory else None,
-                        log=say, on_end=hook)
+            res = train(str(prepared.path), dc, tc, rdir, tokenizer=tok,
+                        model=model_factory() if model_factory else None, log=say, on_end=hook)
             res["wall_seconds"] = time.perf_counter() - t0
             res["metric_config"] = _metric_config(cmp)
-            done.write_text(json.dumps(res, indent=2))
+            atomic_write_text(done, json.dumps(res, indent=2))
             runs[(arm, seed)] = res
-    return write_report(out, data, data_cfg, train_cfg, cmp, runs, tok, command)
+    return write_report(out, data, data_cfg, train_cfg, cmp, runs, prepared.stats, command)
 
 
 def _check_reuse(rdir: Path, dc: DataConfig, tc: TrainConfig) -> None:
-    """A finished run is reused only if it was made with these settings: a rerun of compare with another
-    --lr into the same folder would otherwise report the old runs as the new ones."""
+    """A finished run is reused only if it was made with these settings (data and training alike): a rerun
+    of compare with another --lr or --max-length into the same folder would otherwise report the old runs
+    as the new ones. `dc` names the stop list it labels with; a run saved with none named (`stop_tokens`
+    null: the model's own, as `dc`'s was read) is not refused for that."""
     try:
         saved = json.loads((rdir / "config.json").read_text())
     except (OSError, ValueError):
         return  # a run from before config.json was written: nothing to compare against
-    unsafe, _ = config.run_changes(saved, dc, tc)
+    data_config = {k: v for k, v in saved.get("data_config", {}).items() if not (k == "stop_tokens" and v is None)}
+    unsafe, _ = config.run_changes({**saved, "data_config": data_config}, dc, tc)
     if unsafe:
         raise ConfigError(f"{rdir} finished with other settings: {config.describe_changes(unsafe)}; pass another "
                           "--out for these settings, or delete that folder to redo it")
@@ -115,21 +139,21 @@ def _check_metric_reuse(rdir: Path, res: dict, cmp: CompareConfig) -> None:
                       "settings, or delete that folder to redo it")
 
 
-def _metric_hook(data, data_cfg, train_cfg, cmp, tok):
+def _metric_hook(questions: QuestionSets, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: CompareConfig, tok):
+    """train's `on_end`: entity F1 of the trained model on each question set."""
     from .hub import stop_tokens
 
-    def run(model, split):
+    def run(model, holdout):
         from . import metrics
 
-        sets = _metric_sets(data, data_cfg, train_cfg, cmp, set(split.val["source"]))
+        sets = questions.get(holdout.val["source"])
         if not sets:
             return {"error": "no `What describes <type> in the text?` questions in the validation rows"
                              + (" or --metric-data" if cmp.metric_data else "")}
-        return {name: metrics.ner_f1(model, tok, convs, template=data_cfg.template, end_of_turn=data_cfg.end_of_turn,
-                                     stop_tokens=stop_tokens(data_cfg, tok),
-                                     max_questions=cmp.metric_questions, with_entities=cmp.metric_with_entities,
-                                     batch_size=train_cfg.eval_batch_size, progress=True)
-                for name, convs in sets.items()}
+        return {name: metrics.ner_f1_questions(model, tok, qs, template=data_cfg.template,
+                                               end_of_turn=data_cfg.end_of_turn, stop_tokens=stop_tokens(data_cfg, tok),
+                                               batch_size=train_cfg.eval_batch_size, progress=True)
+                for name, qs in sets.items()}
 
     return run
 
@@ -166,7 +190,7 @@ def metric_summary(per_arm: dict[str, list[dict]]) -> dict:
     return out
 
 
-def stop_summary(runs: list[dict]) -> dict:
+def stop_rate_summary(runs: list[dict]) -> dict:
     """One arm's stop rate over its runs' `stop` (evaluation.stop_rate): {stop_rate_mean, stop_rate_std,
     header_rate_mean, ran_on_rate_mean, prompts, mean_new_tokens, mean_reference_tokens, max_new_tokens,
     prompts_sha256}; {"error": why} when a run has none (measured off, or it could not be)."""
@@ -200,59 +224,68 @@ def loss_interval(per_arm: dict[str, list[dict]]) -> dict:
                                     metrics.ratio_of)
 
 
-def write_report(out: Path, data, data_cfg, train_cfg, cmp, runs: dict, tok, command) -> dict:
+def _arm_summary(arm: str, rs: list[dict]) -> dict:
+    """One arm's entry of metrics.json from its runs (one per seed)."""
+    fin, fin_sd = _mean_std([r["final_val_loss"] for r in rs])
+    best, best_sd = _mean_std([r["best_val_loss"] for r in rs])
+    return {
+        "train_on": ARMS[arm], "seeds": len(rs),
+        "final_val_loss_mean": fin, "final_val_loss_std": fin_sd,
+        "best_val_loss_mean": best, "best_val_loss_std": best_sd,
+        "trained_tokens": statistics.fmean(r["trained_tokens"] for r in rs),
+        "input_tokens": statistics.fmean(r["input_tokens"] for r in rs),
+        "trained_fraction": statistics.fmean(r["trained_tokens"] / max(r["input_tokens"], 1) for r in rs),
+        "wall_seconds_mean": statistics.fmean(r.get("wall_seconds", r["train_seconds"]) for r in rs),
+        "val_tokens": rs[0]["val_tokens"], "val_tokens_sha256": rs[0]["val_tokens_sha256"],
+        "val_rows": rs[0].get("val_rows"),
+        "stop": stop_rate_summary(rs),
+        "per_seed": [{"seed": s, "final_val_loss": r["final_val_loss"], "best_val_loss": r["best_val_loss"],
+                      "evals": r["evals"], "metric": r.get("metric"), "stop": r.get("stop")}
+                     for s, r in enumerate(rs)],
+    }
+
+
+def data_stats(stats: dict) -> dict:
+    """metrics.json's `data_stats` from the prepared folder's stats.json: tokens by role, the rows counted
+    (`rows`) and the user:assistant ratio, the shape the report reads."""
+    return {**stats["tokens_by_role"], "rows": stats["tokens_by_role_rows"],
+            "user_to_assistant": stats["user_to_assistant"]}
+
+
+def write_report(out: Path, data, data_cfg, train_cfg, cmp, runs: dict, stats: dict, command) -> dict:
+    """metrics.json, loss.png / loss.svg, report.md and report.html in `out`, each written whole (beside,
+    then renamed in); `stats`: the prepared folder's stats.json."""
     arms = cmp.arms.split(",")
     hashes = {(a, s): (r["val_tokens"], r["val_tokens_sha256"]) for (a, s), r in runs.items()}
     if len(set(hashes.values())) != 1:
         raise ConfigError(f"the runs scored different validation tokens: {hashes}; were they made with other data or "
                           "options? delete the runs folder to start over")
-    summary = {}
-    for arm in arms:
-        rs = [runs[(arm, s)] for s in range(cmp.seeds)]
-        fin, fin_sd = _mean_std([r["final_val_loss"] for r in rs])
-        best, best_sd = _mean_std([r["best_val_loss"] for r in rs])
-        summary[arm] = {
-            "train_on": ARMS[arm], "seeds": cmp.seeds,
-            "final_val_loss_mean": fin, "final_val_loss_std": fin_sd,
-            "best_val_loss_mean": best, "best_val_loss_std": best_sd,
-            "trained_tokens": statistics.fmean(r["trained_tokens"] for r in rs),
-            "input_tokens": statistics.fmean(r["input_tokens"] for r in rs),
-            "trained_fraction": statistics.fmean(r["trained_tokens"] / max(r["input_tokens"], 1) for r in rs),
-            "wall_seconds_mean": statistics.fmean(r.get("wall_seconds", r["train_seconds"]) for r in rs),
-            "val_tokens": rs[0]["val_tokens"], "val_tokens_sha256": rs[0]["val_tokens_sha256"],
-            "val_rows": rs[0].get("val_rows"),
-            "stop": stop_summary(rs),
-            "per_seed": [{"seed": s, "final_val_loss": r["final_val_loss"], "best_val_loss": r["best_val_loss"],
-                          "evals": r["evals"], "metric": r.get("metric"), "stop": r.get("stop")}
-                         for s, r in enumerate(rs)],
-        }
+    per_arm = {arm: [runs[(arm, s)] for s in range(cmp.seeds)] for arm in arms}
+    summary = {arm: _arm_summary(arm, rs) for arm, rs in per_arm.items()}
     asked = {h for arm in arms for h in summary[arm]["stop"].get("prompts_sha256", [])}
     if len(asked) > 1:  # the same validation rows, other --stop-prompts / --stop-max-new-tokens per run
         for arm in arms:
             summary[arm]["stop"]["warning"] = "the runs answered different stop prompts (runs reused from other " \
                                               "--stop-prompts or --stop-max-new-tokens); compare them with care"
-    per_arm = {arm: [runs[(arm, s)] for s in range(cmp.seeds)] for arm in arms}
     metric = metric_summary(per_arm) if cmp.metric != "none" else {}
     loss_ci = loss_interval(per_arm)
     for arm in arms:
         summary[arm]["final_val_loss_ci95"] = loss_ci.get(arm)
-    from .prepare import role_tokens
-
-    roles = role_tokens(data, config.replace(data_cfg, train_on="assistant"), tok, max_rows=cmp.role_rows)
-    result = {"data": str(data), "command": command or shlex.join(sys.argv), "data_stats": roles,
+    result = {"data": str(data), "command": command or shlex.join(sys.argv), "data_stats": data_stats(stats),
               "data_config": config.to_dict(data_cfg), "train_config": config.to_dict(train_cfg),
               "compare_config": config.to_dict(cmp), "metric": metric,
               "val_loss_difference_ci95": loss_ci.get("difference"), **summary}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    _plot(out, summary, arms)
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+    svg = _plot(out, summary, arms)
     from .report import report_html, report_markdown
 
-    (out / "report.md").write_text(report_markdown(result, arms))
-    (out / "report.html").write_text(report_html(result, arms, (out / "loss.svg").read_text()))
+    atomic_write_text(out / "report.md", report_markdown(result, arms))
+    atomic_write_text(out / "report.html", report_html(result, arms, svg))
     return result
 
 
-def _plot(out: Path, summary: dict, arms) -> None:
+def _plot(out: Path, summary: dict, arms) -> str:
+    """The validation curves as loss.png and loss.svg in `out`; the SVG's text (report.html embeds it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,6 +313,12 @@ def _plot(out: Path, summary: dict, arms) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
-    fig.savefig(out / "loss.svg")
+    png, svg = io.BytesIO(), io.StringIO()
+    fig.savefig(png, format="png", dpi=120)
+    fig.savefig(svg, format="svg")
     plt.close(fig)
+    tmp = out / f".loss.png.tmp-{os.getpid()}"  # paths has a text writer only; the same beside-then-rename
+    tmp.write_bytes(png.getvalue())
+    os.replace(tmp, out / "loss.png")
+    atomic_write_text(out / "loss.svg", svg.getvalue())
+    return svg.getvalue()

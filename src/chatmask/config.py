@@ -1,22 +1,24 @@
-"""Run configuration: frozen dataclasses per concern, whose field docstrings are also the CLI's --help.
+"""Run configuration: a frozen dataclass per concern, each field documented by the docstring under it.
 
-`add_arguments(parser, cls)` turns a dataclass into flags (`max_length` -> `--max-length`);
-`build(cls, yaml_section, args)` builds it back (defaults < YAML < flags) and `check(cfg)` reports every
-cross-field problem at once.
-`load_yaml(path, overrides)` reads a YAML file with `section.key=value` overrides.
+`resolve(flags, run_file=..., resume_from=...)` is a run's configs (defaults < a saved run < YAML < flags);
+`build(cls, section, flags)` makes one, `check(cfg)` reports all its problems in one error, and
+`run_changes(saved, data_cfg, train_cfg)` says what --resume may change. flags.py makes the flags.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
-import textwrap
+import json
 from dataclasses import dataclass
-from functools import lru_cache
+from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError
+
+TrainOn = Literal["assistant", "all", "last_assistant"]
+TRAIN_ON = get_args(TrainOn)  # the one spelling of --train-on's values (labels checks against it)
+Truncation = Literal["turns", "right", "drop"]
+TRUNCATION = get_args(Truncation)  # the one spelling of --truncation's values
 
 
 @dataclass(frozen=True)
@@ -31,20 +33,22 @@ class DataConfig:
     """add the special tokens of the built-in --template to a tokenizer that lacks them, and make it the
     tokenizer's template (a base model taught ChatML, as the post does for Gemma); training grows the
     model's embeddings and trains the new rows"""
-    train_on: Literal["assistant", "all", "last_assistant"] = "assistant"
+    train_on: TrainOn = "assistant"
     """which tokens get labels: every assistant answer, everything (the unmasked baseline), or the last answer"""
     max_length: int | None = 2048
     """longest example in tokens; none: no limit"""
-    truncation: Literal["turns", "right", "drop"] = "turns"
+    truncation: Truncation = "turns"
     """rows over --max-length: keep whole leading turns, cut at the limit, or drop the row"""
     end_of_turn: str | None = None
-    """the text that ends an assistant turn, where the template leaves it ambiguous (e.g. '<|end|>'); default: found from the template"""
+    """the text that ends an assistant turn, where the template leaves it ambiguous (e.g. '<|end|>');
+    default: found from the template"""
     stop_tokens: str | None = None
     """the model's stop tokens, comma-separated (e.g. '<|user|>,<|observation|>'): each answer's trained end is read
     with them; default: the eos_token_id list of the generation_config.json beside the tokenizer (its folder or hub
     repository); none: the tokenizer's eos only"""
     stream: Literal["rendering", "segments"] = "rendering"
-    """token ids: the tokenizer's encoding of the whole rendered text, or each prompt/answer segment encoded alone (mistral-common's way)"""
+    """token ids: the tokenizer's encoding of the whole rendered text, or each prompt/answer segment encoded
+    alone (mistral-common's way)"""
     format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion"] = "auto"
     """row format of the data; auto: detected from the first row of each file"""
     split: str = "train"
@@ -160,15 +164,8 @@ class TrainConfig:
         p = []
         if not 0 <= self.val_split < 1:
             p.append(f"--val-split must be in [0, 1), not {self.val_split}")
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "eval_batch_size", "pack_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                p.append(f"{flag(name)} must be at least 1")
-        if self.threads is not None and self.threads < 1:
-            p.append(f"--threads must be at least 1, not {self.threads}")
         if self.stop_prompts < 0:
             p.append(f"--stop-prompts must be 0 (off) or more, not {self.stop_prompts}")
-        if self.stop_max_new_tokens < 1:
-            p.append(f"--stop-max-new-tokens must be at least 1, not {self.stop_max_new_tokens}")
         if self.steps is not None and self.epochs is not None:
             p.append(f"--steps {self.steps} and --epochs {self.epochs}: give one of them")
         if self.epochs is not None and self.epochs <= 0:
@@ -204,8 +201,6 @@ class CompareConfig:
     """at most this many questions per metric set"""
     metric_with_entities: float = 0.8
     """share of the metric's questions whose gold answer is not empty (the rest are empty)"""
-    role_rows: int = 2000
-    """rows read for the user:assistant token ratio"""
 
     def _problems(self):
         bad = [a for a in self.arms.split(",") if a not in ARMS]
@@ -232,8 +227,6 @@ class ChatConfig:
 
     def _problems(self):
         p = []
-        if self.max_new_tokens < 1:
-            p.append("--max-new-tokens must be at least 1")
         if self.temperature < 0:
             p.append(f"--temperature must be 0 (greedy) or more, not {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -241,79 +234,27 @@ class ChatConfig:
         return p
 
 
-def _docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass (read from its source)."""
-    out = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        body = tree.body[0].body
-        for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
-                    and isinstance(getattr(b, "value", None), ast.Constant) and isinstance(b.value.value, str):
-                out[a.target.id] = b.value.value.strip()
-    return out
-
-
-@lru_cache
-def field_docs(cls) -> dict[str, str]:
-    return _docs(cls)
-
-
 def flag(name: str) -> str:
+    """The command-line spelling of a field: `max_length` -> `--max-length`."""
     return "--" + name.replace("_", "-")
 
 
-def _kind(tp):
-    """(python type, choices) for a field annotation."""
+def field_kind(tp):
+    """(python type, choices or None) of a field's annotation: a Literal's values are its choices."""
     origin = get_origin(tp)
     args = [a for a in get_args(tp) if a is not type(None)]
     if origin is Literal:
         return str, list(get_args(tp))
     if args and origin is not None:  # X | None
-        return _kind(args[0])
+        return field_kind(args[0])
     return tp, None
 
 
 NONE = "none"
-"""What a flag of an optional number takes for "no value" (`--max-length none`: no limit)."""
-
-
-def _number_or_none(kind):
-    def parse(text: str):
-        return NONE if text.strip().lower() == NONE else kind(text)
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error: "invalid int value: 'x'"
-    return parse
-
-
-def add_arguments(parser, cls, *, skip=(), only=None, defaults_none=False) -> None:
-    """Add one flag per field of dataclass `cls` (or the fields named in `only`), with its docstring as help."""
-    docs = field_docs(cls)
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip or (only is not None and f.name not in only):
-            continue
-        tp, choices = _kind(hints[f.name])
-        default = None if defaults_none else f.default
-        doc = docs.get(f.name, "")
-        help_ = doc if "default:" in doc or (f.default is None and "none:" not in doc) \
-            else f"{doc} (default: {'none' if f.default is None else f.default})"
-        if tp is bool:
-            import argparse
-
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_)
-        else:
-            kind = tp if tp in (int, float, str) else str
-            if type(None) in get_args(hints[f.name]) and kind in (int, float):
-                kind = _number_or_none(kind)
-            parser.add_argument(flag(f.name), type=kind, choices=choices, default=default, help=help_,
-                                metavar=None if choices else f.name.upper())
-
-
-def replace(cfg, **changes):
-    return check(dataclasses.replace(cfg, **changes))
+"""What an optional number takes for "no value", as a flag or in YAML (`--max-length none`: no limit)."""
+AT_LEAST_ONE = ("max_length", "num_proc", "limit", "steps", "batch_size", "grad_accum", "eval_every", "save_every",
+                "eval_batch_size", "pack_tokens", "threads", "stop_max_new_tokens", "max_new_tokens")
+"""The counts of any config that must be 1 or more (where set)."""
 
 
 def check(cfg):
@@ -322,14 +263,14 @@ def check(cfg):
     hints = get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        tp, choices = _kind(hints[f.name])
+        tp, choices = field_kind(hints[f.name])
         if v is None:
             continue
         if choices and v not in choices:
             problems.append(f"{flag(f.name)} must be one of {', '.join(map(str, choices))}, not {v!r}")
         elif tp in (int, float) and not isinstance(v, (int, float)) or tp is int and isinstance(v, float):
             problems.append(f"{flag(f.name)} must be a number, not {v!r}")
-    for name in ("max_length", "num_proc", "limit"):
+    for name in AT_LEAST_ONE:
         v = getattr(cfg, name, None)
         if isinstance(v, (int, float)) and v < 1:
             problems.append(f"{flag(name)} must be at least 1, not {v}")
@@ -339,6 +280,10 @@ def check(cfg):
     if problems:
         raise ConfigError("; ".join(problems))
     return cfg
+
+
+def replace(cfg, **changes):
+    return check(dataclasses.replace(cfg, **changes))
 
 
 def to_dict(cfg) -> dict:
@@ -394,24 +339,60 @@ def load_yaml(path: str | None, overrides=()) -> dict[str, dict]:
     return doc
 
 
-def build(cls, section: dict | None, args=None, *, base: dict | None = None, **extra):
-    """`cls` from defaults < `base` (a saved run's config) < YAML section < command-line flags actually given
-    < `extra`."""
+def build(cls, section: dict | None, flags=None, *, base: dict | None = None, **extra):
+    """`cls` from defaults < `base` (a saved run's config) < YAML `section` < `flags` given (an object whose
+    attributes are named as the fields, None where not given, as argparse's namespace) < `extra`."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(section or {}) - names)
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} for {cls.__name__}; "
+                          f"valid: {', '.join(sorted(names))}")
     values = {k: v for k, v in (base or {}).items() if k in names}
     values.update(section or {})
-    if args is not None:
-        for n in names:
-            v = getattr(args, n, None)
-            if v is not None:
-                values[n] = v
-    values.update({k: v for k, v in extra.items() if v is not None})
-    numbers = {n for n, tp in get_type_hints(cls).items() if _kind(tp)[0] in (int, float)}
-    values = {k: None if v == NONE and k in numbers else v for k, v in values.items()}
+    given = {n: getattr(flags, n, None) for n in names} if flags is not None else {}
+    values.update({k: v for k, v in {**given, **extra}.items() if v is not None})
+    numbers = {n for n, tp in get_type_hints(cls).items() if field_kind(tp)[0] in (int, float)}
+    values = {k: None if k in numbers and str(v).strip().lower() == NONE else v for k, v in values.items()}
     try:
         return check(cls(**values))
     except TypeError as e:
         raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+
+
+def saved_run(out) -> dict:
+    """The config.json a run saved in folder `out` (what `train DATA --out OUT --resume` continues), with
+    resume on; {} where there is none yet (a first start with --resume)."""
+    try:
+        saved = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {**saved, "train_config": {**saved.get("train_config", {}), "resume": True}}
+
+
+def resolve(flags=None, *, run_file: str | None = None, overrides=(), resume_from=None, compare: bool = False):
+    """A run's (DataConfig, TrainConfig, CompareConfig or None without `compare`).
+
+    Each field comes from the first that sets it of: `flags` (as in `build`), the YAML `run_file` with its
+    `section.key=value` `overrides`, the config a run saved in the folder `resume_from` (`saved_run`; a
+    resumed run is checked against it by train), the defaults. The data's tokenizer defaults to the flags'
+    --model. Every problem of every section is reported in one ConfigError."""
+    doc = load_yaml(run_file, overrides)
+    unknown = sorted(set(doc) - {"data", "train", "compare"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)} in the run file; valid: data, train, compare")
+    saved = saved_run(resume_from) if resume_from is not None else {}
+    tokenizer = getattr(flags, "tokenizer", None) or getattr(flags, "model", None)
+    sections = {"data": (DataConfig, {"tokenizer": tokenizer}), "train": (TrainConfig, {})}
+    if compare:
+        sections["compare"] = (CompareConfig, {})
+    made, problems = {}, []
+    for name, (cls, extra) in sections.items():
+        try:
+            made[name] = build(cls, doc.get(name), flags, base=saved.get(f"{name}_config"), **extra)
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return made["data"], made["train"], made.get("compare")

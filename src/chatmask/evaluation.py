@@ -1,6 +1,6 @@
-"""Evaluation on one held-out split: the assistant-only validation loss, row by row, and the stop rate.
+"""Evaluation on the held-out rows: the assistant-only validation loss, row by row, and the stop rate.
 
-`split_rows` holds the validation rows out (the same for every arm); `evaluate_rows` scores each row's
+`hold_out` holds the validation rows out (the same for every arm); `evaluate_rows` scores each row's
 assistant tokens (labels are shifted once, in `shift_targets`, which the training loss uses too);
 `stop_rate(model, tokenizer, val, r)` answers the first validation prompts greedily and counts the answers
 that end with a trained stop, that run into the next message's header, and that run on to the budget.
@@ -30,22 +30,25 @@ def shift_targets(batch: dict):
     return target, target != IGNORE, {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
 
 
-# ---------------------------------------------------------------- the split
+# ---------------------------------------------------------------- the held-out rows
 
 
 @dataclass
-class Split:
+class Holdout:
+    """The training rows and the validation rows held out from them (the same for every arm)."""
+
     train: object  # datasets.Dataset with input_ids / labels (assistant labels)
     val: object
-    val_tokens: int
-    val_sha256: str
+    val_tokens: int  # assistant tokens scored by validation
+    val_sha256: str  # their hash: every arm must score the same ones
 
 
-def split_rows(ds, cfg, val_ds=None) -> Split:
-    """Hold out validation rows: a seeded choice independent of the training seed, or `val_ds`."""
+def hold_out(ds, cfg, val_ds=None) -> Holdout:
+    """Hold out validation rows (--val-split, --val-rows): a seeded choice independent of the training
+    seed (--split-seed), or `val_ds` (--val-data)."""
     if val_ds is None:
         g = torch.Generator().manual_seed(cfg.split_seed)
-        perm = torch.randperm(len(ds), generator=g).tolist()
+        perm = torch.randperm(len(ds), generator=g).tolist()  # row indices in a seeded order
         k = max(1, round(cfg.val_split * len(ds)))
         if cfg.val_rows:
             k = min(k, cfg.val_rows)
@@ -63,7 +66,7 @@ def split_rows(ds, cfg, val_ds=None) -> Split:
         h.update(json.dumps([list(ids), kept]).encode())
     if n == 0:
         raise ConfigError("the validation rows have no assistant token to score")
-    return Split(ds, val_ds, n, h.hexdigest())
+    return Holdout(ds, val_ds, n, h.hexdigest())
 
 
 # ---------------------------------------------------------------- the validation loss
@@ -138,7 +141,7 @@ def first_answer(input_ids, labels) -> tuple[list[int], list[int]] | None:
 
 
 def stop_prompts(val, tokenizer, stops, n: int, max_new_tokens: int) -> tuple[list[tuple[list, list]], dict]:
-    """The first `n` validation rows (in the split's order) whose first answer ends with a stop within
+    """The first `n` validation rows (in the held-out order) whose first answer ends with a stop within
     `max_new_tokens` tokens, as (prompt, reference); and how many rows were passed over, by reason."""
     picked, skipped = [], {"longer": 0, "no stop": 0, "shortest": None}
     for ids, labels in zip(val["input_ids"], val["labels"]):
@@ -205,7 +208,8 @@ def stop_rate(model, tokenizer, val, r, *, prompts: int = 8, max_new_tokens: int
         if len(examples) < 3:
             examples.append({"generated": text, "reference": tokenizer.decode(ref), "outcome": kind})
     return {"prompts": n, **base, "stopped": counts["stopped"], "header": counts["header"], "ran_on": counts["ran on"],
-            "stop_rate": counts["stopped"] / n, "header_rate": counts["header"] / n, "ran_on_rate": counts["ran on"] / n,
+            "stop_rate": counts["stopped"] / n, "header_rate": counts["header"] / n,
+            "ran_on_rate": counts["ran on"] / n,
             "mean_new_tokens": sum(len(g) for g, _ in got) / n,
             "mean_reference_tokens": sum(len(ref) for _, ref in picked) / n,
             "stops_hit": stops_hit, "headers_hit": headers_hit,
@@ -213,11 +217,32 @@ def stop_rate(model, tokenizer, val, r, *, prompts: int = 8, max_new_tokens: int
             "seconds": time.perf_counter() - t0, "examples": examples}
 
 
+LOGGED = ("prompts", "stop_rate", "header_rate", "ran_on_rate", "mean_new_tokens", "mean_reference_tokens",
+          "max_new_tokens", "error")
+"""The keys of a stop rate that a run's log.jsonl records (result.json keeps it whole)."""
+
+
+def run_stop_rate(model, tokenizer, val, data_cfg, train_cfg, progress: bool = False) -> dict:
+    """`stop_rate` as a run measures it: rendered as its rows were labelled (generation.run_renderer), with
+    its --stop-prompts, --stop-max-new-tokens and --eval-batch-size; no stop to measure (a template without
+    an end of turn, no eos) is a reason in the dict, not an exception."""
+    from .errors import ChatmaskError
+    from .generation import run_renderer
+
+    try:
+        return stop_rate(model, tokenizer, val, run_renderer(tokenizer, data_cfg), prompts=train_cfg.stop_prompts,
+                         max_new_tokens=train_cfg.stop_max_new_tokens, batch_size=train_cfg.eval_batch_size,
+                         progress=progress)
+    except ChatmaskError as e:
+        return {"prompts": 0, "error": str(e)}
+
+
 def _no_prompts(rows: int, skipped: dict, max_new_tokens: int) -> str:
     why = f"none of the {rows} validation rows has a first answer that ends with its stop within " \
           f"--stop-max-new-tokens {max_new_tokens} tokens"
     if skipped["longer"]:
-        why += f" ({skipped['longer']} are longer, the shortest {skipped['shortest']} tokens: raise --stop-max-new-tokens)"
+        why += (f" ({skipped['longer']} are longer, the shortest {skipped['shortest']} tokens: raise "
+                "--stop-max-new-tokens)")
     if skipped["no stop"]:
         why += f" ({skipped['no stop']} first answers were cut before their stop by --max-length)"
     return why

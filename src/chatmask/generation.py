@@ -162,8 +162,9 @@ def generate_ids(model, tokenizer, st: Stopping, prompts: list[list[int]], *, ma
             chunk = order[s : s + batch_size]
             T = max(len(prompts[k]) for k in chunk)
             # left padding: every prompt ends at column T, where generation starts
-            ids = torch.tensor([[st.pad] * (T - len(prompts[k])) + list(prompts[k]) for k in chunk], device=device)  # (B, T)
-            mask = torch.tensor([[0] * (T - len(prompts[k])) + [1] * len(prompts[k]) for k in chunk], device=device)  # (B, T)
+            pads = [T - len(prompts[k]) for k in chunk]
+            ids = torch.tensor([[st.pad] * p + list(prompts[k]) for p, k in zip(pads, chunk)], device=device)  # (B, T)
+            mask = torch.tensor([[0] * p + [1] * len(prompts[k]) for p, k in zip(pads, chunk)], device=device)  # (B, T)
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  num_beams=1, use_cache=True, **st.kwargs(tokenizer))  # (B, T + new)
             for k, row in zip(chunk, gen[:, T:].tolist()):

@@ -1,6 +1,6 @@
 """What ends an assistant turn: `analyse(renderer) -> Analysis`, each context's trained end of turn (its
-*stop*), read off renderings of the template with sentinel contents (an answer followed by a user, tool,
-system or assistant message, or last).
+*stop*), read off renderings of the template with sentinel contents (`sentinels.render_sentinels`: an
+answer followed by a user, tool, system or assistant message, or last). Each rule is a function of its own.
 
 The rule (README, "The stop"): the trained run after an answer ends with the first *stop* the template
 writes after it: the template's end-of-turn token, the tokenizer's eos, or a token of the model's own
@@ -8,7 +8,6 @@ stop list (generation_config.json), even where that token opens the next message
 Without one, it ends where the next message's header begins, never a character of it. Headers are read
 from renderings (what precedes a conversation's first message), not guessed from special tokens alone.
 Where the template writes nothing after the last answer, the stop is appended (`Analysis.append`).
-The sentinels are private-use characters: they never meet real text and are never tokenized.
 """
 
 from __future__ import annotations
@@ -16,10 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import TemplateError
-
-S0, S1 = "\ue000", "\ue001"
-CONTEXTS = ("user", "tool", "system", "assistant")
-"""What may follow an answer (besides nothing: the `last` context)."""
+from .sentinels import (Renderings, common_prefix_len, common_suffix, first_special, last_special, render_sentinels,
+                        span_text)
 
 
 @dataclass(frozen=True)
@@ -43,132 +40,18 @@ class Analysis:
     notes: tuple[str, ...] = ()
 
 
-def _sentinels(roles):
-    return [{"role": role, "content": f"{S0}{j}{S1}"} for j, role in enumerate(roles)]
-
-
-def first_special(specials, text: str, start: int = 0) -> tuple[int, int] | None:
-    """(start, end) of the earliest added/special token in text[start:], longest at a tie."""
-    best = None
-    for s in specials:  # longest first
-        k = text.find(s, start)
-        if k >= 0 and (best is None or k < best[0]):
-            best = (k, k + len(s))
-    return best
-
-
-def last_special(specials, text: str) -> tuple[int, int] | None:
-    best, k = None, 0
-    while (f := first_special(specials, text, k)) is not None:
-        best, k = f, f[1]
-    return best
-
-
-def common_suffix(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return a[len(a) - n:]
-
-
-def _common_prefix_len(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-# ---------------------------------------------------------------- what the template renders
-
-
-@dataclass
-class _Renders:
-    """The renderings `analyse` reads: the probe's roles, what follows an answer per context, what
-    precedes the first message, the assistant header after an answer."""
-
-    base: tuple
-    after: dict[str, str]
-    first_header: str  # what precedes the first message's content
-    gen_after_answer: str  # what add_generation_prompt adds after a conversation ending with an answer
-    gen_prompt: str = ""  # what it adds after one ending with a user message
-    gen_empty: bool = False
-    gen_always: bool = False
-
-
-def _base_roles(r, notes) -> tuple | None:
-    for roles in (("user", "assistant"), ("system", "user", "assistant")):
-        try:
-            r.render(_sentinels(roles))
-            return roles
-        except TemplateError as e:
-            notes.append(f"probe {'/'.join(roles)}: {e}")
-    notes.append("no end-of-turn marker could be found: the template fails on a plain user/assistant conversation")
-    return None
-
-
-def _generation_prompt_kind(r, base, tag) -> tuple[bool, bool]:
-    """(renders nothing, always there): a template that ignores add_generation_prompt and always ends with
-    the assistant header ends a conversation that ends with an answer the same way; the text between
-    that header and the content (Command-R's <|START_RESPONSE|>) is the model's to write."""
-    a = len(base) - 1
-    try:
-        empty = r.render(_sentinels(base[:a]), True) == r.render(_sentinels(base[:a]), False)
-        if not empty:
-            return False, False
-        T = common_suffix(r.render(_sentinels(base[:a])), r.render(_sentinels(base)))
-        pre = r.render(_sentinels(base)).split(tag, 1)[0]
-        k = pre.rfind(T) if T.strip() else -1
-        if k < 0:
-            return True, False
-        between = pre[k + len(T):]  # T also opens the answer, with at most special tokens between: a header
-        for s in r.specials:
-            between = between.replace(s, "")
-        return True, not any(c.isalnum() for c in between)
-    except TemplateError:
-        return False, False
-
-
-def _renders(r, notes) -> _Renders | None:
-    base = _base_roles(r, notes)
-    if base is None:
-        return None
-    tag = f"{S0}{len(base) - 1}{S1}"
-    empty, always = _generation_prompt_kind(r, base, tag)
-    try:
-        Rb, Gb = r.render(_sentinels(base)), r.render(_sentinels(base), True)
-        g = Gb[len(Rb):] if Gb.startswith(Rb) else ""
-    except TemplateError:
-        Rb, g = "", ""
-    try:
-        Ru, Gu = r.render(_sentinels(base[:-1])), r.render(_sentinels(base[:-1]), True)
-        gu = Gu[len(Ru):] if Gu.startswith(Ru) else ""
-    except TemplateError:
-        gu = ""
-    after = {}
-    for ctx in CONTEXTS + ("last",):
-        for roles in ((base + (ctx, "assistant"), base + (ctx,)) if ctx != "last" else (base,)):
-            try:
-                R = r.render(_sentinels(roles))
-            except TemplateError:
-                continue
-            if R.count(tag) == 1:
-                after[ctx] = R.split(tag, 1)[1].split(S0, 1)[0]
-                break
-    return _Renders(base, after, Rb.split(f"{S0}0{S1}", 1)[0], g, gu, empty, always)
-
-
 # ---------------------------------------------------------------- the rules
 
 
 def _heads(specials, first_header: str, texts) -> list[str]:
     """Where a header may begin in what precedes the first message: its start, and after each leading
     special token that only opens a conversation (bos, GLM's [gMASK]<sop>: none of `texts` holds it)."""
-    heads, k = [first_header], 0
-    while (f := first_special(specials, first_header, k)) is not None and f[0] == k:
-        if any(first_header[f[0]:f[1]] in t for t in texts):
+    heads, at = [first_header], 0
+    while (special := first_special(specials, first_header, at)) is not None and special[0] == at:
+        if any(span_text(first_header, special) in text for text in texts):
             break
-        k = f[1]
-        heads.append(first_header[k:])
+        at = special[1]
+        heads.append(first_header[at:])
     return heads
 
 
@@ -179,203 +62,227 @@ def header_cut(specials, after: dict, first_header: str, gen_prompt: str = "") -
     header as the first message's does ('<|im_start|>' in front of 'user' and 'system' alike), else as the
     generation prompt's does, else the end of that prefix. With one: the cut after which the text reads
     most like the first message's header. None when no cut shares a visible character with it."""
-    texts = [A for c, A in after.items() if c != "last"]
-    heads = _heads(specials, first_header, texts)
-    if len(texts) >= 2:
-        P = texts[0][: min(_common_prefix_len(texts[0], t) for t in texts[1:])]
-        for hs in (heads, _heads(specials, gen_prompt, texts) if gen_prompt else []):
-            k = next((k for k in range(len(P)) if any(h.startswith(P[k:]) for h in hs)), None)
-            if k is not None:
-                return k
-        return len(P)
-    if not texts:
-        return None
-    text, best, best_n = texts[0], None, 0
-    for cut in range(len(text) + 1):
-        n = max(_common_prefix_len(text[cut:], h) for h in heads)
-        if n >= best_n and n >= 2 and text[cut:cut + n].strip():
-            best, best_n = cut, n  # a tie goes to the later cut: the header is the shortest match at the end
+    tails = [tail for ctx, tail in after.items() if ctx != "last"]
+    heads = _heads(specials, first_header, tails)
+    if len(tails) >= 2:
+        shared = tails[0][: min(common_prefix_len(tails[0], tail) for tail in tails[1:])]
+        for candidates in (heads, _heads(specials, gen_prompt, tails) if gen_prompt else []):
+            cut = next((cut for cut in range(len(shared))
+                        if any(head.startswith(shared[cut:]) for head in candidates)), None)
+            if cut is not None:
+                return cut
+        return len(shared)
+    return _most_header_like_cut(tails[0], heads) if tails else None
+
+
+def _most_header_like_cut(tail: str, heads) -> int | None:
+    """The cut of one context's tail after which it shares the longest visible start with a header (a tie
+    goes to the later cut: the header is the shortest match at the end)."""
+    best, best_len = None, 0
+    for cut in range(len(tail) + 1):
+        shared = max(common_prefix_len(tail[cut:], head) for head in heads)
+        if shared >= best_len and shared >= 2 and tail[cut:cut + shared].strip():
+            best, best_len = cut, shared
     return best
 
 
 def _first_stop(stops, text: str, limit: int) -> tuple[int, int] | None:
     """(start, end) of the earliest stop in text that starts at or before `limit`, longest at a tie."""
     best = None
-    for s in sorted(stops, key=len, reverse=True):
-        k = text.find(s)
-        if 0 <= k <= limit and (best is None or k < best[0]):
-            best = (k, k + len(s))
+    for stop in sorted(stops, key=len, reverse=True):
+        at = text.find(stop)
+        if 0 <= at <= limit and (best is None or at < best[0]):
+            best = (at, at + len(stop))
     return best
 
 
-def with_eos(r, A: str, k: int) -> str:
-    """A[:k], and the eos token if the template writes it right after (Command-R: <|END_RESPONSE|> then
+def with_eos(renderer, tail: str, end: int) -> str:
+    """tail[:end], and the eos token if the template writes it right after (Command-R: <|END_RESPONSE|> then
     <|END_OF_TURN_TOKEN|>): the model must write it too, or it never learns to stop."""
-    eos = _eos(r)
-    if eos and A.startswith(eos, k) and not A[:k].endswith(eos):
-        k += len(eos)
-    return A[:k]
+    eos = _eos(renderer)
+    if eos and tail.startswith(eos, end) and not tail[:end].endswith(eos):
+        end += len(eos)
+    return tail[:end]
 
 
-def _eos(r) -> str:
-    eos = r.kwargs.get("eos_token")
+def _eos(renderer) -> str:
+    eos = renderer.kwargs.get("eos_token")
     eos = getattr(eos, "content", eos)
     return eos if isinstance(eos, str) else ""
 
 
-def _end_of_turn_token(r, after: dict, heads: dict) -> str | None:
+def _end_of_turn_token(renderer, after: dict, heads: dict) -> str | None:
     """The template's own end-of-turn token: the first special token after every answer (followed by
     anything), before the next header where that is known."""
     found = set()
-    for ctx, A in after.items():
+    for ctx, tail in after.items():
         if ctx == "last":
             continue
-        f = first_special(r.specials, A)
-        if f is None or (heads.get(ctx) is not None and f[0] >= heads[ctx]):
+        special = first_special(renderer.specials, tail)
+        if special is None or (heads.get(ctx) is not None and special[0] >= heads[ctx]):
             return None
-        found.add(A[f[0]:f[1]])
+        found.add(span_text(tail, special))
     return found.pop() if len(found) == 1 else None
 
 
-def _context_marker(r, A: str, h: int | None, stops, notes, ctx) -> tuple[str, bool] | None:
+def _context_marker(renderer, tail: str, header_at: int | None, stops, notes, ctx) -> tuple[str, bool] | None:
     """(trained end of turn, whether it holds a stop) after an answer followed by a `ctx` message, or None
     when the rules need the fallback (no header found and no stop)."""
-    s = _first_stop(stops, A, len(A) if h is None else h)
-    if s is not None:
-        return with_eos(r, A, s[1]), True
-    if h is None:
+    stop = _first_stop(stops, tail, len(tail) if header_at is None else header_at)
+    if stop is not None:
+        return with_eos(renderer, tail, stop[1]), True
+    if header_at is None:
         return None
-    m = A[:h].rstrip()
-    if m.strip():
-        return m, True
-    f = first_special(r.specials, A, h)
-    if f is not None and f[0] == h:  # the header opens with a token of its own (GLM's <|user|>): the stop
-        notes.append(f"no end-of-turn token before a {ctx} message: its header's first token {A[h:f[1]]!r} is "
-                     "trained as the stop (pass --stop-tokens with the model's stop list to choose)")
-        return A[:f[1]], True
-    return m, False
+    marker = tail[:header_at].rstrip()
+    if marker.strip():
+        return marker, True
+    special = first_special(renderer.specials, tail, header_at)
+    if special is not None and special[0] == header_at:  # the header opens with a token of its own: GLM's <|user|>
+        notes.append(f"no end-of-turn token before a {ctx} message: its header's first token "
+                     f"{tail[header_at:special[1]]!r} is trained as the stop (pass --stop-tokens with the model's "
+                     "stop list to choose)")
+        return tail[:special[1]], True
+    return marker, False
 
 
-def _fallback_markers(r, rd: _Renders, markers: dict, guessed: list) -> None:
+def _shared_token_markers(renderer, renders: Renderings, markers: dict, todo: list[str]) -> None:
+    """The first fallback: where every undecided context's tail holds the same first special token, and no
+    header holds it, that token ends the turn; an answer followed by an answer ends where the generation
+    prompt begins."""
+    specials, gen_after = renderer.specials, renders.gen_after_answer
+    header_tokens = {span_text(gen_after, first_special(specials, gen_after)),
+                     span_text(renders.first_header, last_special(specials, renders.first_header))} - {None}
+    opening = {ctx: span_text(renders.after[ctx], first_special(specials, renders.after[ctx])) for ctx in todo}
+    for ctx in todo:
+        tail = renders.after[ctx]
+        special = first_special(specials, tail)
+        token = span_text(tail, special)
+        if special is not None and all(other == token for other in opening.values()) and token not in header_tokens:
+            markers[ctx] = with_eos(renderer, tail, special[1])
+        elif ctx == "assistant" and gen_after.strip() and gen_after in tail:
+            markers[ctx] = tail[: tail.index(gen_after)].rstrip()
+
+
+def _fallback_markers(renderer, renders: Renderings, markers: dict, guessed: list) -> None:
     """The contexts no header told apart: a special token all contexts share, the generation prompt, or
     the header in front of the first message (a guess, checked against the last turn in `analyse`)."""
-    g, x0 = rd.gen_after_answer, rd.first_header
-    first = lambda t: (lambda f: t[f[0]:f[1]] if f else None)(first_special(r.specials, t))  # noqa: E731
-    header_tokens = {first(g), (lambda f: x0[f[0]:f[1]] if f else None)(last_special(r.specials, x0))} - {None}
-    todo = [c for c in rd.after if c != "last" and c not in markers]
-    inner = {c: first(rd.after[c]) for c in todo}
-    for ctx in todo:
-        A = rd.after[ctx]
-        f = first_special(r.specials, A)
-        if f is not None and all(v == A[f[0]:f[1]] for v in inner.values()) and A[f[0]:f[1]] not in header_tokens:
-            markers[ctx] = with_eos(r, A, f[1])
-        elif ctx == "assistant" and g.strip() and g in A:
-            markers[ctx] = A[: A.index(g)].rstrip()
+    todo = [ctx for ctx in renders.after if ctx != "last" and ctx not in markers]
+    _shared_token_markers(renderer, renders, markers, todo)
     plain = markers.get("assistant")
-    for ctx in sorted(todo, key=lambda c: c != "user"):  # the user context first: the others follow it
+    for ctx in sorted(todo, key=lambda context: context != "user"):  # the user context first: the others follow it
         if ctx in markers:
             continue
-        A = rd.after[ctx]
-        ref = plain if plain is not None else markers.get("user")
-        if ref is not None and A.startswith(ref):
-            markers[ctx] = ref
+        tail = renders.after[ctx]
+        reference = plain if plain is not None else markers.get("user")
+        if reference is not None and tail.startswith(reference):
+            markers[ctx] = reference
         else:  # the next header taken as what precedes the first message too: checked in `_last`
-            markers[ctx] = A[: len(A) - len(common_suffix(A, x0))].rstrip()
+            markers[ctx] = tail[: len(tail) - len(common_suffix(tail, renders.first_header))].rstrip()
             guessed.append(ctx)
 
 
-def _last(r, after: dict, markers: dict, stops, guessed) -> tuple[str, str]:
+def _last(renderer, after: dict, markers: dict, stops, guessed) -> tuple[str, str]:
     """(trained end of the last answer, text to append after the rendering)."""
-    A = after["last"]
-    ref = markers.get("user") or markers.get("assistant") or next((m for m in markers.values() if m), "")
+    tail = after["last"]
+    reference = markers.get("user") or markers.get("assistant") or next(filter(None, markers.values()), "")
     for ctx in guessed:  # a guess is not a marker: it must end the last answer as well
-        m = markers[ctx]
-        if (m and not A.startswith(m)) or (not m and A.strip()):
+        marker = markers[ctx]
+        if (marker and not tail.startswith(marker)) or (not marker and tail.strip()):
             raise TemplateError(
                 f"the end-of-turn marker is ambiguous: after an answer followed by a {ctx} message the "
-                f"template writes {after[ctx]!r}, after the last answer {A!r}, and no special token marks "
+                f"template writes {after[ctx]!r}, after the last answer {tail!r}, and no special token marks "
                 "where the turn ends; add the template's tokens to the tokenizer "
                 "(chatmask.add_template_tokens) or name the marker (end_of_turn=..., --end-of-turn)",
                 reason="ambiguous end of turn")
-    if ref and A.startswith(ref):
-        return ref, ""
-    s = _first_stop(stops, A, len(A))
-    if s is not None:
-        return with_eos(r, A, s[1]), ""
-    f = first_special(r.specials, A)
-    if f is not None:
-        return with_eos(r, A, f[1]), ""
-    if A.strip():
-        return A.rstrip(), ""
-    app = ref.lstrip() if ref else _eos(r)  # the template writes no end after the last answer: the stop is added
-    return A + app, app
+    if reference and tail.startswith(reference):
+        return reference, ""
+    stop = _first_stop(stops, tail, len(tail))
+    if stop is not None:
+        return with_eos(renderer, tail, stop[1]), ""
+    special = first_special(renderer.specials, tail)
+    if special is not None:
+        return with_eos(renderer, tail, special[1]), ""
+    if tail.strip():
+        return tail.rstrip(), ""
+    # the template writes no end after the last answer: the stop is added
+    appended = reference.lstrip() if reference else _eos(renderer)
+    return tail + appended, appended
 
 
-def _named(r, rd: _Renders) -> tuple[dict, str]:
+def _named(renderer, renders: Renderings) -> tuple[dict, str]:
     """The markers when the user names the end of turn: it ends every answer it follows."""
-    m = r.end_of_turn
-    bad = [c for c, A in rd.after.items() if c != "last" and not A.startswith(m)]
-    if bad or not rd.after:
+    named = renderer.end_of_turn
+    mismatched = [ctx for ctx, tail in renders.after.items() if ctx != "last" and not tail.startswith(named)]
+    if mismatched or not renders.after:
         raise TemplateError(
-            f"end_of_turn {m!r} does not follow the answers this template renders "
-            f"(followed by: {', '.join(repr(rd.after[c][:30]) for c in bad)})", reason="template error")
-    out = {c: m for c in rd.after if c != "last"}
-    app = ""
-    if "last" in rd.after:
-        A = rd.after["last"]
-        f = first_special(r.specials, A)
-        if A.startswith(m):
-            out["last"] = m
-        elif f:
-            out["last"] = A[: f[1]]
-        elif A.strip():
-            out["last"] = A.rstrip()
+            f"end_of_turn {named!r} does not follow the answers this template renders "
+            f"(followed by: {', '.join(repr(renders.after[ctx][:30]) for ctx in mismatched)})",
+            reason="template error")
+    out = {ctx: named for ctx in renders.after if ctx != "last"}
+    appended = ""
+    if "last" in renders.after:
+        tail = renders.after["last"]
+        special = first_special(renderer.specials, tail)
+        if tail.startswith(named):
+            out["last"] = named
+        elif special:
+            out["last"] = tail[: special[1]]
+        elif tail.strip():
+            out["last"] = tail.rstrip()
         else:
-            out["last"], app = A + m, m
-    return out, app
+            out["last"], appended = tail + named, named
+    return out, appended
 
 
-def analyse(r) -> Analysis:
+def _found_markers(renderer, renders: Renderings, cut: int | None, model_stops, notes) -> tuple[dict, str, set]:
+    """(markers, text appended after a last answer, contexts without a stop) by the rules: a stop before
+    the next header (which begins `cut` characters after an answer), the text before it, then the
+    fallbacks; the last answer checked against them."""
+    heads = {ctx: cut for ctx in renders.after if ctx != "last"}
+    end_token = _end_of_turn_token(renderer, renders.after, heads) if cut is None else None  # a header settles it
+    stops = model_stops + ([end_token] if end_token else [])
+    markers, unstopped, guessed = {}, set(), []
+    for ctx, header_at in heads.items():
+        found = _context_marker(renderer, renders.after[ctx], header_at, stops, notes, ctx)
+        if found is not None:
+            markers[ctx] = found[0]
+            if not found[1]:
+                unstopped.add(ctx)
+    _fallback_markers(renderer, renders, markers, guessed)
+    unstopped |= {ctx for ctx, marker in markers.items() if not marker.strip()}
+    appended = ""
+    if "last" in renders.after:
+        markers["last"], appended = _last(renderer, renders.after, markers, stops, guessed)
+        if not markers["last"].strip():
+            unstopped.add("last")
+    return markers, appended, unstopped
+
+
+def analyse(renderer) -> Analysis:
     """The ends of turn of a Renderer's template (see the module's docstring); a marker no rule settles
     is a TemplateError naming the fix."""
     notes: list[str] = []
-    rd = _renders(r, notes)
-    if rd is None:
+    renders = render_sentinels(renderer, notes)
+    if renders is None:
         return Analysis({}, notes=tuple(notes))
-    cut = header_cut(r.specials, rd.after, rd.first_header, rd.gen_prompt)
-    heads = {c: cut for c in rd.after if c != "last"}
-    headers = {c: rd.after[c][h:] for c, h in heads.items() if h is not None}
-    model_stops = [s for s in (_eos(r), *r.stop_tokens) if s]
-    if r.end_of_turn is not None:
-        markers, app = _named(r, rd)
+    cut = header_cut(renderer.specials, renders.after, renders.first_header, renders.gen_prompt)
+    headers = {ctx: tail[cut:] for ctx, tail in renders.after.items() if ctx != "last"} if cut is not None else {}
+    model_stops = [stop for stop in (_eos(renderer), *renderer.stop_tokens) if stop]
+    if renderer.end_of_turn is not None:
+        markers, appended = _named(renderer, renders)
         unstopped = set()
     else:
-        eot = _end_of_turn_token(r, rd.after, heads) if cut is None else None  # a known header settles it
-        stops = model_stops + ([eot] if eot else [])
-        markers, unstopped, guessed = {}, set(), []
-        for ctx, h in heads.items():
-            got = _context_marker(r, rd.after[ctx], h, stops, notes, ctx)
-            if got is not None:
-                markers[ctx] = got[0]
-                if not got[1]:
-                    unstopped.add(ctx)
-        _fallback_markers(r, rd, markers, guessed)
-        unstopped |= {c for c, m in markers.items() if not m.strip()}
-        app = ""
-        if "last" in rd.after:
-            markers["last"], app = _last(r, rd.after, markers, stops, guessed)
-            if not markers["last"].strip():
-                unstopped.add("last")
-    ends = [_stop_of(m, model_stops, r.specials) for m in markers.values() if m.strip()]
-    return Analysis(markers, app, tuple(dict.fromkeys(ends + model_stops)), headers, frozenset(unstopped),
-                    rd.gen_empty, rd.gen_always, tuple(notes))
+        markers, appended, unstopped = _found_markers(renderer, renders, cut, model_stops, notes)
+    ends = [_stop_of(marker, model_stops, renderer.specials) for marker in markers.values() if marker.strip()]
+    return Analysis(markers, appended, tuple(dict.fromkeys(ends + model_stops)), headers, frozenset(unstopped),
+                    renders.gen_empty, renders.gen_always, tuple(notes))
 
 
 def _stop_of(marker: str, model_stops, specials) -> str:
     """The stop a trained end of turn ends with: a model stop or special token it ends with, else the
     marker itself (plain text)."""
-    m = marker.strip()
-    for s in sorted(model_stops, key=len, reverse=True):
-        if m.endswith(s):
-            return s
-    return next((s for s in specials if m.endswith(s)), m)
+    stripped = marker.strip()
+    for stop in sorted(model_stops, key=len, reverse=True):
+        if stripped.endswith(stop):
+            return stop
+    return next((token for token in specials if stripped.endswith(token)), stripped)

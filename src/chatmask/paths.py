@@ -2,7 +2,8 @@
 
 `atomic_dir(final, write)` runs `write(tmp)` on a new folder beside `final` and swaps it in when
 complete: a kill at any moment leaves the previous complete `final` or the new one, never neither and
-never a half-written one (a hidden `.NAME.tmp-*` / `.NAME.old-*` folder at most, which readers ignore). `atomic_write_text(path, text)` does the same for one file.
+never a half-written one (a hidden `.NAME.tmp-*` / `.NAME.old-*` folder at most, which readers ignore).
+`atomic_write_text(path, text)` does the same for one file.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Progress a person can follow on a terminal and in a log: a tqdm bar where stderr is a terminal, else a
 plain line at intervals (under nohup, a pipe or CI, tqdm draws nothing, and a run would say nothing for
 many minutes). `progress(total, desc, unit)` returns either; both take `update(n, **postfix)` and `close()`.
+`quiet_libraries()` keeps other libraries' chatter from burying chatmask's own lines.
 """
 
 from __future__ import annotations
@@ -8,6 +9,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
+
+from .errors import ChatmaskWarning
 
 
 def _interval() -> float:
@@ -75,3 +79,32 @@ def progress(total: int | None, desc: str, unit: str, initial: int = 0):
 
         return _Bar(tqdm(total=total, initial=initial, desc=desc, unit=unit))
     return Lines(total, desc, unit, initial)
+
+
+def quiet_libraries() -> None:
+    """Library chatter (weight-loading bars, deprecation notices of transformers/peft internals) would
+    bury chatmask's own output."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    plain = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # chatmask's own: one plain line
+        if issubclass(category, ChatmaskWarning):
+            print(f"warning: {message}", file=file or sys.stderr)
+        else:
+            plain(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*is deprecated.*")
+    import logging
+
+    # bitsandbytes (imported by peft when installed) warns at import that an optional CPU kernel package
+    # is missing; its fallback is correct
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

@@ -86,8 +86,9 @@ def f1_verdict(result, arms) -> str:
         if max(entry[a]["f1_pooled"] for a in arms) < 0.005:
             texts.append(f"Entity F1 on {where} is 0: no run named a gold entity (the runs predicted "
                          f"{sum(entry[a]['predicted'] for a in arms)} entities in all; the models answer an empty "
-                         "list or text that is not a JSON list, see the answers below), so at this training budget the "
-                         "metric does not separate the arms; more steps, full fine-tuning or a higher learning rate do.")
+                         "list or text that is not a JSON list, see the answers below), so at this training budget "
+                         "the metric does not separate the arms; more steps, full fine-tuning or a higher learning "
+                         "rate do.")
             continue
         if "difference_ci95" not in entry:
             continue
@@ -111,7 +112,8 @@ def f1_verdict(result, arms) -> str:
 
 
 
-STOP_HEAD = ["arm", "prompts", "stopped", "ran into a header", "ran on to the limit", "answer tokens (mean) vs reference"]
+STOP_HEAD = ["arm", "prompts", "stopped", "ran into a header", "ran on to the limit",
+             "answer tokens (mean) vs reference"]
 
 
 def _share(m, sd, seeds):
@@ -163,19 +165,20 @@ def _stop_html(result, arms) -> str:
     if not rows and not text:
         return ""
     e = html.escape
-    table = ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in STOP_HEAD) + "</tr>"
-             + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>") if rows else ""
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    table = ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in STOP_HEAD) + f"</tr>{body}</table>") if rows else ""
     return (f"<h2>Stop rate (does the model end its answer where it was trained to?)</h2>{table}"
             f"<p>{_code(text).replace('*', '')}</p>")
 
 
 def _stats_lines(result):
     s = result["data_stats"]
-    total = sum(s[k] for k in ("system", "user", "assistant", "tool", "template")) or 1
+    roles = ("system", "user", "assistant", "tool", "template")
+    total = sum(s[k] for k in roles) or 1
     ua = s.get("user_to_assistant")
     lines = [
-        f"data: `{shown_path(result['data'])}` (tokens by role over its first {s['rows']:,} rows)",
-        "tokens by role: " + ", ".join(f"{k} {s[k]:,} ({s[k] / total:.1%})" for k in ("system", "user", "assistant", "tool", "template")),
+        f"data: `{shown_path(result['data'])}` (tokens by role over {s['rows']:,} rows)",
+        "tokens by role: " + ", ".join(f"{k} {s[k]:,} ({s[k] / total:.1%})" for k in roles),
         f"user : assistant tokens = {ua:.2f} : 1" if ua is not None else "user : assistant: no assistant tokens",
     ]
     first = result[next(a for a in ("masked", "unmasked") if a in result)]
@@ -277,8 +280,9 @@ def report_markdown(result: dict, arms) -> str:
             lines.append(f"- {arm} seed {s['seed']}: final {_f(s['final_val_loss'])}, best {_f(s['best_val_loss'])}"
                          + (f", stopped {st['stopped']}/{st['prompts']}" if st.get("prompts") else "")
                          + "".join(f", F1 {n} {f:.3f}" for n, f in f1s.items()))
+    configs = {k: result[k] for k in ("data_config", "train_config", "compare_config")}
     lines += ["", "## How it was made", "", "```", result["command"], "```", "", "```json",
-              json.dumps({k: result[k] for k in ("data_config", "train_config", "compare_config")}, indent=2), "```", ""]
+              json.dumps(configs, indent=2), "```", ""]
     return "\n".join(lines)
 
 
@@ -288,8 +292,8 @@ def _answers_html(result: dict, arms) -> str:
         return ""
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for h in ["passage (start)", "question: what describes…", "gold", *arms])
-    rows = "".join("<tr>" + "".join(f"<td>{e(str(x)) or '(empty)'}</td>" for x in
-                                    [r["passage"], r["type"], r["gold"], *(r[a] for a in arms)]) + "</tr>" for r in side)
+    cells = ([r["passage"], r["type"], r["gold"], *(r[a] for a in arms)] for r in side)
+    rows = "".join("<tr>" + "".join(f"<td>{e(str(x)) or '(empty)'}</td>" for x in c) + "</tr>" for c in cells)
     return f"<h2>Answers side by side (seed 0, held-out questions)</h2><table><tr>{head}</tr>{rows}</table>"
 
 
@@ -307,7 +311,8 @@ def _f1_html(result, arms) -> str:
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for h in F1_HEAD)
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<h2>Entity F1 (greedy answers)</h2><table><tr>{head}</tr>{body}</table><p>{_code(f1_verdict(result, arms))}</p>"
+    return (f"<h2>Entity F1 (greedy answers)</h2><table><tr>{head}</tr>{body}</table>"
+            f"<p>{_code(f1_verdict(result, arms))}</p>")
 
 
 def report_html(result: dict, arms, svg: str) -> str:
@@ -323,6 +328,7 @@ def report_html(result: dict, arms, svg: str) -> str:
         "pre{background:#f6f6f6;padding:1em;overflow:auto}svg{max-width:100%;height:auto}</style></head><body>"
         f"<h1>chatmask compare: masked vs unmasked</h1>{svg}<ul>{stats}</ul>"
         "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEAD) + f"</tr>{rows}</table>"
-        f"<p>{_code(_verdict(result, arms))}</p>{_stop_html(result, arms)}{_f1_html(result, arms)}{_answers_html(result, arms)}<h2>How it was made</h2><pre>{e(result['command'])}</pre><pre>{conf}</pre>"
+        f"<p>{_code(_verdict(result, arms))}</p>{_stop_html(result, arms)}{_f1_html(result, arms)}"
+        f"{_answers_html(result, arms)}<h2>How it was made</h2><pre>{e(result['command'])}</pre><pre>{conf}</pre>"
         "</body></html>"
     )

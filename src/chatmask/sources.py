@@ -155,7 +155,8 @@ def _read_jsonl(path: str, name: str):
                 yield src, ConversationError(f"{src}: invalid JSON: {e.msg} at column {e.colno}{hint}. {FIX_ROW}",
                                              reason="invalid JSON")
     if not seen:
-        raise ConversationError(f"{name}: file is empty; expected one JSON object (a row) per line", reason="empty file")
+        raise ConversationError(f"{name}: file is empty; expected one JSON object (a row) per line",
+                                reason="empty file")
 
 
 def _read_library(target: str, path: str, name: str, split: str):
@@ -183,7 +184,8 @@ def _read_library(target: str, path: str, name: str, split: str):
     except Exception as e:  # pyarrow, datasets and fsspec raise many types; the user needs the message
         what = "is no file or folder here, and loading it from the Hugging Face Hub failed"
         if os.path.exists(path):
-            what = "cannot read as Parquet" if os.path.isfile(path) else "cannot read as a datasets folder (save_to_disk)"
+            what = ("cannot read as Parquet" if os.path.isfile(path)
+                    else "cannot read as a datasets folder (save_to_disk)")
         raise ConversationError(f"{target}: {what}: {type(e).__name__}: {e}", reason="unreadable source") from e
 
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 from . import templates
 from .errors import ChatmaskWarning, TemplateError, short
-from .markers import S0, S1, analyse, common_suffix
+from .markers import analyse
 from .messages import normalize_messages
+from .sentinels import S0, S1, common_suffix
 
 _PAD = " \n "  # around a sentinel, tells whether the template strips a message's content
 _SENTINEL_RE = re.compile(S0 + r"(\d+)" + S1)
@@ -166,7 +167,8 @@ class Renderer:
             start, end = region[i]
             h, preserving = self._answer_start(self._sentinel_render(roles[:i], True), S, start)
             g = start - h  # end of the generation prompt in S: inside a template piece, or no fast path
-            k = next((k for k, p0 in enumerate(sk.piece_starts) if p0 <= g and (k == len(pieces) or g <= p0 + len(pieces[k][0]))), None)
+            k = next((k for k, p0 in enumerate(sk.piece_starts)
+                      if p0 <= g and (k == len(pieces) or g <= p0 + len(pieces[k][0]))), None)
             if k is None:
                 return None
             sk.head[i] = (k, g - sk.piece_starts[k])
@@ -341,7 +343,8 @@ def _diff_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
     return p, len(R) - q
 
 
-def content_spans(messages, tokenizer, template=None, source="", stop_tokens=()) -> tuple[str, dict[int, tuple[int, int]]]:
+def content_spans(messages, tokenizer, template=None, source="",
+                  stop_tokens=()) -> tuple[str, dict[int, tuple[int, int]]]:
     """The training text and the character span of each rendered message content in it (for audits: which
     role each token came from). Messages a template does not render have no span."""
     r = renderer(tokenizer, template, stop_tokens=stop_tokens)

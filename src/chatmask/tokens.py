@@ -132,7 +132,8 @@ class TextTokens:
             name = type(tokenizer).__name__
             why = ("it encodes conversations with mistral-common, not with a chat template the rendering can be "
                    "checked against" if name == "MistralCommonBackend" else
-                   "it is not a fast (Rust `tokenizers`) tokenizer, so its tokens cannot be mapped to the rendered text")
+                   "it is not a fast (Rust `tokenizers`) tokenizer, so its tokens cannot be mapped to the rendered "
+                   "text")
             raise TemplateError(
                 f"{name} cannot be used for labels: {why}. Load the model's fast tokenizer instead, e.g. "
                 "transformers.AutoTokenizer.from_pretrained(name) or PreTrainedTokenizerFast.from_pretrained(name) "

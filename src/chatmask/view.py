@@ -2,7 +2,8 @@
 
 `rows(example, tokenizer)` gives plain data; `print_table` writes it to a terminal (ANSI colours in a
 terminal, plain text when piped) and `html_page` makes a self-contained HTML page. Trained tokens are
-highlighted, special tokens marked, token boundaries visible. Reads an Example, never feeds back.
+highlighted, special tokens marked, token boundaries visible. `labelled_rows` reads the Examples to show
+from a file or a prepared folder; nothing here feeds back into the data.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import html
 import re
 from dataclasses import dataclass
 
+from . import config
+from .config import DataConfig
+from .errors import ChatmaskError
 from .labels import IGNORE
 from .tokens import text_tokens
 
@@ -90,7 +94,8 @@ def print_table(example, tokenizer, console=None) -> None:
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.2em} .sum{color:#555;margin-bottom:1em}
-.flow{font-family:ui-monospace,monospace;line-height:2.1;white-space:pre-wrap;word-break:break-all;border:1px solid #ccc;padding:.6em}
+.flow{font-family:ui-monospace,monospace;line-height:2.1;white-space:pre-wrap;word-break:break-all;
+  border:1px solid #ccc;padding:.6em}
 .t{border:1px solid #bbb;border-radius:3px;padding:1px 2px;margin:0 1px;background:#f4f4f4}
 .t.tr{background:#b9f6b9;border-color:#2a8a2a;font-weight:600} .t.sp{color:#8a2be2}
 table{border-collapse:collapse;font-family:ui-monospace,monospace;font-size:.9em;margin-top:1em}
@@ -111,7 +116,8 @@ def html_page(examples, tokenizer, title: str = "chatmask: what is trained") -> 
         parts.append(f"<h2 class='sum'>{html.escape(summary_line(ex))}</h2><div class='flow'>")
         for r in rs:
             cls = "t" + (" tr" if r.trained else "") + (" sp" if r.special else "")
-            parts.append(f"<span class='{cls}' title='#{r.index} id {r.id} label {r.label}'>{html.escape(r.text)}</span>")
+            title = f"#{r.index} id {r.id} label {r.label}"
+            parts.append(f"<span class='{cls}' title='{title}'>{html.escape(r.text)}</span>")
         parts.append("</div><table><tr><th>#</th><th>token</th><th>id</th><th>label</th></tr>")
         for r in rs:
             cls = ("tr " if r.trained else "") + ("sp" if r.special else "")
@@ -120,3 +126,34 @@ def html_page(examples, tokenizer, title: str = "chatmask: what is trained") -> 
         parts.append("</table>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def labelled_rows(data: str, cfg: DataConfig, *, first: int = 0, count: int = 1, model: str | None = None):
+    """(tokenizer, Examples) of rows first..first+count of `data`: read from a folder prepare wrote (its tokenizer
+    and template unless `cfg` names others), else labelled now by `cfg` (invalid rows passed over, as prepare does)."""
+    from itertools import islice
+
+    from . import conversations
+    from .hub import data_tokenizer, stop_tokens
+    from .labels import Example, encode
+    from .prepare import prepared_config
+
+    conf = prepared_config(data)
+    if conf is not None:
+        import datasets
+
+        dc = config.build(DataConfig, None, base=conf, tokenizer=cfg.tokenizer, template=cfg.template,
+                          add_template_tokens=cfg.add_template_tokens or None)
+        ds = datasets.load_from_disk(str(data))
+        if first >= len(ds):
+            raise ChatmaskError(f"{data}: no row {first}; it has {len(ds)} rows")
+        picked = ds.select(range(first, min(len(ds), first + count)))
+        return data_tokenizer(dc), [Example(r["input_ids"], r["labels"], r["source"]) for r in picked]
+    tok = data_tokenizer(cfg, model)
+    stops = stop_tokens(cfg, tok)
+    convs = list(islice(conversations.load(data, format=cfg.format, salvage=cfg.salvage, skip_invalid=True),
+                        first, first + count))
+    if not convs:
+        raise ChatmaskError(f"{data}: no row {first} (the data has fewer valid rows)")
+    return tok, [encode(c.messages, tok, template=cfg.template, train_on=cfg.train_on, source=c.source,
+                        end_of_turn=cfg.end_of_turn, stream=cfg.stream, stop_tokens=stops) for c in convs]
