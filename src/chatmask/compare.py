@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 from . import config
 from .config import ARMS, CompareConfig, DataConfig, TrainConfig
 from .errors import ConfigError
-from .paths import atomic_write_text
+from .paths import atomic_write_bytes, atomic_write_text
 from .train import train
 
 
@@ -317,8 +316,6 @@ def _plot(out: Path, summary: dict, arms) -> str:
     fig.savefig(png, format="png", dpi=120)
     fig.savefig(svg, format="svg")
     plt.close(fig)
-    tmp = out / f".loss.png.tmp-{os.getpid()}"  # paths has a text writer only; the same beside-then-rename
-    tmp.write_bytes(png.getvalue())
-    os.replace(tmp, out / "loss.png")
+    atomic_write_bytes(out / "loss.png", png.getvalue())
     atomic_write_text(out / "loss.svg", svg.getvalue())
     return svg.getvalue()

@@ -3,7 +3,7 @@
 `atomic_dir(final, write)` runs `write(tmp)` on a new folder beside `final` and swaps it in when
 complete: a kill at any moment leaves the previous complete `final` or the new one, never neither and
 never a half-written one (a hidden `.NAME.tmp-*` / `.NAME.old-*` folder at most, which readers ignore).
-`atomic_write_text(path, text)` does the same for one file.
+`atomic_write_text(path, text)` (and `atomic_write_bytes`) does the same for one file.
 """
 
 from __future__ import annotations
@@ -74,11 +74,16 @@ def atomic_dir(final: Path, write, *, replace: bool = True) -> Path:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small text file (a result, a config) beside and rename it in: readers see the old file or
     the new one, never a cut one."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`atomic_write_text` for bytes (a plot)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         umask = os.umask(0o22)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
