@@ -104,6 +104,25 @@ def test_packed_loss_and_gradients_equal_unpacked_and_no_cross_attention(bpe_tok
     assert torch.allclose(a[0, n0:], b[0, n0:], atol=1e-6) and torch.allclose(a[1:], b[1:], atol=1e-6)
 
 
+@pytest.mark.parametrize("attention", ["mask", "varlen"])
+@pytest.mark.parametrize("train_on", ["all", "last_assistant"])
+def test_packing_trains_the_arm_it_is_given(bpe_tok, attention, train_on):
+    """The unmasked arm packed trains what it trains padded: the same tokens, the same loss (a pack that kept
+    the stored assistant labels would train the masked arm under both names)."""
+    from chatmask.attention import packed_attention
+
+    model = tiny(bpe_tok)
+    if attention == "varlen":
+        assert packed_attention(model) == "varlen"
+    rows = encoded(bpe_tok, 4)
+    pad = batches.collate(rows, bpe_tok.pad_token_id, train_on=train_on)
+    packed = batches.pack(rows, bpe_tok.pad_token_id, train_on=train_on, max_tokens=64, attention=attention)
+    assistant = batches.collate(rows, bpe_tok.pad_token_id)
+    with torch.no_grad():
+        (s0, n0), (s1, n1), (_, na) = (token_loss_sum(model, b) for b in (pad, packed, assistant))
+    assert n0 == n1 != na and float(s1) == pytest.approx(float(s0), rel=1e-5)
+
+
 def test_varlen_packs_one_row_without_padding_and_boundaries_cover_it(bpe_tok):
     rows = encoded(bpe_tok, 5)
     p = batches.pack(rows, bpe_tok.pad_token_id, max_tokens=40, attention="varlen")
