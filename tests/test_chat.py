@@ -30,7 +30,7 @@ def _train(data, base_dir, out, finetune, bpe_tok):
     """Train a few steps; the greedy answer of the trained model in memory, as the run ends."""
     seen = {}
 
-    def on_end(model, split):
+    def on_end(model, holdout):
         seen["answer"] = generate_answers(model, bpe_tok, [PROMPT], max_new_tokens=8)[0]
         return {}
 

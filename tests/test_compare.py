@@ -155,8 +155,9 @@ def test_report_files(study):
     assert ("is 0: no run named a gold entity" if zero else "paired bootstrap over the 4 questions") in md
 
 
-def _rerun(study, bpe_tok, data_cfg=DataConfig(), tc=TC, cc=CC):
-    out, _, data, _ = study
+def _rerun(study, bpe_tok, data_cfg=DataConfig(), tc=TC, cc=CC, data=None):
+    out, _, given, _ = study
+    data = data or given
 
     def no_model():
         raise AssertionError("a finished run was trained again")
@@ -186,6 +187,14 @@ def test_reuse_refuses_runs_made_with_other_data_settings(study, bpe_tok, change
     finished with the old one are not reported as the new one's."""
     with pytest.raises(chatmask.ConfigError, match=r"masked-seed0 finished with other settings: " + said):
         _rerun(study, bpe_tok, data_cfg=DataConfig(**change))
+
+
+def test_reuse_refuses_runs_made_on_other_data(study, bpe_tok, tmp_path):
+    """Another file (here the same rows less one) makes other runs, even into a finished --out."""
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(NER[:-1]))
+    with pytest.raises(chatmask.ConfigError, match=r"masked-seed0 finished with other settings: .*other.json"):
+        _rerun(study, bpe_tok, data=str(other))
 
 
 def test_compare_scores_held_out_rows_and_an_unseen_set(ner_file, bpe_tok, tmp_path):

@@ -157,3 +157,11 @@ def test_train_on_and_truncation_are_spelt_in_one_place():
     assert config.field_kind(hints["truncation"])[1] == list(config.TRUNCATION)
     demo = cli.build_parser()._subparsers._group_actions[0].choices["demo"]
     assert next(a for a in demo._actions if a.dest == "train_on").choices is config.TRAIN_ON
+
+
+@pytest.mark.parametrize("cls, name", [(CompareConfig, "seeds"), (CompareConfig, "metric_questions"),
+                                       (TrainConfig, "keep_checkpoints"), (TrainConfig, "lora_r")])
+def test_a_count_of_zero_is_refused_before_any_work(cls, name):
+    """`compare --seeds 0` ran nothing and then failed on an empty report; `--keep-checkpoints 0` kept all."""
+    with pytest.raises(ConfigError, match=f"--{name.replace('_', '-')} must be at least 1, not 0"):
+        config.check(cls(**{name: 0}))

@@ -53,9 +53,11 @@ def test_arrows_point_down_the_data_flow():
     assert {m for m, d in g.items() if "train" in d} <= {"cli", "compare"}
     assert {m for m, d in g.items() if "compare" in d} == {"cli"}
     # prepared data needs a tokenizer, never a model; reading rows needs nothing from the labelling engine
-    for m in ("prepare", "labels", "spans", "tokens", "markers", "view", "conversations", "sources", "hub"):
+    engine = ("labels", "spans", "tokens", "markers", "sentinels", "truncation", "template_checks")
+    for m in ("prepare", "audit", "view", "conversations", "sources", "hub", *engine):
         assert "models" not in g[m] and "train" not in g[m], m
-    assert not g["conversations"] & {"labels", "spans", "tokens", "markers", "prepare"}
+    assert not g["conversations"] & {*engine, "prepare", "audit"}
+    assert {m for m, d in g.items() if "cli" in d} <= {"__main__"}  # nothing imports the command line
     assert g["errors"] == set()
     # talking to a model and scoring it both generate through generation.py; neither uses the other
     assert "metrics" not in g["chat"] and "chat" not in g["metrics"] and "generation" in g["chat"] & g["metrics"]

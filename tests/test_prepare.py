@@ -281,6 +281,18 @@ def test_tokens_by_role_are_counted_in_prepares_own_pass(tmp_path, bpe_tok, temp
     assert s["user_to_assistant"] == pytest.approx(want["user"] / want["assistant"])
 
 
+def test_tokens_by_role_with_an_end_of_turn_given(tmp_path, base_tok):
+    """--end-of-turn reaches the role count too: a template only it makes trainable was counted as no rows."""
+    from test_markers import HEADLESS
+
+    rows = [{"messages": r["messages"][:2]} for r in ROWS[:6]]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    s = prepare(data, DataConfig(template=HEADLESS, end_of_turn=" ||"), tmp_path / "o", tokenizer=base_tok,
+                progress=False).stats
+    assert s["rows_kept"] == 6 and s["tokens_by_role_rows"] == 6
+    assert s["tokens_by_role"]["user"] > 0 and s["tokens_by_role"]["assistant"] > 0
+
+
 def test_tokens_by_role_count_the_first_batches_only(tmp_path, bpe_tok, monkeypatch):
     """Counting by role looks at each rendering again: only the batches that start within audit.ROLE_ROWS
     rows pay for it, and stats.json says over how many rows (the same counts as those rows alone give)."""
@@ -304,13 +316,14 @@ def test_fail_if_names_every_numeric_statistic_and_checks_it(tmp_path, bpe_tok):
     s = prepare(data, DataConfig(), tmp_path / "o", tokenizer=bpe_tok, progress=False).stats
     numeric = {k for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} - {"seconds"}
     assert set(audit.STAT_NAMES) == numeric
-    assert audit.failed_condition(s, ["rows_kept<4", "rows_kept<5", "trained_fraction>0"]) == "rows_kept<5"
-    assert audit.failed_condition(s, ["rows_kept>4", "rows_dropped!=0", "tokens<=3"]) is None
-    assert audit.failed_condition({**s, "user_to_assistant": None}, ["user_to_assistant<1e9"]) is None
+    held = audit.failed_conditions(s, ["rows_kept<4", "rows_kept<5", "trained_fraction>0"])
+    assert held == ["rows_kept<5", "trained_fraction>0"]
+    assert audit.failed_conditions(s, ["rows_kept>4", "rows_dropped!=0", "tokens<=3"]) == []
+    assert audit.failed_conditions({**s, "user_to_assistant": None}, ["user_to_assistant<1e9"]) == []
     for bad, said in (("rows_kept", "expected NAME OP NUMBER"), ("nonsense<1", "unknown statistic 'nonsense'"),
                       ("rows_kept<1.2.3", "'1.2.3' is not a number")):
         with pytest.raises(chatmask.ChatmaskError, match=said):
             audit.parse_expr(bad)
     lines = "\n".join(audit.summary_lines(s))
     assert "rows: 4 kept of 4 read" in lines
-    assert f"tokens by role (4 rows): system 0 (0.0%), user {s['tokens_by_role']['user']:,} (" in lines
+    assert f"tokens by role (its first 4 rows kept): system 0 (0.0%), user {s['tokens_by_role']['user']:,} (" in lines

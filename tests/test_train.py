@@ -2,6 +2,7 @@
 accumulation window, the same validation tokens for every arm, and exact resume."""
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -525,13 +526,21 @@ def test_evaluate_rows_are_each_rows_own_loss(bpe_tok, sparse):
 STATE_KEYS = {"step", "history", "evals", "trained_tokens", "input_tokens", "seconds", "val_row_losses"}
 
 
-def test_an_old_checkpoints_state_json_still_resumes():
-    """state.json's keys are the loop state's: one written before val_row_losses existed reads back, and what
-    is written now has the same keys (plus Python's random state, kept apart)."""
+def test_an_old_checkpoints_state_json_still_resumes(tmp_path):
+    """state.json's keys are the loop state's: one written before val_row_losses existed reads back through
+    the path resume takes (checkpoints.read_state, Python's random state restored), and what is written now
+    has the same keys (plus Python's random state, kept apart)."""
+    import random
+
+    pr = random.getstate()
     old = {"step": 4, "history": [{"step": 4, "train_loss": 2.5, "lr": 1e-3, "trained_tokens": 30, "tokens_per_s": 9}],
            "evals": [{"step": 0, "val_loss": 3.0, "seconds": 0.1}], "trained_tokens": 120, "input_tokens": 300,
-           "seconds": 1.5, "python_random": [3, [1, 2], None]}
-    state = LoopState.from_json(old)
+           "seconds": 1.5, "python_random": [pr[0], list(pr[1]), pr[2]]}
+    (tmp_path / "state.json").write_text(json.dumps(old))
+    want = random.random()
+    random.seed(1)
+    state = checkpoints.read_state(tmp_path)
+    assert random.random() == want
     assert (state.step, state.trained_tokens, state.input_tokens, state.val_row_losses) == (4, 120, 300, None)
     assert state.to_json() == {k: v for k, v in old.items() if k != "python_random"}
     state.val_row_losses = [[1.5, 3]]
@@ -657,3 +666,29 @@ def test_quantize_trains_lora_on_bitsandbytes_4bit_layers(tmp_path, monkeypatch,
     train(data, DataConfig(), cfg, tmp_path / "q", on_end=look, progress=False, log=None)
     projections = 7 * 2  # q, k, v, o, gate, up, down in each of 2 layers; the head stays unquantized
     assert seen == {"4bit": projections, "lora on 4bit": projections, "lora moved": True}
+
+
+def test_a_prepared_folder_trains_with_its_own_tokenizer_and_template(tmp_path, monkeypatch):
+    """`chatmask train FOLDER` (no tokenizer given) takes the folder's tokenizer settings: a folder prepared
+    with a built-in template whose tokens were added trained on the model's tokenizer would index past its
+    embeddings (was an IndexError)."""
+    from conftest import make_base_bpe_tokenizer
+
+    from chatmask import prepare as prep
+    from chatmask.hub import data_tokenizer
+
+    monkeypatch.setenv("CHATMASK_CACHE", str(tmp_path / "cache"))
+    base = make_base_bpe_tokenizer()
+    mdir = model_folder(tmp_path / "m", base)
+    rows = [{"messages": [{"role": "user", "content": f"What is {k} plus {k}?"},
+                          {"role": "assistant", "content": f"It is {2 * k}."}]} for k in range(24)]
+    d = tmp_path / "d.jsonl"
+    d.write_text("\n".join(json.dumps(r) for r in rows))
+    dc = DataConfig(template="chatml", add_template_tokens=True)
+    tok = data_tokenizer(dc, mdir)
+    assert len(tok) > len(base)
+    folder = prep.prepare(str(d), dc, tmp_path / "p", tokenizer=tok, progress=False).path
+    cfg = TrainConfig(model=mdir, steps=1, eval_every=1, save_every=1, val_split=0.2, batch_size=4, finetune="full",
+                      tensorboard=False, stop_prompts=0)
+    r = train(str(folder), DataConfig(), cfg, tmp_path / "o", progress=False, log=None)
+    assert r["steps"] == 1 and math.isfinite(r["final_val_loss"])

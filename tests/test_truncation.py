@@ -5,7 +5,7 @@ import pytest
 
 import chatmask
 from chatmask import IGNORE, ConversationError
-from chatmask.truncation import FIRST_ANSWER, TOO_LONG
+from chatmask.truncation import FIRST_ANSWER, TOO_LONG, truncate
 
 MULTI_TURN = [m for k in range(4) for m in (
     {"role": "user", "content": f"question {k}?"}, {"role": "assistant", "content": f"answer number {k}."})]
@@ -48,3 +48,6 @@ def test_an_answer_that_ends_exactly_at_max_length_is_kept_whole(bpe_tok):
 def test_unknown_truncation_is_a_config_error(bpe_tok):
     with pytest.raises(chatmask.ConfigError, match="truncation must be one of turns, right, drop"):
         chatmask.encode(MULTI_TURN, bpe_tok, max_length=8, truncation="left")
+    ex = chatmask.encode(MULTI_TURN, bpe_tok)
+    with pytest.raises(chatmask.ConfigError, match="truncation must be one of turns, right, drop, not 'left'"):
+        truncate(ex, 8, "left", [len(ex.input_ids)])

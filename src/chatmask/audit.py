@@ -2,7 +2,7 @@
 
 `Tally` counts while prepare labels (rows kept and dropped by reason, tokens, trained tokens, answers
 without a trained stop, lengths, and `tokens_by_role`, which `role_counts` reads off the same rows);
-`summary_lines`, `stop_summary` and `drop_summary` say it in words; `parse_expr` and `failed_condition`
+`summary_lines`, `stop_summary` and `drop_summary` say it in words; `parse_expr` and `failed_conditions`
 are the `--fail-if` expressions.
 """
 
@@ -37,7 +37,7 @@ _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge
 # ---------------------------------------------------------------- tokens by role
 
 
-def role_counts(rows, tok, template=None, stop_tokens=()) -> list[tuple[int, ...] | None]:
+def role_counts(rows, tok, template=None, stop_tokens=(), end_of_turn=None) -> list[tuple[int, ...] | None]:
     """Per `(messages, source)` row, its rendering's tokens by role (in ROLES order): each token of the
     whole-text encoding goes to the message content its first character is in, else to the template.
     Counted before truncation; None for a row the template cannot render. The tokens come from the
@@ -45,7 +45,7 @@ def role_counts(rows, tok, template=None, stop_tokens=()) -> list[tuple[int, ...
     plans = []
     for messages, source in rows:
         try:
-            text, spans = labels.content_spans(messages, tok, template, source, stop_tokens)
+            text, spans = labels.content_spans(messages, tok, template, source, stop_tokens, end_of_turn)
         except ChatmaskError:
             plans.append(None)
             continue
@@ -195,7 +195,7 @@ def summary_lines(s: dict) -> list[str]:
     by_role = s.get("tokens_by_role")
     if by_role is not None:
         total = sum(by_role.values()) or 1
-        lines.append(f"tokens by role ({s['tokens_by_role_rows']:,} rows): "
+        lines.append(f"tokens by role (its first {s['tokens_by_role_rows']:,} rows kept): "
                      + ", ".join(f"{k} {v:,} ({v / total:.1%})" for k, v in by_role.items()))
         ua = s["user_to_assistant"]
         lines.append(f"user:assistant tokens = {ua:.2f} : 1" if ua is not None else
@@ -229,11 +229,12 @@ def parse_expr(expr: str) -> tuple[str, str, float]:
     return name, op, number
 
 
-def failed_condition(stats: dict, exprs) -> str | None:
-    """The first of the --fail-if expressions `exprs` that holds for `stats`, or None (a statistic that is
-    None, such as user_to_assistant without assistant tokens, holds nothing)."""
+def failed_conditions(stats: dict, exprs) -> list[str]:
+    """The --fail-if expressions of `exprs` that hold for `stats`, in order (a statistic that is None, such
+    as user_to_assistant without assistant tokens, holds nothing)."""
+    held = []
     for expr in exprs:
         name, op, number = parse_expr(expr)
         if stats.get(name) is not None and _OPS[op](stats[name], number):
-            return expr
-    return None
+            held.append(expr)
+    return held

@@ -127,9 +127,9 @@ def cmd_stats(args) -> int:
     s = dataset_stats(args.data, cfg, data_tokenizer(cfg, args.model), progress=not args.quiet,
                       log=lambda line: print(line, file=sys.stderr))
     print(json.dumps(s, indent=2) if args.json else "\n".join(audit.summary_lines(s)))
-    failed = audit.failed_condition(s, args.fail_if or [])
-    if failed:
-        print(f"chatmask stats: --fail-if {failed!r} holds", file=sys.stderr)
+    failed = audit.failed_conditions(s, args.fail_if or [])
+    for expr in failed:
+        print(f"chatmask stats: --fail-if {expr!r} holds", file=sys.stderr)
     return 1 if failed else 0
 
 

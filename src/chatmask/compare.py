@@ -90,7 +90,7 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
             tc = config.replace(train_cfg, seed=train_cfg.seed + seed, resume=True)
             dc = config.replace(labelled, train_on=ARMS[arm])
             if done.exists():
-                _check_reuse(rdir, dc, tc)
+                _check_reuse(rdir, str(prepared.path), dc, tc)
                 res = json.loads(done.read_text())
                 _check_metric_reuse(rdir, res, cmp)
                 runs[(arm, seed)] = res
@@ -107,17 +107,17 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
     return write_report(out, data, data_cfg, train_cfg, cmp, runs, prepared.stats, command)
 
 
-def _check_reuse(rdir: Path, dc: DataConfig, tc: TrainConfig) -> None:
-    """A finished run is reused only if it was made with these settings (data and training alike): a rerun
-    of compare with another --lr or --max-length into the same folder would otherwise report the old runs
-    as the new ones. `dc` names the stop list it labels with; a run saved with none named (`stop_tokens`
-    null: the model's own, as `dc`'s was read) is not refused for that."""
+def _check_reuse(rdir: Path, prepared: str, dc: DataConfig, tc: TrainConfig) -> None:
+    """A finished run is reused only if it was made with these settings, by the rule resume keeps
+    (checkpoints.changed_settings: the data, its labelling, the training): a rerun of compare on another file
+    or with another --lr or --max-length into the same folder would otherwise report the old runs as new."""
+    from .checkpoints import changed_settings
+
     try:
         saved = json.loads((rdir / "config.json").read_text())
     except (OSError, ValueError):
         return  # a run from before config.json was written: nothing to compare against
-    data_config = {k: v for k, v in saved.get("data_config", {}).items() if not (k == "stop_tokens" and v is None)}
-    unsafe, _ = config.run_changes({**saved, "data_config": data_config}, dc, tc)
+    unsafe, _ = changed_settings(saved, prepared, dc, tc)
     if unsafe:
         raise ConfigError(f"{rdir} finished with other settings: {config.describe_changes(unsafe)}; pass another "
                           "--out for these settings, or delete that folder to redo it")

@@ -253,7 +253,8 @@ def field_kind(tp):
 NONE = "none"
 """What an optional number takes for "no value", as a flag or in YAML (`--max-length none`: no limit)."""
 AT_LEAST_ONE = ("max_length", "num_proc", "limit", "steps", "batch_size", "grad_accum", "eval_every", "save_every",
-                "eval_batch_size", "pack_tokens", "threads", "stop_max_new_tokens", "max_new_tokens")
+                "eval_batch_size", "pack_tokens", "threads", "stop_max_new_tokens", "max_new_tokens",
+                "keep_checkpoints", "lora_r", "seeds", "metric_questions")
 """The counts of any config that must be 1 or more (where set)."""
 
 

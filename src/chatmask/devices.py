@@ -90,5 +90,5 @@ def command_threads(cfg, say) -> None:
     launch each process's threads are theirs to choose, and on a GPU the CPU threads barely matter."""
     if "LOCAL_RANK" in os.environ or "RANK" in os.environ:
         return
-    if not torch.cuda.is_available():
+    if no_device():
         cpu_threads(cfg, say)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from . import batches
-from .errors import ConfigError
-from .generation import generate_ids, headers_of, inference, stopping
+from .errors import ChatmaskError, ConfigError
+from .generation import generate_ids, headers_of, inference, run_renderer, stopping
 from .labels import IGNORE
 
 
@@ -226,9 +226,6 @@ def run_stop_rate(model, tokenizer, val, data_cfg, train_cfg, progress: bool = F
     """`stop_rate` as a run measures it: rendered as its rows were labelled (generation.run_renderer), with
     its --stop-prompts, --stop-max-new-tokens and --eval-batch-size; no stop to measure (a template without
     an end of turn, no eos) is a reason in the dict, not an exception."""
-    from .errors import ChatmaskError
-    from .generation import run_renderer
-
     try:
         return stop_rate(model, tokenizer, val, run_renderer(tokenizer, data_cfg), prompts=train_cfg.stop_prompts,
                          max_new_tokens=train_cfg.stop_max_new_tokens, batch_size=train_cfg.eval_batch_size,

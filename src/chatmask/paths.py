@@ -1,8 +1,9 @@
 """Where chatmask keeps things, and the one way it writes a folder or a small file: beside, then swapped in.
 
 `atomic_dir(final, write)` runs `write(tmp)` on a new folder beside `final` and swaps it in when
-complete: a kill at any moment leaves the previous complete `final` or the new one, never neither and
-never a half-written one (a hidden `.NAME.tmp-*` / `.NAME.old-*` folder at most, which readers ignore).
+complete: a kill leaves the previous complete `final` or the new one, never a half-written one (a hidden
+`.NAME.tmp-*` / `.NAME.old-*` folder at most, which readers ignore); only a kill in the instant between
+swap_in's two renames leaves the previous one in `.NAME.old-*/x` instead (no reader looks there yet: #27).
 `atomic_write_text(path, text)` (and `atomic_write_bytes`) does the same for one file.
 """
 

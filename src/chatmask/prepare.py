@@ -147,7 +147,7 @@ def _label_batch(batch, cfg: DataConfig, tok=None, by_role: bool = True) -> list
                                  truncation=cfg.truncation, end_of_turn=cfg.end_of_turn, stream=cfg.stream,
                                  stop_tokens=stops)
     kept = [row for row, r in zip(batch, encoded) if not isinstance(r, ChatmaskError)]
-    roles = iter(audit.role_counts(kept, tok, cfg.template, stops) if by_role else [None] * len(kept))
+    roles = iter(audit.role_counts(kept, tok, cfg.template, stops, cfg.end_of_turn) if by_role else [None] * len(kept))
     return [Dropped(r.reason, str(r)) if isinstance(r, ChatmaskError) else Labelled(
         r.input_ids, r.labels, r.source, r.truncated, r.respelt, r.unstopped, r.stop_appended, next(roles))
         for r in encoded]

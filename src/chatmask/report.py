@@ -177,7 +177,7 @@ def _stats_lines(result):
     total = sum(s[k] for k in roles) or 1
     ua = s.get("user_to_assistant")
     lines = [
-        f"data: `{shown_path(result['data'])}` (tokens by role over {s['rows']:,} rows)",
+        f"data: `{shown_path(result['data'])}` (tokens by role over its first {s['rows']:,} rows kept)",
         "tokens by role: " + ", ".join(f"{k} {s[k]:,} ({s[k] / total:.1%})" for k in roles),
         f"user : assistant tokens = {ua:.2f} : 1" if ua is not None else "user : assistant: no assistant tokens",
     ]

@@ -343,11 +343,11 @@ def _diff_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
     return p, len(R) - q
 
 
-def content_spans(messages, tokenizer, template=None, source="",
-                  stop_tokens=()) -> tuple[str, dict[int, tuple[int, int]]]:
+def content_spans(messages, tokenizer, template=None, source="", stop_tokens=(),
+                  end_of_turn=None) -> tuple[str, dict[int, tuple[int, int]]]:
     """The training text and the character span of each rendered message content in it (for audits: which
     role each token came from). Messages a template does not render have no span."""
-    r = renderer(tokenizer, template, stop_tokens=stop_tokens)
+    r = renderer(tokenizer, template, end_of_turn, stop_tokens)
     msgs = normalize_messages(messages, source)
     R = r.training_text(msgs, source=source)
     found = _match_skeleton(r, msgs, R)

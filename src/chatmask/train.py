@@ -178,17 +178,17 @@ def _setup_data(acc, say, data, data_cfg: DataConfig, cfg: TrainConfig, out: Pat
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; pass a folder (it is created if missing)")
     saved = saved_for_resume(out, data, data_cfg, cfg, say)
-    tok = data_tokenizer(data_cfg, cfg.model, tokenizer, trust_remote_code=cfg.trust_remote_code)
+    source, made = run_data(data, data_cfg)  # a prepared folder: its own tokenizer, template and stops
+    tok = data_tokenizer(made, cfg.model, tokenizer, trust_remote_code=cfg.trust_remote_code)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with acc.main_process_first():
-        ds = _prepared(data, data_cfg, tok, log if acc.is_main_process else None)
-        val_ds = _prepared(cfg.val_data, data_cfg, tok, None) if cfg.val_data else None
+        ds = _prepared(data, made, tok, log if acc.is_main_process else None)
+        val_ds = _prepared(cfg.val_data, made, tok, None) if cfg.val_data else None
     holdout = hold_out(ds, cfg, val_ds)
     given, cfg = cfg, dataclasses.replace(cfg, steps=total_steps(cfg, len(holdout.train), acc.num_processes))
     check_resumable(saved, out, holdout.val_sha256, cfg.steps)
     if given.epochs is not None:
         say(f"{given.epochs:g} epochs of {len(holdout.train):,} rows: {cfg.steps:,} steps")
-    source, made = run_data(data, data_cfg)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         resolved = {"data": source, "data_config": config.to_dict(made), "train_config": config.to_dict(given),

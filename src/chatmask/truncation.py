@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .errors import ConversationError
+from .config import TRUNCATION
+from .errors import ConfigError, ConversationError
 
 TOO_LONG, FIRST_ANSWER, NOTHING_TRAINED = "longer than max_length", "first answer past max_length", \
     "nothing trained within max_length"
@@ -38,7 +39,7 @@ def truncate(ex, max_length: int, policy: str, turn_ends, train_on: str = "assis
     elif policy == "right":
         cut = max_length
     else:
-        raise ValueError(f"unknown truncation policy {policy!r}")
+        raise ConfigError(f"truncation must be one of {', '.join(TRUNCATION)}, not {policy!r}")
     kept = [stopped for end, trained, stopped in turn_ends if end <= cut and trained]
     # labels equal the ids where trained: an answer runs on past the cut, and its stop is cut off
     cut_answer = ex.labels[cut - 1] == ex.input_ids[cut - 1] and cut not in {e for e, t, _ in turn_ends if t}

@@ -138,6 +138,8 @@ def labelled_rows(data: str, cfg: DataConfig, *, first: int = 0, count: int = 1,
     from .labels import Example, encode
     from .prepare import prepared_config
 
+    if first < 0 or count < 1:
+        raise ChatmaskError(f"--row must be 0 or more and --rows 1 or more, not --row {first} --rows {count}")
     conf = prepared_config(data)
     if conf is not None:
         import datasets
