@@ -331,6 +331,6 @@ def test_question_sets_are_read_once_for_the_same_validation_rows(ner_file, monk
                                                                             metric_data=ner_file))
     first = qs.get(val)
     assert [len(first[k]) for k in ("heldout", "unseen")] == [3, 3] and counts["load"] == 2
-    assert qs.get(list(reversed(val))) is not None and counts["load"] == 2
+    assert qs.get(list(reversed(val))) == first and counts["load"] == 2
     assert {p[0]["content"] for p, _, _ in first["heldout"]} == {f"Text: The band Alpha{k} played in Paris with "
                                                                   f"Beta{k}." for k in (0, 1)}

@@ -19,6 +19,8 @@ TrainOn = Literal["assistant", "all", "last_assistant"]
 TRAIN_ON = get_args(TrainOn)  # the one spelling of --train-on's values (labels checks against it)
 Truncation = Literal["turns", "right", "drop"]
 TRUNCATION = get_args(Truncation)  # the one spelling of --truncation's values
+Stream = Literal["rendering", "segments"]
+STREAMS = get_args(Stream)  # the one spelling of --stream's values (labels.py says what each is)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class DataConfig:
     """the model's stop tokens, comma-separated (e.g. '<|user|>,<|observation|>'): each answer's trained end is read
     with them; default: the eos_token_id list of the generation_config.json beside the tokenizer (its folder or hub
     repository); none: the tokenizer's eos only"""
-    stream: Literal["rendering", "segments"] = "rendering"
+    stream: Stream = "rendering"
     """token ids: the tokenizer's encoding of the whole rendered text, or each prompt/answer segment encoded
     alone (mistral-common's way)"""
     format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion"] = "auto"
@@ -358,8 +360,6 @@ def build(cls, section: dict | None, flags=None, *, base: dict | None = None, **
         return check(cls(**values))
     except TypeError as e:
         raise ConfigError(f"{cls.__name__}: {e}") from None
-
-
 
 
 def saved_run(out) -> dict:

@@ -28,7 +28,7 @@ import gc
 import itertools
 from dataclasses import dataclass
 
-from .config import TRAIN_ON, TRUNCATION
+from .config import STREAMS, TRAIN_ON, TRUNCATION
 from .errors import ChatmaskError, ConfigError, ConversationError, TemplateError
 from .messages import normalize_messages, weights as _weights
 from .spans import Renderer, Turn, answer_regions, content_spans, renderer, resolve_template
@@ -40,12 +40,11 @@ __all__ = ["IGNORE", "LENGTH_REASONS", "Example", "apply_train_on", "check_templ
            "encode_many", "encode_turns", "normalize_messages", "renderer", "resolve_template", "truncate"]
 
 IGNORE = -100
-STREAMS = ("rendering", "segments")
-"""The token stream: `rendering`, the tokenizer's encoding of the whole rendered text (what
-`apply_chat_template(tokenize=True)` feeds the model), a token that straddles a prompt/answer boundary
-re-spelt as its two parts; or `segments`, each prompt and answer segment encoded as a text of its own, the
-way mistral-common (and mistral-finetune) encode a conversation: a SentencePiece tokenizer then gives each
-segment its dummy prefix."""
+# STREAMS (config.STREAMS), the token stream: `rendering`, the tokenizer's encoding of the whole rendered text (what
+# `apply_chat_template(tokenize=True)` feeds the model), a token that straddles a prompt/answer boundary
+# re-spelt as its two parts; or `segments`, each prompt and answer segment encoded as a text of its own, the
+# way mistral-common (and mistral-finetune) encode a conversation: a SentencePiece tokenizer then gives each
+# segment its dummy prefix.
 
 
 @dataclass

@@ -11,6 +11,7 @@ import json
 import os
 import re
 
+from .audit import ROLES
 from .metrics import MIN_BOOTSTRAP_ITEMS
 
 
@@ -173,7 +174,7 @@ def _stop_html(result, arms) -> str:
 
 def _stats_lines(result):
     s = result["data_stats"]
-    roles = ("system", "user", "assistant", "tool", "template")
+    roles = ROLES
     total = sum(s[k] for k in roles) or 1
     ua = s.get("user_to_assistant")
     lines = [
