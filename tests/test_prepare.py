@@ -172,6 +172,14 @@ def test_cli_prepare_view_stats(tmp_path, tok_dir, capsys, monkeypatch):
     assert cli.main(["stats", data, "--tokenizer", tok_dir, "--quiet", "--fail-if", "trained_fraction<0.99"]) == 1
     assert cli.main(["stats", data, "--tokenizer", tok_dir, "--quiet", "--fail-if", "trained_fraction<0.01"]) == 0
     assert cli.main(["stats", data, "--tokenizer", tok_dir, "--quiet", "--fail-if", "nonsense<1"]) == 2
+    capsys.readouterr()
+    assert cli.main(["stats", data, "--tokenizer", tok_dir, "--quiet", "--fail-if", "trained_fraction<0.99",
+                     "--fail-if", "rows_kept<7", "--fail-if", "rows_kept<2"]) == 1
+    held = [line for line in capsys.readouterr().err.splitlines() if line.endswith("holds")]
+    assert held == [f"chatmask stats: --fail-if {e!r} holds" for e in ("trained_fraction<0.99", "rows_kept<7")]
+    for where in (data, str(out)):  # a mistyped row is a one-line error, never an internal one
+        assert cli.main(["view", where, "--tokenizer", tok_dir, "--row", "-1"]) == 2
+        assert "--row must be 0 or more" in capsys.readouterr().err
     # a template whose generation prompt ends in a space that merges with the answer's first word
     spaced = ("{% for m in messages %}{% if m.role == 'user' %}User: {{ m.content }}\n{% else %}Assistant: "
               "{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
