@@ -157,19 +157,51 @@ def _epoch_order(n_rows, seed, epoch, G, lengths):
 
 
 def micro_batches(ds, rows: list[int], cfg: TrainConfig, rank: int, world: int, pad_id: int, train_on: str, dtype,
-                  attention: str = "mask"):
+                  attention: str = "mask", budget: int | None = None):
     """This process's micro-batches of one optimizer step as (batch, real tokens), and the step's
-    trained-target count over all processes (every process computes it from the same rows)."""
+    trained-target count over all processes (every process computes it from the same rows). `budget`
+    (--micro-batch-tokens): each --batch-size slot is cut, in order, into micro-batches of at most that many
+    tokens (padding included); every process then runs the same number (`_even`)."""
     data = ds.select(rows)
     examples = [{"input_ids": i, "labels": lab} for i, lab in zip(data["input_ids"], data["labels"])]
     bs = cfg.batch_size
     out, total = [], 0
     for m in range(cfg.grad_accum):
-        for r in range(world):
-            chunk = examples[(m * world + r) * bs:(m * world + r + 1) * bs]
-            b = (pack(chunk, pad_id, train_on, cfg.pack_tokens, dtype, attention) if cfg.packing
-                 else collate(chunk, pad_id, train_on))
-            total += int((b["labels"][:, 1:] != IGNORE).sum())
-            if r == rank:
-                out.append((b, sum(len(x["input_ids"]) for x in chunk)))
+        slots = [_by_tokens(examples[(m * world + r) * bs:(m * world + r + 1) * bs], budget, not cfg.packing)
+                 for r in range(world)]
+        for r, pieces in enumerate(_even(slots, pad_id)):
+            for chunk in pieces:
+                b = (pack(chunk, pad_id, train_on, cfg.pack_tokens, dtype, attention) if cfg.packing
+                     else collate(chunk, pad_id, train_on))
+                if chunk[0].get("filler"):
+                    b["labels"].fill_(IGNORE)  # untrained whatever the arm (train_on="all" labels every id)
+                total += int((b["labels"][:, 1:] != IGNORE).sum())
+                if r == rank:
+                    out.append((b, sum(len(x["input_ids"]) for x in chunk if not x.get("filler"))))
     return out, total
+
+
+def _by_tokens(chunk: list[dict], budget: int | None, padded: bool) -> list[list[dict]]:
+    """`chunk` cut in order into runs of at most `budget` tokens (a padded run costs rows x its longest); a
+    row longer than the budget is a run of its own."""
+    if not budget:
+        return [chunk]
+    runs, run, longest = [], [], 0
+    for x in chunk:
+        n = len(x["input_ids"])
+        cost = (len(run) + 1) * max(longest, n) if padded else sum(len(y["input_ids"]) for y in run) + n
+        if run and cost > budget:
+            runs.append(run)
+            run, longest = [], 0
+        run.append(x)
+        longest = max(longest, n)
+    return runs + [run] if run else runs
+
+
+def _even(slots: list[list[list[dict]]], pad_id: int) -> list[list[list[dict]]]:
+    """Every process the same number of micro-batches (DDP broadcasts buffers and FSDP gathers weights at
+    each forward, so unequal counts would hang): a short list gets filler micro-batches of one untrained
+    token (loss 0, gradient 0)."""
+    k = max(len(s) for s in slots)
+    filler = {"input_ids": [pad_id], "labels": [IGNORE], "filler": True}
+    return [s + [[dict(filler)]] * (k - len(s)) for s in slots]

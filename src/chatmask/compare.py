@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import config
+from . import config, memory
 from .config import ARMS, CompareConfig, DataConfig, TrainConfig
 from .errors import ConfigError
 from .paths import atomic_write_bytes, atomic_write_text
@@ -100,6 +100,7 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
             t0 = time.perf_counter()
             res = train(str(prepared.path), dc, tc, rdir, tokenizer=tok,
                         model=model_factory() if model_factory else None, log=say, on_end=hook)
+            memory.release()  # the next arm starts where this one did
             res["wall_seconds"] = time.perf_counter() - t0
             res["metric_config"] = _metric_config(cmp)
             atomic_write_text(done, json.dumps(res, indent=2))

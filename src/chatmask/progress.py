@@ -1,11 +1,13 @@
 """Progress a person can follow on a terminal and in a log: a tqdm bar where stderr is a terminal, else a
 plain line at intervals (under nohup, a pipe or CI, tqdm draws nothing, and a run would say nothing for
 many minutes). `progress(total, desc, unit)` returns either; both take `update(n, **postfix)` and `close()`.
-`quiet_libraries()` keeps other libraries' chatter from burying chatmask's own lines.
+`quiet_libraries()` keeps other libraries' chatter from burying chatmask's own lines; `log_step` writes
+a run's OUT/log.jsonl (and TensorBoard).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -108,3 +110,24 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def tensorboard_writer(out, cfg, acc):
+    """TensorBoard's writer for OUT/tb on the main process with --tensorboard (None without it or tensorboard)."""
+    if not (cfg.tensorboard and acc.is_main_process):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def log_step(out, rec: dict, writer) -> None:
+    """One record appended to OUT/log.jsonl, its curves to TensorBoard."""
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if writer is not None:
+        for k in ("train_loss", "val_loss", "lr", "tokens_per_s"):
+            if k in rec:
+                writer.add_scalar(k, rec[k], rec["step"])

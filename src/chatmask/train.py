@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import batches, config
+from . import batches, config, memory
 from .checkpoints import (LoopState, check_resumable, is_sharded, latest_checkpoint, load_checkpoint, run_data,
                           save_checkpoint, save_model, save_sharded, saved_for_resume)
 from .config import DataConfig, TrainConfig
@@ -28,6 +28,7 @@ from .errors import ConfigError
 from .evaluation import Holdout, evaluate_rows, hold_out, shift_targets
 from .labels import IGNORE
 from .paths import atomic_write_text
+from .progress import log_step, tensorboard_writer as _tensorboard  # a name tests replace
 
 DEFAULT_STEPS = 100
 
@@ -90,6 +91,8 @@ class _Run:
     mask_dtype: object = None
     state: LoopState = field(default_factory=LoopState)
     lengths: list[int] | None = None
+    budget: int | None = None  # --micro-batch-tokens resolved for the device (memory.budget)
+    checkpointing: str = "never"  # memory.checkpointing: always | over budget | never
 
 
 def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, model=None, log=print,
@@ -121,7 +124,7 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
             if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
                 rec["val_loss"] = _evaluate(run)
             if acc.is_main_process:
-                _log_step(run.out, rec, writer)
+                log_step(run.out, rec, writer)
                 if bar is not None:
                     bar.update(1, loss=f"{rec['train_loss']:.4f}", lr=f"{rec['lr']:.2e}",
                                tok_s=f"{rec['tokens_per_s']:.0f}",
@@ -209,6 +212,8 @@ def _setup_model(run: _Run, model) -> None:
         sparse_head_works
 
     cfg, say = run.cfg, run.say
+    run.budget = memory.budget(cfg, run.acc.device)
+    run.checkpointing = memory.checkpointing(cfg, run.budget)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     run.mask_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
@@ -222,11 +227,12 @@ def _setup_model(run: _Run, model) -> None:
     if cfg.quantize != "none":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=run.checkpointing != "never",
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         keep_4bit_trainable(model)  # before any forward pass (the probe below, the first evaluation)
-    elif cfg.gradient_checkpointing:
+    elif run.checkpointing != "never":
         checkpoint_activations(model)
+    memory.set_recompute(model, run.checkpointing == "always")  # "over budget": per micro-batch, in _step
     if cfg.finetune == "lora":
         targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
         model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
@@ -241,6 +247,8 @@ def _setup_model(run: _Run, model) -> None:
         say(f"note: {type(model).__name__} does not apply logits_to_keep as a mask of positions; computing full "
             "logits (same loss, more time and memory)")
     run.model = model
+    if run.acc.device.type == "cpu":  # RSS is the memory that runs out there; on a GPU torch says it itself
+        say(memory.estimate_for(run.holdout.train, model, cfg, run.budget, run.checkpointing)[0])
 
 
 def _setup_optimizer(run: _Run) -> None:
@@ -281,13 +289,17 @@ def _step(run: _Run) -> dict:
     t0 = time.perf_counter()
     indices = batches.global_batch(len(run.holdout.train), cfg, step, world, run.lengths)
     mbs, n_total = batches.micro_batches(run.holdout.train, indices, cfg, rank, world, run.pad_id,
-                                         run.data_cfg.train_on, run.mask_dtype, run.attention)
+                                         run.data_cfg.train_on, run.mask_dtype, run.attention, run.budget)
     loss_sum = torch.zeros((), dtype=torch.float64)
     tokens = 0
     for k, (mb, n_tok) in enumerate(mbs):
         mb = batches.to_device(mb, acc.device)
         tokens += n_tok
-        with acc.no_sync(model) if k < len(mbs) - 1 else contextlib.nullcontext():
+        size = mb["input_ids"].numel()
+        over = run.checkpointing == "over budget" and size > run.budget
+        recompute = over or run.checkpointing == "always"
+        with acc.no_sync(model) if k < len(mbs) - 1 else contextlib.nullcontext(), \
+                memory.recomputing(model, over, heap=recompute and memory.heap_bounded(size, acc.device)):
             s, _ = token_loss_sum(model, mb, run.sparse)
             # every process divides by the step's global count; DDP averages gradients over processes
             acc.backward(s * world / max(n_total, 1))
@@ -307,14 +319,15 @@ def _step(run: _Run) -> dict:
     state.input_tokens += tokens
     state.seconds += dt
     rec = {"step": step + 1, "train_loss": float(loss_sum / max(n_total, 1)), "lr": run.sched.get_last_lr()[0],
-           "trained_tokens": n_total, "tokens_per_s": tokens / dt if dt else 0.0}
+           "trained_tokens": n_total, "tokens_per_s": tokens / dt if dt else 0.0, "peak_rss_gb": memory.rss_gb("VmHWM")}
     state.history.append(rec)
     return rec
 
 
 def _evaluate(run: _Run) -> float:
     t1 = time.perf_counter()
-    table = evaluate_rows(run.model, run.holdout.val, run.pad_id, run.cfg.eval_batch_size, run.acc, run.sparse)
+    table = evaluate_rows(run.model, run.holdout.val, run.pad_id, run.cfg.eval_batch_size, run.acc, run.sparse,
+                          run.budget)
     v = float(table[:, 0].sum() / table[:, 1].sum())
     run.state.evals.append({"step": run.state.step, "val_loss": v, "seconds": time.perf_counter() - t1})
     run.state.val_row_losses = table.tolist()  # the latest evaluation's, row by row
@@ -363,27 +376,8 @@ def _stop_rate(run: _Run, one_device: bool, progress: bool) -> dict:
         res = evaluation.run_stop_rate(run.acc.unwrap_model(run.model), run.tok, run.holdout.val, run.data_cfg,
                                        run.cfg, progress)
     run.say(evaluation.describe(res))
-    _log_step(run.out, {"step": run.state.step, **{k: res[k] for k in evaluation.LOGGED if k in res}}, None)
+    log_step(run.out, {"step": run.state.step, **{k: res[k] for k in evaluation.LOGGED if k in res}}, None)
     return res
-
-
-def _tensorboard(out: Path, cfg: TrainConfig, acc):
-    if not (cfg.tensorboard and acc.is_main_process):
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out / "tb"))
-
-
-def _log_step(out: Path, rec: dict, writer) -> None:
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    if writer is not None:
-        for k in ("train_loss", "val_loss", "lr", "tokens_per_s"):
-            if k in rec:
-                writer.add_scalar(k, rec[k], rec["step"])
 
 
 def _result(state: LoopState, holdout: Holdout, data_cfg: DataConfig) -> dict:
