@@ -1,8 +1,6 @@
 """Training memory: the micro-batch token budget (same losses, every process the same number of micro-batches),
 recomputation for a row over it, the heap bounded while it runs, and the estimate said before training."""
 
-import json
-
 import pytest
 import torch
 
@@ -11,15 +9,7 @@ from chatmask.config import DataConfig
 from chatmask.errors import ConfigError
 from chatmask.train import TrainConfig, train
 from conftest import cli_main, tiny_llama
-from test_train import ROWS
-
-
-@pytest.fixture()
-def data(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHATMASK_CACHE", str(tmp_path / "cache"))
-    p = tmp_path / "d.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in ROWS))
-    return str(p)
+from test_train import data  # noqa: F401  (the fixture: 48 short conversations)
 
 
 def _run(data, tok, out, model=None, log=None, **kw):
