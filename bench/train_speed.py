@@ -13,7 +13,8 @@ max_memory_allocated minus what was allocated before; on CPU the same count kept
 and on CPU also the process's peak RSS during the step minus its RSS before it (`rss ratio`; RSS keeps
 heap that the step freed, so it varies run to run with the allocator). Prints a table (on CPU with each
 case's seconds a step in forward, backward and optimizer under its row) and, last, `speedup=<float>`:
-the tokens/s ratio on CrossNER with SmolLM2-135M.
+the tokens/s ratio on CrossNER with SmolLM2-135M. Before it, on a CPU, the memory line: train_memory.py's table
+(peak RSS of `chatmask.train` for 1k-8k tokens a step, with and without checkpointing; --quick: to 4k).
 
     python bench/train_speed.py [--quick] [--device cuda] [--dtype bfloat16]
     python bench/train_speed.py --export DIR     # rows + SmolLM2's config and tokenizer, for a machine
@@ -318,6 +319,7 @@ def _args():
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)")
     ap.add_argument("--export", metavar="DIR", help="write rows, config and tokenizer for --from, and stop")
     ap.add_argument("--from", dest="src", metavar="DIR", help="rows, config and tokenizer from --export")
+    ap.add_argument("--no-memory", action="store_true", help="without the memory line (train_memory.py)")
     return ap.parse_args()
 
 
@@ -371,6 +373,10 @@ def main():
                   + "; ratio " + " / ".join(f"{a / b:.2f}" for a, b in zip(hf, cm)), flush=True)
         if (data, model_name) == ("crossner", "smollm2"):
             head = sp
+    if not (args.no_memory or args.src) and args.device == "cpu":  # RSS of real runs: what a CPU's user runs out of
+        import train_memory
+
+        train_memory.run(train_memory.QUICK_SIZES if args.quick else train_memory.SIZES, lambda s: print(s, flush=True))
     print(f"speedup={head:.3f}" if head is not None else "speedup=nan")
 
 
