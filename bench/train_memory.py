@@ -187,11 +187,6 @@ def plans(work: Path, sizes) -> dict:
 # ---------------------------------------------------------------- one case in a child process
 
 
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(x.split()[1]) / 1024 for x in f if x.startswith(key + ":"))
-
-
 def child(folder: str, batch_size: int, tokens: int, setting: str, out: str) -> dict:
     """Load SmolLM2, train STEPS steps on `folder`; the peak RSS over the loaded model, s a step, tokens a step."""
     import accelerate  # noqa: F401  the libraries train imports: code, not training memory
@@ -200,6 +195,7 @@ def child(folder: str, batch_size: int, tokens: int, setting: str, out: str) -> 
     import torch
 
     from chatmask.config import DataConfig, TrainConfig
+    from chatmask.memory import rss_gb
     from chatmask.models import load_model
     from chatmask.train import train
 
@@ -208,7 +204,7 @@ def child(folder: str, batch_size: int, tokens: int, setting: str, out: str) -> 
         for p in model.parameters():
             p.sum()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # the heap loading freed, back: the base is what the model holds
-    base = _status_mb("VmRSS")
+    base = rss_gb("VmRSS") * 1024
     try:  # VmHWM := VmRSS, so the peak is the training's, not the loading's (ru_maxrss cannot be reset)
         Path("/proc/self/clear_refs").write_text("5")
         peak_key = "VmHWM"
@@ -219,7 +215,7 @@ def child(folder: str, batch_size: int, tokens: int, setting: str, out: str) -> 
     t = time.perf_counter()
     train(folder, DataConfig(), cfg, out, model=model, progress=False, log=None)
     wall = time.perf_counter() - t
-    peak = _status_mb(peak_key) if peak_key else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_gb(peak_key) * 1024 if peak_key else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     recs = [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r.get("tokens_per_s")]
     secs = [tokens / r["tokens_per_s"] for r in steps]

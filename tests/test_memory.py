@@ -4,7 +4,7 @@ recomputation for a row over it, the heap bounded while it runs, and the estimat
 import pytest
 import torch
 
-from chatmask import IGNORE, batches, config, memory
+from chatmask import IGNORE, batches, config, evaluation, memory
 from chatmask.config import DataConfig
 from chatmask.errors import ConfigError
 from chatmask.train import TrainConfig, train
@@ -24,12 +24,13 @@ def _ex(n):
 
 def test_rows_are_cut_in_order_at_the_budget_a_longer_row_alone():
     rows = [_ex(n) for n in (100, 100, 300, 600, 50, 60)]
-    sizes = lambda runs: [[len(x["input_ids"]) for x in r] for r in runs]  # noqa: E731
-    assert sizes(batches._by_tokens(rows, 256, padded=False)) == [[100, 100], [300], [600], [50, 60]]
+    L = [len(x["input_ids"]) for x in rows]
+    sizes = lambda runs: [[len(rows[i]["input_ids"]) for i in r] for r in runs]  # noqa: E731
+    assert sizes(batches.by_tokens(L, 256, padded=False)) == [[100, 100], [300], [600], [50, 60]]
     # padded: a run costs rows x its longest (50 + 60 padded is 120; 100 + 100 is 200)
-    assert sizes(batches._by_tokens(rows, 200, padded=True)) == [[100, 100], [300], [600], [50, 60]]
-    assert sizes(batches._by_tokens(rows, 110, padded=True)) == [[100], [100], [300], [600], [50], [60]]
-    assert sizes(batches._by_tokens(rows, None, padded=False)) == [[100, 100, 300, 600, 50, 60]]
+    assert sizes(batches.by_tokens(L, 200, padded=True)) == [[100, 100], [300], [600], [50, 60]]
+    assert sizes(batches.by_tokens(L, 110, padded=True)) == [[100], [100], [300], [600], [50], [60]]
+    assert sizes(batches.by_tokens(L, None, padded=False)) == [[100, 100, 300, 600, 50, 60]]
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -43,12 +44,18 @@ def test_a_budget_trains_the_same_run_in_more_micro_batches(data, bpe_tok, tmp_p
         return out
 
     monkeypatch.setattr(batches, "micro_batches", spy)
+    scored = []
+    real_sums = evaluation.row_loss_sums
+    monkeypatch.setattr(evaluation, "row_loss_sums", lambda m, b, *a: scored.append(b["input_ids"].shape) or
+                        real_sums(m, b, *a))
     whole = _run(data, bpe_tok, tmp_path / "whole", micro_batch_tokens=0, packing=packing)
     assert {len(c) for c in calls} == {1}
     calls.clear()
+    scored.clear()
     cut = _run(data, bpe_tok, tmp_path / "cut", micro_batch_tokens=200, packing=packing)
     assert min(len(c) for c in calls) >= 2
     assert all(mb["input_ids"].numel() <= 200 for c in calls for mb, _ in c)
+    assert scored and all(b * t <= 200 or b == 1 for b, t in scored)  # evaluation keeps the budget too
     assert cut["train_losses"] == pytest.approx(whole["train_losses"], abs=1e-5)
     assert cut["final_val_loss"] == pytest.approx(whole["final_val_loss"], abs=1e-5)
     assert cut["input_tokens"] == whole["input_tokens"]
@@ -114,10 +121,24 @@ def test_the_heap_is_bounded_inside_a_recomputed_micro_batch_and_restored_after(
     assert calls[-1] == (-3, 32 << 20)
 
 
-def test_only_long_recomputed_micro_batches_on_a_cpu_bound_the_heap():
-    cpu = torch.device("cpu")
-    assert memory.heap_bounded(memory.HEAP_TOKENS + 1, cpu) and not memory.heap_bounded(memory.HEAP_TOKENS, cpu)
-    assert not memory.heap_bounded(10 * memory.HEAP_TOKENS, torch.device("cuda"))
+def test_only_long_recomputed_micro_batches_on_a_cpu_bound_the_heap(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "_mallopt", lambda p, v: calls.append(v) or True)
+    model = torch.nn.Linear(2, 2)
+    cpu, n = torch.device("cpu"), memory.HEAP_TOKENS
+    for mode, tokens, device, bounded in [("over budget", n + 1, cpu, True), ("over budget", n, cpu, False),
+                                          ("always", n + 1, cpu, True), ("never", 10 * n, cpu, False),
+                                          ("over budget", 10 * n, torch.device("cuda"), False)]:
+        calls.clear()
+        with memory.micro_batch(model, mode, tokens, 512, device):
+            pass
+        assert (memory.HEAP_MMAP_BYTES in calls) == bounded, (mode, tokens, device)
+    switched = []
+    monkeypatch.setattr(memory, "set_recompute", lambda m, on: switched.append(on))
+    for tokens in (512, 513):  # a micro-batch of exactly the budget is not over it
+        with memory.micro_batch(model, "over budget", tokens, 512, cpu):
+            pass
+    assert switched == [True, False]
 
 
 def test_mallopt_reaches_glibc():

@@ -36,6 +36,13 @@ def collate(examples: list[dict], pad_id: int, train_on: str = "assistant") -> d
     return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 
+def row_lengths(ds) -> list[int]:
+    """Tokens of each row of a prepared dataset (a selection's rows), from Arrow without reading the tokens."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(ds.with_format("arrow")["input_ids"]).to_pylist()
+
+
 def to_device(batch: dict, device) -> dict:
     """The batch's tensors moved to `device`; other values (a packed batch's max_length_q/k) as they are."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -167,8 +174,11 @@ def micro_batches(ds, rows: list[int], cfg: TrainConfig, rank: int, world: int, 
     bs = cfg.batch_size
     out, total = [], 0
     for m in range(cfg.grad_accum):
-        slots = [_by_tokens(examples[(m * world + r) * bs:(m * world + r + 1) * bs], budget, not cfg.packing)
-                 for r in range(world)]
+        slots = []
+        for r in range(world):
+            chunk = examples[(m * world + r) * bs:(m * world + r + 1) * bs]
+            runs = by_tokens([len(x["input_ids"]) for x in chunk], budget, padded=not cfg.packing)
+            slots.append([[chunk[i] for i in run] for run in runs])
         for r, pieces in enumerate(_even(slots, pad_id)):
             for chunk in pieces:
                 b = (pack(chunk, pad_id, train_on, cfg.pack_tokens, dtype, attention) if cfg.packing
@@ -181,20 +191,20 @@ def micro_batches(ds, rows: list[int], cfg: TrainConfig, rank: int, world: int, 
     return out, total
 
 
-def _by_tokens(chunk: list[dict], budget: int | None, padded: bool) -> list[list[dict]]:
-    """`chunk` cut in order into runs of at most `budget` tokens (a padded run costs rows x its longest); a
-    row longer than the budget is a run of its own."""
+def by_tokens(lengths: list[int], budget: int | None, padded: bool) -> list[list[int]]:
+    """Indices of rows of these `lengths`, cut in order into runs of at most `budget` tokens (a padded run
+    costs rows x its longest, a packed one their sum); a row longer than the budget is a run of its own.
+    The one rule of --micro-batch-tokens, for training's micro-batches and evaluation's batches."""
     if not budget:
-        return [chunk]
-    runs, run, longest = [], [], 0
-    for x in chunk:
-        n = len(x["input_ids"])
-        cost = (len(run) + 1) * max(longest, n) if padded else sum(len(y["input_ids"]) for y in run) + n
+        return [list(range(len(lengths)))] if lengths else []
+    runs, run, longest, total = [], [], 0, 0
+    for i, n in enumerate(lengths):
+        cost = (len(run) + 1) * max(longest, n) if padded else total + n
         if run and cost > budget:
             runs.append(run)
-            run, longest = [], 0
-        run.append(x)
-        longest = max(longest, n)
+            run, longest, total = [], 0, 0
+        run.append(i)
+        longest, total = max(longest, n), total + n
     return runs + [run] if run else runs
 
 

@@ -106,22 +106,21 @@ def row_loss_sums(model, batch: dict, sparse: bool = True) -> torch.Tensor:
 
 
 def _batches(lengths: list[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
-    """Row indices by ascending length, cut into batches of at most `batch_size` rows and `max_tokens`
-    padded tokens (a row longer than that alone)."""
-    out, cur = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):  # a batch's longest row is its last
-        if cur and (len(cur) == batch_size or max_tokens and (len(cur) + 1) * lengths[i] > max_tokens):
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    return out + [cur] if cur else out
+    """Row indices by ascending length (little padding), --eval-batch-size rows at a time, each cut by the
+    training's token budget (`batches.by_tokens`)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out = []
+    for k in range(0, len(order), batch_size):
+        rows = order[k:k + batch_size]
+        out += [[rows[i] for i in run] for run in batches.by_tokens([lengths[r] for r in rows], max_tokens, True)]
+    return out
 
 
 def _evaluate_loss(model, val, pad_id: int, batch_size: int, acc, sparse, max_tokens=None) -> torch.Tensor:
     rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
     table = torch.zeros(len(val), 2, dtype=torch.float64)  # (R, 2): this process's rows filled in
     device = acc.device if acc else next(model.parameters()).device
-    chunks = _batches([len(x) for x in val["input_ids"]], batch_size, max_tokens)
+    chunks = _batches(batches.row_lengths(val), batch_size, max_tokens)
     # every process runs the same number of forward passes (a wrapped model may talk to the others in
     # each one, e.g. DDP's buffer broadcast); a process out of chunks repeats one and does not count it
     for k in range(-(-len(chunks) // world)):

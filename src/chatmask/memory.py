@@ -1,8 +1,8 @@
 """Training memory a user can predict and bound: the micro-batch token budget, when activations are
 recomputed, the heap while they are, and the estimate said before training.
 
-`budget(cfg, device)` is --micro-batch-tokens resolved; `checkpointing(cfg)` when layers recompute;
-`bounded_heap()` keeps glibc from holding freed heap during a checkpointed micro-batch; `estimate_line`
+`budget(cfg, device)` is --micro-batch-tokens resolved; `checkpointing(cfg, budget)` when layers recompute,
+`micro_batch(...)` applies it (and `bounded_heap`, which keeps glibc from holding freed heap) around one; `estimate_line`
 says what a run will need against what the machine has. Measurements: bench/README.md (train_memory.py).
 """
 
@@ -56,16 +56,19 @@ def largest_micro_batch(lengths, batch_size: int, packed: bool, budget_tokens: i
 
 
 @contextlib.contextmanager
-def recomputing(model, on: bool, heap: bool):
-    """Layers of `model` that transformers checkpoints (its `gradient_checkpointing_enable` set them up) recompute
-    inside the block when `on`; `heap`: the block runs in `bounded_heap`."""
-    if on:
+def micro_batch(model, mode: str, tokens: int, budget_tokens: int | None, device):
+    """Around one micro-batch of `tokens` tokens (padding included): with `mode` "over budget" and more tokens
+    than the budget, `model`'s checkpointed layers recompute inside the block; a recomputed micro-batch over
+    HEAP_TOKENS on a CPU runs in `bounded_heap`."""
+    over = mode == "over budget" and tokens > budget_tokens
+    heap = (over or mode == "always") and tokens > HEAP_TOKENS and getattr(device, "type", device) == "cpu"
+    if over:
         set_recompute(model, True)
     try:
         with bounded_heap() if heap else contextlib.nullcontext():
             yield
     finally:
-        if on:
+        if over:
             set_recompute(model, False)
 
 
@@ -82,11 +85,6 @@ def _mallopt(param: int, value: int) -> bool:
         return bool(libc.mallopt(param, value))
     except (OSError, AttributeError):  # not glibc: nothing to tune
         return False
-
-
-def heap_bounded(tokens: int, device) -> bool:
-    """Whether a recomputed micro-batch of `tokens` tokens runs in `bounded_heap`: over HEAP_TOKENS on a CPU."""
-    return tokens > HEAP_TOKENS and getattr(device, "type", device) == "cpu"
 
 
 @contextlib.contextmanager

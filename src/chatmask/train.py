@@ -295,11 +295,8 @@ def _step(run: _Run) -> dict:
     for k, (mb, n_tok) in enumerate(mbs):
         mb = batches.to_device(mb, acc.device)
         tokens += n_tok
-        size = mb["input_ids"].numel()
-        over = run.checkpointing == "over budget" and size > run.budget
-        recompute = over or run.checkpointing == "always"
         with acc.no_sync(model) if k < len(mbs) - 1 else contextlib.nullcontext(), \
-                memory.recomputing(model, over, heap=recompute and memory.heap_bounded(size, acc.device)):
+                memory.micro_batch(model, run.checkpointing, mb["input_ids"].numel(), run.budget, acc.device):
             s, _ = token_loss_sum(model, mb, run.sparse)
             # every process divides by the step's global count; DDP averages gradients over processes
             acc.backward(s * world / max(n_total, 1))
