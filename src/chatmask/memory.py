@@ -2,7 +2,7 @@
 recomputed, the heap while they are, and the estimate said before training.
 
 `budget(cfg, device)` is --micro-batch-tokens resolved; `checkpointing(cfg, budget)` when layers recompute,
-`micro_batch(...)` applies it (and `bounded_heap`, which keeps glibc from holding freed heap) around one; `estimate_line`
+`micro_batch(...)` applies it around one (with `bounded_heap`: glibc holding no freed heap); `estimate_line`
 says what a run will need against what the machine has. Measurements: bench/README.md (train_memory.py).
 """
 
