@@ -39,7 +39,7 @@ def _write_html(path: str, text: str) -> None:
 
 def cmd_demo(args) -> int:
     """The main job on embedded defaults: show what is trained on the post's example, then compare masked
-    vs unmasked LoRA fine-tuning of SmolLM2-135M on NER data (CrossNER) in about 5 minutes on 2 CPU cores."""
+    vs unmasked LoRA fine-tuning of SmolLM2-135M on NER data (CrossNER), about 6 minutes on 2 CPU cores."""
     import shlex
 
     from .compare import compare

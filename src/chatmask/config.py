@@ -84,7 +84,7 @@ class TrainConfig:
     lora_alpha: int = 32
     """LoRA alpha (scale = alpha / r)"""
     lora_dropout: float = 0.0
-    """dropout on the LoRA path (default off, as torchtune's: it copies each adapted input: bench/README.md)"""
+    """dropout on the LoRA path (default: 0, as torchtune's; it copies each adapted input: bench/README.md)"""
     lora_targets: str = "all-linear"
     """modules that get adapters: 'all-linear' or comma-separated names (q_proj,v_proj)"""
     merge_lora: bool = False
