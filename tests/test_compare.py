@@ -96,6 +96,27 @@ def test_both_arms_score_the_same_validation_tokens(study):
     assert m["unmasked"]["trained_tokens"] > m["masked"]["trained_tokens"]
 
 
+def test_step_0_is_scored_once_and_the_other_runs_take_it(study, ner_file, bpe_tok, tmp_path):
+    """Every run starts from the same model, so step 0's validation loss is the first run's; a run scoring it
+    itself gets the same number, and a run on other validation tokens scores its own."""
+    from chatmask.train import train
+
+    out, m, _, _ = study
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
+    firsts = [r["evals"][0] for r in runs]
+    assert len(firsts) == 4 and sum(not e.get("shared") for e in firsts) == 1
+    assert len({e["val_loss"] for e in firsts}) == 1 and all(e["step"] == 0 for e in firsts)
+    unmasked = [r for r in runs if r["train_on"] == "all"][0]
+    own = train(str(out.parent / "ner.json"), DataConfig(train_on="all"), dataclasses.replace(TC, steps=1),
+                tmp_path / "own", tokenizer=bpe_tok, model=tiny_llama(bpe_tok), log=None, progress=False)
+    assert own["evals"][0]["val_loss"] == pytest.approx(firsts[0]["val_loss"], abs=1e-6)
+    assert not own["evals"][0].get("shared") and unmasked["val_tokens_sha256"] == own["val_tokens_sha256"]
+    other = train(ner_file, DataConfig(), dataclasses.replace(TC, steps=1, val_split=0.3), tmp_path / "other",
+                  tokenizer=bpe_tok, model=tiny_llama(bpe_tok), log=None, progress=False,
+                  base_eval={"val_tokens_sha256": own["val_tokens_sha256"], "val_loss": 123.0})
+    assert other["evals"][0]["val_loss"] != 123.0 and not other["evals"][0].get("shared")
+
+
 def test_tokens_by_role_come_from_the_prepared_folder(study):
     """The report's tokens by role are the ones prepare counted over every row (stats.json), not a recount."""
     from chatmask.prepare import prepared_config

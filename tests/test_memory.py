@@ -55,7 +55,7 @@ def test_a_budget_trains_the_same_run_in_more_micro_batches(data, bpe_tok, tmp_p
     cut = _run(data, bpe_tok, tmp_path / "cut", micro_batch_tokens=200, packing=packing)
     assert min(len(c) for c in calls) >= 2
     assert all(mb["input_ids"].numel() <= 200 for c in calls for mb, _ in c)
-    assert scored and all(b * t <= 200 or b == 1 for b, t in scored)  # evaluation keeps the budget too
+    assert scored and all(b * t <= memory.eval_budget(200) or b == 1 for b, t in scored)  # and evaluation its own
     assert cut["train_losses"] == pytest.approx(whole["train_losses"], abs=1e-5)
     assert cut["final_val_loss"] == pytest.approx(whole["final_val_loss"], abs=1e-5)
     assert cut["input_tokens"] == whole["input_tokens"]
@@ -218,3 +218,17 @@ def test_evaluation_batches_hold_the_budget_and_score_the_same(bpe_tok):
     whole = evaluation.evaluate_rows(model, val, bpe_tok.pad_token_id, 8)
     cut = evaluation.evaluate_rows(model, val, bpe_tok.pad_token_id, 8, max_tokens=100)
     assert torch.allclose(whole, cut, atol=1e-5) and whole[:, 1].sum() > 0
+
+
+def test_training_scores_in_batches_of_the_evaluation_budget(data, bpe_tok, tmp_path, monkeypatch):
+    from chatmask import evaluation
+
+    assert memory.eval_budget(256) == 256 * memory.EVAL_FACTOR and memory.eval_budget(None) is None
+    seen = []
+    real = evaluation._batches
+    monkeypatch.setattr(evaluation, "_batches", lambda lengths, bs, mt: seen.append(mt) or real(lengths, bs, mt))
+    cfg = TrainConfig(model="tiny-llama", steps=1, micro_batch_tokens=64, val_rows=4, stop_prompts=0,
+                      tensorboard=False)
+    train(str(data), DataConfig(), cfg, tmp_path / "o", tokenizer=bpe_tok, model=tiny_llama(bpe_tok), log=None,
+          progress=False)
+    assert seen and set(seen) == {64 * memory.EVAL_FACTOR}

@@ -83,6 +83,7 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
     hook = _metric_hook(QuestionSets(data, labelled, train_cfg, cmp), labelled, train_cfg, cmp, tok) \
         if cmp.metric != "none" else None
     runs = {}
+    base = None  # step 0's validation loss: every run starts from the loaded model (LoRA's B is zero)
     for seed in range(cmp.seeds):
         for arm in cmp.arms.split(","):
             rdir = out / "runs" / f"{arm}-seed{seed}"
@@ -94,18 +95,27 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
                 res = json.loads(done.read_text())
                 _check_metric_reuse(rdir, res, cmp)
                 runs[(arm, seed)] = res
+                base = base or _step0(res)
                 say(f"{arm} seed {seed}: already finished ({done})")
                 continue
             say(f"{arm} seed {seed}: training ({ARMS[arm]} tokens)")
             t0 = time.perf_counter()
             res = train(str(prepared.path), dc, tc, rdir, tokenizer=tok,
-                        model=model_factory() if model_factory else None, log=say, on_end=hook)
+                        model=model_factory() if model_factory else None, log=say, on_end=hook, base_eval=base)
             memory.release()  # the next arm starts where this one did
             res["wall_seconds"] = time.perf_counter() - t0
             res["metric_config"] = _metric_config(cmp)
             atomic_write_text(done, json.dumps(res, indent=2))
             runs[(arm, seed)] = res
+            base = base or _step0(res)
     return write_report(out, data, data_cfg, train_cfg, cmp, runs, prepared.stats, command)
+
+
+def _step0(res: dict) -> dict | None:
+    """A finished run's step-0 validation loss, for the next runs to take instead of scoring it again."""
+    first = (res.get("evals") or [{}])[0]
+    return {"val_tokens_sha256": res["val_tokens_sha256"], "val_loss": first["val_loss"]} \
+        if first.get("step") == 0 else None
 
 
 def _check_reuse(rdir: Path, prepared: str, dc: DataConfig, tc: TrainConfig) -> None:

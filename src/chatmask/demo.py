@@ -21,13 +21,16 @@ POST_EXAMPLE = [
 ]
 
 # The demo's run, on the shipped CrossNER sample (~2,100 conversations of ~110 tokens, 11% of them trained):
-# 16 steps of 8 rows, packed, in micro-batches of 256 tokens (peak RSS 2.1 GB, flat; at 512 it crept to
+# 12 steps of 8 rows, packed, in micro-batches of 256 tokens (peak RSS 2.1 GB, flat; at 512 it crept to
 # 3.1 GB; nothing is recomputed: no row is longer); 80 validation rows hold about 1,000 assistant tokens,
-# scored at steps 0, 8 and 16. Time and memory: bench/demo_time.py.
+# scored at step 0 (once: both arms start from the same model) and 12; then entity F1 and the answers side
+# by side on the NER questions of up to 32 of them. 16 steps with a middle evaluation took 5.5-6 minutes on
+# 2 cores, over the 5 the demo is for. Time and memory: bench/demo_time.py.
 DEMO = {
     "data": dict(skip_invalid=True),
-    "train": dict(finetune="lora", lr=5e-4, steps=16, batch_size=8, packing=True, eval_every=8, save_every=16,
+    "train": dict(finetune="lora", lr=5e-4, steps=12, batch_size=8, packing=True, eval_every=12, save_every=12,
                   micro_batch_tokens=256, val_split=0.05, val_rows=80, eval_batch_size=16, warmup=0.1),
+    "compare": dict(metric="ner-f1", metric_questions=32),
 }
 
 # `chatmask demo --chat`: 400 ShareGPT conversations cut at 1,024 tokens (truncation right: the answers that
@@ -77,7 +80,7 @@ def configs(*, model: str | None = None, tokenizer: str | None = None, template:
     data = {**recipe["data"], **({"limit": limit} if limit else {})}
     dc = config.build(DataConfig, data, tokenizer=tokenizer or model, template=template)
     tc = config.build(TrainConfig, {**recipe["train"], **({"steps": steps} if steps else {})}, model=model)
-    return dc, tc, config.check(CompareConfig(seeds=seeds))
+    return dc, tc, config.check(CompareConfig(seeds=seeds, **recipe.get("compare", {})))
 
 
 def plan(data: str, dc: DataConfig, tc: TrainConfig, out) -> str:

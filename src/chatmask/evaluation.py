@@ -81,7 +81,7 @@ def evaluate(model, val, pad_id: int, batch_size: int, acc=None, sparse=True) ->
 def evaluate_rows(model, val, pad_id: int, batch_size: int, acc=None, sparse=True, max_tokens=None) -> torch.Tensor:
     """(R, 2) float64: each validation row's cross-entropy sum over its assistant tokens and their
     number, in `val`'s order (for a bootstrap over rows); the model's mode is restored. `max_tokens`: a
-    batch holds at most that many tokens, padding included (the training's micro-batch budget: the logits
+    batch holds at most that many tokens, padding included (training passes `memory.eval_budget`: the logits
     of a batch of eight 1k-token rows alone take 1.6 GB a copy)."""
     with inference(model):
         return _evaluate_loss(model, val, pad_id, batch_size, acc, sparse, max_tokens)
@@ -107,7 +107,7 @@ def row_loss_sums(model, batch: dict, sparse: bool = True) -> torch.Tensor:
 
 def _batches(lengths: list[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
     """Row indices by ascending length (little padding), --eval-batch-size rows at a time, each cut by the
-    training's token budget (`batches.by_tokens`)."""
+    token budget (`batches.by_tokens`)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     out = []
     for k in range(0, len(order), batch_size):

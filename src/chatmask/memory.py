@@ -22,6 +22,11 @@ when freed): glibc's default (a threshold that rises to 32 MB) kept 3.3 GB of fr
 HEAP_TOKENS = 1024
 """Recomputed micro-batches over this many tokens run in `bounded_heap` (on a CPU)."""
 
+EVAL_FACTOR = 4
+"""An evaluation batch holds up to this many times the training's micro-batch budget: nothing is kept for a
+backward, so only one layer's tensors and the logits at scored positions are live. On 2 cores, scoring the
+demo's 80 validation rows took 20.4 s in batches of 256 tokens, 13.6 s in batches of 1,024."""
+
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
 _DEFAULT_MAX_THRESHOLD = 32 << 20  # where glibc's dynamic threshold stops rising on 64-bit
 
@@ -33,6 +38,11 @@ def budget(cfg, device) -> int | None:
     if n is None:
         return CPU_BUDGET if getattr(device, "type", device) == "cpu" else None
     return n or None
+
+
+def eval_budget(budget_tokens: int | None) -> int | None:
+    """The token budget of an evaluation batch: EVAL_FACTOR x the training's (None: no limit)."""
+    return budget_tokens * EVAL_FACTOR if budget_tokens else None
 
 
 def checkpointing(cfg, budget_tokens: int | None) -> str:

@@ -96,7 +96,7 @@ class _Run:
 
 
 def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, model=None, log=print,
-          progress: bool = True, stop_after: int | None = None, on_end=None) -> dict:
+          progress: bool = True, stop_after: int | None = None, on_end=None, base_eval: dict | None = None) -> dict:
     """Fine-tune `cfg.model` on `data` with `data_cfg.train_on` labels; evaluate on assistant tokens.
 
     `data`: a file, a hub name, or a folder written by `prepare` (used as is, with its own settings).
@@ -104,6 +104,8 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     `stop_after`: stop (as if killed) after that many steps of this call; for tests of --resume.
     `on_end(model, holdout) -> dict`: run on the main process after training (a task metric); stored as
     result["metric"].
+    `base_eval`: {"val_tokens_sha256", "val_loss"} of another run's step 0 on the same model (compare's arms):
+    taken instead of scoring step 0 again where the validation tokens' hash is the same.
     """
     run = _setup(data, data_cfg, cfg, Path(out), tokenizer, model, log)
     _resume(run)
@@ -116,7 +118,10 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
 
             bar = progress_bar(cfg.steps, f"train ({run.data_cfg.train_on})", "steps", initial=state.step)
         if state.step == 0 and not state.evals:  # the curve starts where every arm starts: the same model
-            _evaluate(run)
+            if base_eval and base_eval["val_tokens_sha256"] == run.holdout.val_sha256:
+                state.evals.append({"step": 0, "val_loss": base_eval["val_loss"], "seconds": 0.0, "shared": True})
+            else:
+                _evaluate(run)
         run.model.train()
         done_here = 0
         while state.step < cfg.steps:
@@ -324,7 +329,7 @@ def _step(run: _Run) -> dict:
 def _evaluate(run: _Run) -> float:
     t1 = time.perf_counter()
     table = evaluate_rows(run.model, run.holdout.val, run.pad_id, run.cfg.eval_batch_size, run.acc, run.sparse,
-                          run.budget)
+                          memory.eval_budget(run.budget))
     v = float(table[:, 0].sum() / table[:, 1].sum())
     run.state.evals.append({"step": run.state.step, "val_loss": v, "seconds": time.perf_counter() - t1})
     run.state.val_row_losses = table.tolist()  # the latest evaluation's, row by row
