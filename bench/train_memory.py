@@ -17,6 +17,7 @@ import json
 import math
 import os
 import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -213,14 +214,18 @@ def child(folder: str, batch_size: int, tokens: int, setting: str, out: str) -> 
     cfg = TrainConfig(steps=STEPS, batch_size=batch_size, packing=True, eval_every=1000, save_every=1000,
                       stop_prompts=0, tensorboard=False, val_rows=1, **SETTINGS[setting])
     t = time.perf_counter()
-    train(folder, DataConfig(), cfg, out, model=model, progress=False, log=None)
+    said = []
+    train(folder, DataConfig(), cfg, out, model=model, progress=False, log=said.append)
+    est = next((re.search(r"about ([\d.]+) GB at the peak \(model ([\d.]+) GB", x) for x in said if "memory: about" in x),
+               None)
     wall = time.perf_counter() - t
     peak = rss_gb(peak_key) * 1024 if peak_key else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     recs = [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r.get("tokens_per_s")]
     secs = [tokens / r["tokens_per_s"] for r in steps]
     return {"mb": peak - base, "s": sum(secs) / len(secs) if secs else float("nan"), "tokens": tokens,
-            "trained": sum(r["trained_tokens"] for r in steps) / max(len(steps), 1), "model_mb": base, "wall_s": wall}
+            "trained": sum(r["trained_tokens"] for r in steps) / max(len(steps), 1), "model_mb": base, "wall_s": wall,
+            "estimate_mb": (float(est.group(1)) - float(est.group(2))) * 1024 if est else None}
 
 
 def run_child(plan, setting: str, out: Path, timeout: float = 1800) -> dict:
@@ -263,7 +268,8 @@ def run(sizes=SIZES, log=print) -> dict:
                     r = {"skipped": why} if why else run_child(todo[(kind, n)], s, work / f"out-{kind}-{s}-{n}")
                     results[(kind, s, n)] = r
                     log(f"  {n:5} tokens, {KINDS[kind]}, {s}: {cell(r)}"
-                        + (f" ({r['trained']:.0f} trained a step, {r['wall_s']:.0f} s in train)" if "mb" in r else "")
+                        + (f" ({r['trained']:.0f} trained a step, {r['wall_s']:.0f} s in train, estimated "
+                           f"{r['estimate_mb'] or float('nan'):,.0f} MB)" if "mb" in r else "")
                         + (f" {r['stderr']}" if "stderr" in r else ""))
     for line in table_lines(results, sizes) + slope_lines(results, sizes) + [summary_line(results)]:
         log(line)

@@ -194,6 +194,26 @@ def test_activation_estimate_grows_with_tokens_and_falls_with_recomputation():
     assert memory.activation_gb(c, 1024, True, 4) < full / 5
 
 
+def test_the_estimate_counts_the_logits_at_scored_positions(data, bpe_tok):
+    import datasets
+
+    from test_train import encoded
+
+    rows = datasets.Dataset.from_list(encoded(bpe_tok, k=6))
+    flat = [t for r in rows["labels"] for t in r]
+    share = memory.trained_share(rows, "assistant", True)
+    assert share == pytest.approx(sum(t != IGNORE for t in flat) / len(flat)) and 0 < share < 1
+    assert memory.trained_share(rows, "all", True) == memory.trained_share(rows, "assistant", False) == 1.0
+    # a recomputed 4k-token ShareGPT row (70% trained) on SmolLM2's 49,152 entries: ~1.6 GB of logits
+    assert memory.logits_gb(49152, 0.7 * 4096) == pytest.approx(1.58, abs=0.02)
+    model = tiny_llama(bpe_tok, vocab_size=50_000)
+    few, _ = memory.estimate_line(model, 4096, "never", None, 0, share=0.01)
+    every, _ = memory.estimate_line(model, 4096, "never", None, 0, share=1.0)
+    gb = lambda line: float(line.split("activations and logits ~")[1].split(" GB")[0])  # noqa: E731
+    assert gb(every) - gb(few) == pytest.approx(memory.logits_gb(50_000, 0.99 * 4096), abs=0.11)
+    assert gb(every) - gb(few) > 2
+
+
 def test_the_flags_reach_training(capsys):
     with pytest.raises(SystemExit):
         cli_main(capsys, "train", "--help")

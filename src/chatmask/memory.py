@@ -160,29 +160,51 @@ def activation_gb(model_config, tokens: int, recompute: bool, bytes_per: int) ->
     return kept / 2**30
 
 
-def estimate_for(ds, model, cfg, budget_tokens: int | None, mode: str) -> tuple[str, bool]:
+def logits_gb(vocab: int, positions: float) -> float:
+    """The loss's tensors at `positions` scored positions: logits, their log-softmax and its gradient, in fp32
+    (large, so glibc maps them and returns them when freed: no heap allowance)."""
+    return 3 * 4 * vocab * positions / 2**30
+
+
+def trained_share(ds, train_on: str, sparse: bool, sample: int = 1000) -> float:
+    """The share of a micro-batch's positions the loss scores: every one without the sparse head or with
+    train_on all; else the trained share of the first `sample` prepared rows (their labels as prepared)."""
+    if not sparse or train_on == "all" or len(ds) == 0:
+        return 1.0
+    import numpy as np
+    import pyarrow.compute as pc
+
+    labels = pc.list_flatten(ds.data.column("labels").slice(0, sample)).to_numpy()
+    return float(np.mean(labels != -100)) if len(labels) else 1.0
+
+
+def estimate_for(ds, model, cfg, budget_tokens: int | None, mode: str, train_on: str = "assistant",
+                 sparse: bool = True) -> tuple[str, bool]:
     """`estimate_line` for training `model` on the prepared rows `ds` with `cfg`'s batches."""
     import pyarrow.compute as pc
 
     lengths = pc.list_value_length(ds.data.column("input_ids")).to_numpy()  # the table's rows (a selection's superset)
     largest = largest_micro_batch(lengths, cfg.batch_size, cfg.packing, budget_tokens)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return estimate_line(model, largest, mode, budget_tokens, trainable)
+    return estimate_line(model, largest, mode, budget_tokens, trainable, trained_share(ds, train_on, sparse))
 
 
-def estimate_line(model, tokens: int, mode: str, budget_tokens: int | None, trainable: int) -> tuple[str, bool]:
+def estimate_line(model, tokens: int, mode: str, budget_tokens: int | None, trainable: int,
+                  share: float = 1.0) -> tuple[str, bool]:
     """(one line saying the run's expected peak memory against what the machine has, whether it fits).
-    `tokens`: the largest micro-batch the run can make. The heap allowance (2x activations) is what glibc held
-    in the measurements; an estimate, said as one."""
+    `tokens`: the largest micro-batch the run can make; `share`: the part of its positions the loss scores.
+    The heap allowance (2x activations) is what glibc held in the measurements; an estimate, said as one."""
     now = rss_gb() or 0.0
     p = next(model.parameters())
     recompute = mode == "always" or (mode == "over budget" and budget_tokens is not None and tokens > budget_tokens)
-    act = 2 * activation_gb(getattr(model, "config", None), tokens, recompute, p.element_size())
+    config = getattr(model, "config", None)
+    act = 2 * activation_gb(config, tokens, recompute, p.element_size())
+    act += logits_gb(getattr(config, "vocab_size", 0) or 0, tokens * share)
     optim = trainable * (4 + 8) / 2**30  # fp32 gradient + AdamW's two moments
     need = now + optim + act
     free = available_gb()
     line = (f"memory: about {need:.1f} GB at the peak (model {now:.1f} GB, optimizer {optim:.2f} GB, activations "
-            f"~{act:.1f} GB for micro-batches of up to {tokens:,} tokens"
+            f"and logits ~{act:.1f} GB for micro-batches of up to {tokens:,} tokens"
             + (", recomputed" if recompute else "") + ")" + (f"; {free:.1f} GB available" if free else ""))
     fits = free is None or need - now <= free
     if not fits:

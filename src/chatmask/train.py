@@ -253,7 +253,8 @@ def _setup_model(run: _Run, model) -> None:
             "logits (same loss, more time and memory)")
     run.model = model
     if run.acc.device.type == "cpu":  # RSS is the memory that runs out there; on a GPU torch says it itself
-        say(memory.estimate_for(run.holdout.train, model, cfg, run.budget, run.checkpointing)[0])
+        say(memory.estimate_for(run.holdout.train, model, cfg, run.budget, run.checkpointing,
+                                run.data_cfg.train_on, run.sparse)[0])
 
 
 def _setup_optimizer(run: _Run) -> None:
