@@ -216,8 +216,8 @@ def child(folder: str, batch_size: int, tokens: int, setting: str, out: str) -> 
     t = time.perf_counter()
     said = []
     train(folder, DataConfig(), cfg, out, model=model, progress=False, log=said.append)
-    est = next((re.search(r"about ([\d.]+) GB at the peak \(model ([\d.]+) GB", x) for x in said if "memory: about" in x),
-               None)
+    pattern = r"about ([\d.]+) GB at the peak \(model ([\d.]+) GB"
+    est = next((re.search(pattern, x) for x in said if "memory: about" in x), None)
     wall = time.perf_counter() - t
     peak = rss_gb(peak_key) * 1024 if peak_key else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     recs = [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]

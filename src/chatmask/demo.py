@@ -23,12 +23,12 @@ POST_EXAMPLE = [
 # The demo's run, on the shipped CrossNER sample (~2,100 conversations of ~110 tokens, 11% of them trained):
 # 12 steps of 8 rows, packed, in micro-batches of 256 tokens (peak RSS 2.1 GB, flat; at 512 it crept to
 # 3.1 GB; nothing is recomputed: no row is longer); 80 validation rows hold about 1,000 assistant tokens,
-# scored at step 0 (once: both arms start from the same model) and 12; then entity F1 and the answers side
+# scored at step 0 (once: both arms start from the same model), 6 and 12; then entity F1 and the answers side
 # by side on the NER questions of up to 32 of them. 16 steps with a middle evaluation took 5.5-6 minutes on
 # 2 cores, over the 5 the demo is for. Time and memory: bench/demo_time.py.
 DEMO = {
     "data": dict(skip_invalid=True),
-    "train": dict(finetune="lora", lr=5e-4, steps=12, batch_size=8, packing=True, eval_every=12, save_every=12,
+    "train": dict(finetune="lora", lr=5e-4, steps=12, batch_size=8, packing=True, eval_every=6, save_every=12,
                   micro_batch_tokens=256, val_split=0.05, val_rows=80, eval_batch_size=16, warmup=0.1),
     "compare": dict(metric="ner-f1", metric_questions=32),
 }

@@ -270,7 +270,7 @@ def _setup_optimizer(run: _Run) -> None:
     run.model, run.opt = acc.prepare(run.model, opt)
     if is_sharded(acc):
         acc.register_for_checkpointing(run.sched)
-    run.lengths = [len(x) for x in run.holdout.train["input_ids"]] if cfg.group_by_length else None
+    run.lengths = batches.row_lengths(run.holdout.train) if cfg.group_by_length else None
 
 
 def _resume(run: _Run) -> None:
