@@ -81,7 +81,7 @@ def setup(work: Path, steps: int, batch: int, max_length: int) -> dict:
     convs = _conversations(steps * batch + 8)
     (work / "train.jsonl").write_text("\n".join(json.dumps(c) for c in convs[:steps * batch]))
     (work / "val.jsonl").write_text("\n".join(json.dumps(c) for c in convs[steps * batch:]))
-    dc = DataConfig(max_length=max_length)
+    dc = DataConfig(tokenizer="smollm2", max_length=max_length)  # recorded: training reads it from the folder
     p = prepare(str(work / "train.jsonl"), dc, work / "prepared", tokenizer=tok, progress=False, log=None)
     n = p.stats["rows_kept"]
     if n < steps * batch:
@@ -180,7 +180,7 @@ def run_chatmask(name, info, out, finetune, device, dtype) -> dict:
     tc = TrainConfig(model=info["model"], finetune=finetune, lora_dropout=0.0, lr=LR, warmup=WARMUP,
                      steps=info["steps"], batch_size=info["batch"], seed=SEED, val_data=info["val"], val_rows=8,
                      eval_every=10**6, save_every=10**6, tensorboard=False, packing=name == "chatmask-packing",
-                     dtype=dtype)
+                     dtype=dtype, stop_prompts=0)  # the peers generate nothing: no stop rate (~10 s here)
     r = train(info["prepared"], DataConfig(tokenizer="smollm2", max_length=info["max_length"]), tc, out, log=None,
               progress=False)
     return {"losses": r["train_losses"], "loop_seconds": r["train_seconds"]}
