@@ -173,25 +173,26 @@ def run_peer(name, info, out, finetune, device, dtype, gpu_extras) -> dict:
             "loop_seconds": t.metrics["train_runtime"]}
 
 
-def run_chatmask(name, info, out, finetune, device, dtype) -> dict:
+def run_chatmask(name, info, out, finetune, device, dtype, micro_batch_tokens=None) -> dict:
     from chatmask.config import DataConfig, TrainConfig
     from chatmask.train import train
 
     tc = TrainConfig(model=info["model"], finetune=finetune, lora_dropout=0.0, lr=LR, warmup=WARMUP,
                      steps=info["steps"], batch_size=info["batch"], seed=SEED, val_data=info["val"], val_rows=8,
                      eval_every=10**6, save_every=10**6, tensorboard=False, packing=name == "chatmask-packing",
-                     dtype=dtype, stop_prompts=0)  # the peers generate nothing: no stop rate (~10 s here)
+                     dtype=dtype, stop_prompts=0,  # the peers generate nothing: no stop rate (~10 s here)
+                     micro_batch_tokens=micro_batch_tokens)
     r = train(info["prepared"], DataConfig(tokenizer="smollm2", max_length=info["max_length"]), tc, out, log=None,
               progress=False)
     return {"losses": r["train_losses"], "loop_seconds": r["train_seconds"]}
 
 
-def child(name, work, finetune, device, dtype, gpu_extras):
+def child(name, work, finetune, device, dtype, gpu_extras, micro_batch_tokens=None):
     info = json.loads((Path(work) / "setup.json").read_text())
     out = str(Path(work) / f"run-{name}-{time.time_ns()}")
     t = time.perf_counter()
     if name.startswith("chatmask"):
-        r = run_chatmask(name, info, out, finetune, device, dtype)
+        r = run_chatmask(name, info, out, finetune, device, dtype, micro_batch_tokens)
     else:
         r = run_peer(name, info, out, finetune, device, dtype, gpu_extras)
     r["child_seconds"] = time.perf_counter() - t
@@ -234,6 +235,8 @@ def _args():
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--only", help="comma-separated contestants (default: all)")
+    ap.add_argument("--micro-batch-tokens", type=int, default=None,
+                    help="chatmask's --micro-batch-tokens (default: train's, 512 on a CPU; 0: no limit)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--gpu-extras", default="{}", help=argparse.SUPPRESS)
@@ -260,6 +263,8 @@ def _rounds(args, names, work, tokens, gpu_extras) -> dict[str, list[dict]]:
             t = time.perf_counter()
             cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--finetune", args.finetune,
                    "--device", args.device, "--dtype", args.dtype, "--gpu-extras", json.dumps(gpu_extras)]
+            if args.micro_batch_tokens is not None:
+                cmd += ["--micro-batch-tokens", str(args.micro_batch_tokens)]
             p = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.perf_counter() - t
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -303,7 +308,8 @@ def main():
     args = _args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.child:
-        return child(args.child, args.work, args.finetune, args.device, args.dtype, json.loads(args.gpu_extras))
+        return child(args.child, args.work, args.finetune, args.device, args.dtype, json.loads(args.gpu_extras),
+                     args.micro_batch_tokens)
     steps = args.steps or (12 if args.quick else 24)
     work = Path(tempfile.mkdtemp(prefix="train-peers-"))
     info = setup(work, steps, args.batch_size, args.max_length)
