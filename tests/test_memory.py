@@ -113,6 +113,18 @@ def test_a_row_over_the_budget_is_recomputed_and_trains_the_same(data, bpe_tok, 
         assert r["train_losses"] == pytest.approx(plain["train_losses"], abs=1e-5)
 
 
+def test_a_cpu_step_returns_the_heap_after_each_forward_and_backward(data, bpe_tok, tmp_path, monkeypatch):
+    trims, mbs, real = [], [], batches.micro_batches
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: trims.append(1))
+    monkeypatch.setattr(batches, "micro_batches", lambda *a, **k: mbs.append(len((out := real(*a, **k))[0])) or out)
+    _run(data, bpe_tok, tmp_path / "run", micro_batch_tokens=200)
+    assert min(mbs) >= 2 and len(trims) == 2 * sum(mbs)  # between forward and backward, and after the backward
+    trims.clear()
+    memory.trim(torch.device("cuda"))  # no glibc heap to speak of on a GPU: nothing to return
+    memory.trim(torch.device("cpu"))
+    assert trims == [1]
+
+
 def test_the_heap_is_bounded_inside_a_recomputed_micro_batch_and_restored_after(monkeypatch):
     calls = []
     monkeypatch.setattr(memory, "_mallopt", lambda p, v: calls.append((p, v)) or True)

@@ -304,6 +304,7 @@ def _step(run: _Run) -> dict:
         with acc.no_sync(model) if k < len(mbs) - 1 else contextlib.nullcontext(), \
                 memory.micro_batch(model, run.checkpointing, mb["input_ids"].numel(), run.budget, acc.device):
             s, _ = token_loss_sum(model, mb, run.sparse)
+            memory.trim(acc.device)  # the forward's temporaries, freed: the backward's peak is lower by ~0.1 GB
             # every process divides by the step's global count; DDP averages gradients over processes
             acc.backward(s * world / max(n_total, 1))
         loss_sum += s.detach().double().cpu()
