@@ -54,7 +54,7 @@ def test_a_budget_trains_the_same_run_in_more_micro_batches(data, bpe_tok, tmp_p
     scored.clear()
     cut = _run(data, bpe_tok, tmp_path / "cut", micro_batch_tokens=200, packing=packing)
     assert min(len(c) for c in calls) >= 2
-    assert all(mb["input_ids"].numel() <= 200 for c in calls for mb, _ in c)
+    assert all(mb["input_ids"].numel() <= 200 for c in calls for mb, _, _ in c)
     assert scored and all(b * t <= memory.eval_budget(200) or b == 1 for b, t in scored)  # and evaluation its own
     assert cut["train_losses"] == pytest.approx(whole["train_losses"], abs=1e-5)
     assert cut["final_val_loss"] == pytest.approx(whole["final_val_loss"], abs=1e-5)
@@ -76,8 +76,9 @@ def test_every_process_gets_as_many_micro_batches_and_fillers_train_nothing(bpe_
     assert len(one[0][0]) == len(one[1][0]) == 3 and one[0][1] == one[1][1]
     assert len(two[0][0]) == len(two[1][0]) == 3
     assert two[1][0][0][1] == 30
-    filler, n_tok = two[1][0][-1]
-    assert filler["input_ids"].numel() == 1 and n_tok == 0 and (filler["labels"] == IGNORE).all()
+    filler, n_tok, rows = two[1][0][-1]
+    assert filler["input_ids"].numel() == 1 and n_tok == 0 and not rows and (filler["labels"] == IGNORE).all()
+    assert [r for _, _, r in two[1][0][:1]] == [[3, 3, 3]]  # the rows a micro-batch holds, by index
     no_budget = batches.micro_batches(ds, [0, 1, 2, 3, 3, 3], cfg, 0, 2, 0, train_on, torch.float32, "varlen")
     assert two[0][1] == no_budget[1]  # fillers add no trained target to the step's count
 

@@ -434,7 +434,7 @@ def test_a_step_descends_the_mean_loss_over_the_steps_trained_tokens(data, bpe_t
     mbs, n_total = batches.micro_batches(holdout.train, indices, cfg, 0, 1, bpe_tok.pad_token_id, "assistant",
                                          torch.float32, "mask")
     assert len(mbs) == 2  # two micro-batches: the division must span both
-    total = sum(token_loss_sum(ref, mb)[0] for mb, _ in mbs)
+    total = sum(token_loss_sum(ref, mb)[0] for mb, _, _ in mbs)
     (total / n_total).backward()
     for n, p in ref.named_parameters():
         torch.testing.assert_close(before[n] - after[n].detach(), p.grad, rtol=1e-4, atol=1e-6, msg=n)

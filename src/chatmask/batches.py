@@ -165,12 +165,13 @@ def _epoch_order(n_rows, seed, epoch, G, lengths):
 
 def micro_batches(ds, rows: list[int], cfg: TrainConfig, rank: int, world: int, pad_id: int, train_on: str, dtype,
                   attention: str = "mask", budget: int | None = None):
-    """This process's micro-batches of one optimizer step as (batch, real tokens), and the step's
+    """This process's micro-batches of one optimizer step as (batch, real tokens, indices of its rows in `ds`),
+    and the step's
     trained-target count over all processes (every process computes it from the same rows). `budget`
     (--micro-batch-tokens): each --batch-size slot is cut, in order, into micro-batches of at most that many
     tokens (padding included); every process then runs the same number (`_even`)."""
     data = ds.select(rows)
-    examples = [{"input_ids": i, "labels": lab} for i, lab in zip(data["input_ids"], data["labels"])]
+    examples = [{"input_ids": i, "labels": lab, "row": k} for i, lab, k in zip(data["input_ids"], data["labels"], rows)]
     bs = cfg.batch_size
     out, total = [], 0
     for m in range(cfg.grad_accum):
@@ -187,7 +188,8 @@ def micro_batches(ds, rows: list[int], cfg: TrainConfig, rank: int, world: int, 
                     b["labels"].fill_(IGNORE)  # untrained whatever the arm (train_on="all" labels every id)
                 total += int((b["labels"][:, 1:] != IGNORE).sum())
                 if r == rank:
-                    out.append((b, sum(len(x["input_ids"]) for x in chunk if not x.get("filler"))))
+                    real = [x for x in chunk if not x.get("filler")]
+                    out.append((b, sum(len(x["input_ids"]) for x in real), [x["row"] for x in real]))
     return out, total
 
 

@@ -83,7 +83,7 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, state: LoopState, k
         torch.save(rng_states(), tmp / "rng.pt")
         _write_state(tmp, state)
 
-    final = atomic_dir(out / "checkpoints" / f"step-{step:06d}", write)
+    final = atomic_dir(out / "checkpoints" / f"step-{step:06d}", write, like=latest_checkpoint(out))
     _prune(out / "checkpoints", keep)
     return final
 
@@ -138,10 +138,59 @@ def save_sharded(acc, out: Path, state: LoopState, keep: int) -> None:
         _prune(root, keep)
 
 
-def latest_checkpoint(out: Path) -> Path | None:
+def save(acc, out: Path, state: LoopState, model, opt, sched, keep: int) -> None:
+    """The run's checkpoint at `state.step`, by every process: sharded (save_sharded) or by the main one."""
+    acc.wait_for_everyone()
+    if is_sharded(acc):
+        save_sharded(acc, out, state, keep)
+    elif acc.is_main_process:
+        save_checkpoint(out, state.step, acc.unwrap_model(model), opt, sched, state, keep)
+    acc.wait_for_everyone()
+
+
+FILES = ("weights.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
+"""What a (not sharded) checkpoint holds; one missing makes it incomplete."""
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """OUT/checkpoints/step-N folders that hold a state.json, oldest first."""
     root = out / "checkpoints"
-    found = sorted(p for p in root.glob("step-*") if (p / "state.json").exists()) if root.exists() else []
+    return sorted(p for p in root.glob("step-*") if (p / "state.json").exists()) if root.exists() else []
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = checkpoints(out)
     return found[-1] if found else None
+
+
+def resume(acc, out: Path, model, opt, sched, say) -> LoopState | None:
+    """Restore the newest checkpoint of `out` that reads whole into model, optimizer, schedule and RNG, and
+    return its loop state (None: no checkpoint). One cut short, with a file missing or unreadable, is named and
+    passed over for the one before it; none readable is a ConfigError."""
+    found, bad = checkpoints(out), []
+    for ck in reversed(found):
+        try:
+            if is_sharded(acc):  # sharded weights and optimizer: accelerate's own format
+                acc.load_state(str(ck / "accelerate"))
+                state = LoopState.from_json(json.loads((ck / "state.json").read_text()))
+            else:
+                missing = [f for f in FILES if not (ck / f).is_file()]
+                if missing:
+                    raise FileNotFoundError(f"{', '.join(missing)} missing")
+                state = load_checkpoint(ck, acc.unwrap_model(model), opt, sched)
+        except ConfigError:
+            raise
+        except Exception as e:  # safetensors, torch.load and json each fail their own way on a cut file
+            bad.append(ck.name)
+            say(f"--resume: checkpoint {ck} cannot be read ({type(e).__name__}: {str(e)[:120]}); "
+                + ("trying the one before it" if ck != found[0] else "no older one"))
+            continue
+        say(f"resumed from {ck} (step {state.step})" + (f", past the unreadable {', '.join(bad)}" if bad else ""))
+        return state
+    if found:
+        raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'} can be read ({', '.join(bad)}); pass "
+                          "another --out to start anew")
+    return None
 
 
 def read_state(path: Path) -> LoopState:
@@ -267,10 +316,10 @@ def saved_for_resume(out: Path, data, data_cfg: DataConfig, cfg: TrainConfig, sa
         return None
     try:
         saved = json.loads((out / "config.json").read_text())
-        step = json.loads((ck / "state.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         raise ConfigError(f"--resume: {out} has checkpoints but no readable config.json; pass another --out "
                           "to start a new run") from None
+    step = next((s for s in map(_step_of, reversed(checkpoints(out))) if s is not None), 0)
     unsafe, safe = changed_settings(saved, data, data_cfg, cfg)
     if unsafe:
         raise ConfigError(
@@ -282,6 +331,13 @@ def saved_for_resume(out: Path, data, data_cfg: DataConfig, cfg: TrainConfig, sa
         note = "; the learning-rate schedule now spans the new number of steps" if "steps" in safe else ""
         say(f"--resume: continuing with {config.describe_changes(safe)}{note}")
     return {**saved, "checkpoint_step": step}
+
+
+def _step_of(ck: Path) -> int | None:
+    try:
+        return int(json.loads((ck / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_resumable(saved: dict | None, out: Path, val_sha256: str, steps: int) -> None:

@@ -11,7 +11,7 @@ import os
 import sys
 
 # here what needs no torch; where used train, compare, prepare, devices (torch, datasets) and view (html)
-from . import audit, config, demo
+from . import audit, config, demo, guards
 from .config import ChatConfig, CompareConfig, DataConfig, TrainConfig
 from .errors import ChatmaskError
 from .flags import add_arguments
@@ -319,6 +319,11 @@ def main(argv=None) -> int:
         quiet_libraries()
     try:
         return args.func(args) or 0
+    except guards.Interrupted as e:  # a SIGTERM / SIGINT in training: the step finished and saved
+        again = ("the same command with --resume" if args.command == "train"
+                 else "the same command (its runs resume from their checkpoints)")
+        print(f"chatmask: {e}; to go on, run {again}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("chatmask: interrupted", file=sys.stderr)
         return 130

@@ -2,18 +2,22 @@
 
 `atomic_dir(final, write)` runs `write(tmp)` on a new folder beside `final` and swaps it in when
 complete: a kill leaves the previous complete `final` or the new one, never a half-written one (a hidden
-`.NAME.tmp-*` / `.NAME.old-*` folder at most, which readers ignore); only a kill in the instant between
-swap_in's two renames leaves the previous one in `.NAME.old-*/x` instead (no reader looks there yet: #27).
-`atomic_write_text(path, text)` (and `atomic_write_bytes`) does the same for one file.
+`.NAME.tmp-*` / `.NAME.old-*` folder at most, which readers ignore; the swap is one exchange on Linux).
+A full disk while writing is one `DiskFull` line. `atomic_write_text(path, text)` (and `atomic_write_bytes`)
+does the same for one file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from .errors import ChatmaskError
 
 
 def cache_dir() -> Path:
@@ -31,12 +35,26 @@ def temp_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system or filesystem
+    cannot."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def swap_in(tmp: Path, final: Path) -> None:
-    """Put the complete folder `tmp` at `final`. An existing `final` is first renamed aside (one rename,
-    so `final` is missing only between two renames, and the old one still sits beside it then), then
-    deleted once the new one is in place."""
+    """Put the complete folder `tmp` at `final`. An existing `final` is exchanged with `tmp` in one step where
+    the system can (Linux), so `final` is always the old folder or the new one, then the old one is deleted;
+    elsewhere it is first renamed aside (missing only between two renames, the old one beside it then)."""
     if not final.exists():
         os.replace(tmp, final)
+        return
+    if _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # the old folder, now at tmp's name
         return
     old = temp_dir(final.parent, f".{final.name}.old-")
     os.replace(final, old / "x")
@@ -49,24 +67,69 @@ def swap_in(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_dir(final: Path, write, *, replace: bool = True) -> Path:
-    """Run `write(tmp)` on a new folder beside `final`, then swap it in (see `swap_in`).
+def put_once(tmp: Path, final: Path) -> bool:
+    """For content-addressed folders (same name, same content): `tmp` becomes `final` unless another process
+    put its twin there first, which is kept (False; `tmp` is left for the caller to remove)."""
+    if final.exists():
+        return False
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if final.exists():  # the twin went in between: as good
+            return False
+        raise
+    return True
 
-    `replace=False` is for content-addressed folders (same name, same content): when another process
-    put `final` there first, its folder is kept and this one discarded.
+
+class DiskFull(ChatmaskError):
+    """The disk filled while chatmask wrote a folder; what was there before is kept."""
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).exists() else 0
+
+
+@contextlib.contextmanager
+def room_for(final: Path, tmp: Path, like: Path | None = None):
+    """Around writing `tmp` (to become `final`): a full disk becomes one DiskFull line naming `final`, what was
+    written, the space free and, where `like` (a previous version) exists, about what it needs. Some writers
+    (torch.save) say a full disk only as a failed write: any error with the disk then full counts as one."""
+    try:
+        yield
+    except ChatmaskError:
+        raise
+    except Exception as e:
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        free = shutil.disk_usage(Path(final).parent).free
+        if not (full or free < 1 << 16):
+            raise
+        need = _size(like) if like is not None else 0
+        raise DiskFull(f"no space left on the device for {final}: {_mb(_size(tmp))} written before the disk filled, "
+                       f"{_mb(free)} free" + (f"; it needs about {_mb(need)} (the last one's size)" if need else "")
+                       + "; nothing there before was changed. Free some space, or write elsewhere (another --out "
+                       "or $CHATMASK_CACHE)") from None
+
+
+def atomic_dir(final: Path, write, *, replace: bool = True, like: Path | None = None) -> Path:
+    """Run `write(tmp)` on a new folder beside `final`, then swap it in (see `swap_in`); a full disk is one
+    DiskFull line (`room_for`; `like`: a previous version, for the space it needs).
+
+    `replace=False` is for content-addressed folders (`put_once`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(final.parent, f".{final.name}.tmp-")
     try:
-        write(tmp)
-        if not replace and final.exists():
-            return final
-        try:
+        with room_for(final, tmp, like if like is not None else (final if final.exists() else None)):
+            write(tmp)
+        if replace:
             swap_in(tmp, final)
-        except OSError:
-            if replace or not final.exists():  # not merely another process finishing first
-                raise
+        else:
+            put_once(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -93,3 +156,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale(out: Path) -> None:
+    """Temporary folders beside `out` named `.NAME.tmp-PID-*` whose process is gone (killed runs) are deleted; a
+    live run's are kept."""
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = p.name[len(out.name) + 6:].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True

@@ -314,7 +314,7 @@ def dataset_stats(data: str, cfg: DataConfig, tok, *, progress: bool = True, log
 def _prepare(data: str, cfg: DataConfig, out: Path, tok, key: str, progress: bool, log) -> Prepared:
     """`prepare` with the tokenizer, the resolved config and the cache key in hand."""
     from .hub import stop_tokens
-    from .paths import swap_in
+    from .paths import put_once, room_for, swap_in
 
     tokens.text_tokens(tok)  # an unusable tokenizer, a missing or broken template fail here, before any work
     r = labels.renderer(tok, cfg.template, cfg.end_of_turn, stop_tokens(cfg, tok))
@@ -323,16 +323,20 @@ def _prepare(data: str, cfg: DataConfig, out: Path, tok, key: str, progress: boo
         return done
     tmp = _temp_beside(out)
     try:
-        n_shards, s = _label_into(tmp, data, cfg, tok, progress)
-        if n_shards == 0:
-            raise _no_rows(data, s)
-        _finish_layout(tmp, n_shards, key)
-        resolved = {"data": str(data), "cache_key": key, "format_version": FORMAT_VERSION,
-                    "tokenizer_fingerprint": tokenizer_fingerprint(tok), "end_of_turn_marker": r.marker,
-                    "stops": list(r.stops), "appended_stop": r.append, "template": r.text, **cfgmod.to_dict(cfg)}
-        (tmp / "config.json").write_text(json.dumps(resolved, indent=2))
-        (tmp / "stats.json").write_text(json.dumps(s, indent=2))
-        swap_in(tmp, out)
+        with room_for(out, tmp):
+            n_shards, s = _label_into(tmp, data, cfg, tok, progress)
+            if n_shards == 0:
+                raise _no_rows(data, s)
+            _finish_layout(tmp, n_shards, key)
+            resolved = {"data": str(data), "cache_key": key, "format_version": FORMAT_VERSION,
+                        "tokenizer_fingerprint": tokenizer_fingerprint(tok), "end_of_turn_marker": r.marker,
+                        "stops": list(r.stops), "appended_stop": r.append, "template": r.text, **cfgmod.to_dict(cfg)}
+            (tmp / "config.json").write_text(json.dumps(resolved, indent=2))
+            (tmp / "stats.json").write_text(json.dumps(s, indent=2))
+        if _cached(out, key) is None and out.exists():
+            swap_in(tmp, out)  # a folder of another key or format there: replaced
+        elif not put_once(tmp, out):  # another process prepared the same data meanwhile: its folder is kept
+            return _cached(out, key) or Prepared(out, s, True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     notes = (audit.drop_summary(s) if s["rows_dropped"] else "",
@@ -346,7 +350,7 @@ def _prepare(data: str, cfg: DataConfig, out: Path, tok, key: str, progress: boo
 def _temp_beside(out: Path) -> Path:
     """A new temporary folder beside `out` for the rows (swapped in when complete), after checking that
     `out` can be replaced; the ones killed runs left are deleted first."""
-    from .paths import temp_dir
+    from .paths import remove_stale, temp_dir
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; pass a folder (it is created if missing)")
@@ -354,28 +358,10 @@ def _temp_beside(out: Path) -> Path:
         raise ConfigError(f"{out} exists and is not a chatmask prepared folder; choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(out)
+        remove_stale(out)
         return temp_dir(out.parent, f".{out.name}.tmp-{os.getpid()}-")  # the pid tells a live run's from a dead one's
     except OSError as e:
         raise ConfigError(f"cannot write the output folder {out}: {e.strerror}") from None
-
-
-def _remove_stale(out: Path) -> None:
-    """Temporary folders left by killed runs (their process is gone) are deleted; a live run's are kept."""
-    for p in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = p.name[len(out.name) + 6:].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        pass
-    return True
 
 
 def prepared_config(folder) -> dict | None:

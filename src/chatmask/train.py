@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from . import batches, config, memory
-from .checkpoints import (LoopState, check_resumable, is_sharded, latest_checkpoint, load_checkpoint, run_data,
-                          save_checkpoint, save_model, save_sharded, saved_for_resume)
+from . import batches, checkpoints, config, guards, memory
+from .checkpoints import (LoopState, check_resumable, is_sharded, latest_checkpoint, run_data, save_model,
+                          saved_for_resume)
 from .config import DataConfig, TrainConfig
 from .devices import accelerator
 from .errors import ConfigError
@@ -93,6 +93,7 @@ class _Run:
     lengths: list[int] | None = None
     budget: int | None = None  # --micro-batch-tokens resolved for the device (memory.budget)
     checkpointing: str = "never"  # memory.checkpointing: always | over budget | never
+    signals: object = None  # guards.Signals: a SIGTERM / SIGINT ends the run after its step
 
 
 def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, model=None, log=print,
@@ -107,8 +108,17 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     `base_eval`: {"val_tokens_sha256", "val_loss"} of another run's step 0 on the same model (compare's arms):
     taken instead of scoring step 0 again where the validation tokens' hash is the same.
     """
-    run = _setup(data, data_cfg, cfg, Path(out), tokenizer, model, log)
-    _resume(run)
+    acc = accelerator()
+    with guards.run_lock(Path(out), acc.is_main_process), guards.Signals() as signals:
+        run = _setup(acc, data, data_cfg, cfg, Path(out), tokenizer, model, log)
+        if cfg.resume:
+            run.state = checkpoints.resume(acc, run.out, run.model, run.opt, run.sched, run.say) or run.state
+        run.signals = signals
+        return _loop(run, on_end, progress, stop_after, base_eval)
+
+
+def _loop(run: _Run, on_end, progress: bool, stop_after: int | None, base_eval: dict | None) -> dict:
+    """Evaluate step 0, step, evaluate and save to the last step, then conclude; a signal ends it after a step."""
     acc, state, cfg = run.acc, run.state, run.cfg
     writer = _tensorboard(run.out, cfg, acc)
     bar = None
@@ -134,8 +144,9 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
                     bar.update(1, loss=f"{rec['train_loss']:.4f}", lr=f"{rec['lr']:.2e}",
                                tok_s=f"{rec['tokens_per_s']:.0f}",
                                **({"val": f"{rec['val_loss']:.4f}"} if "val_loss" in rec else {}))
-            if state.step % cfg.save_every == 0 or state.step == cfg.steps:
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps or guards.received(acc, run.signals):
                 _save(run)
+            _stop_if_signalled(run)
             done_here += 1
             if stop_after is not None and done_here >= stop_after and state.step < cfg.steps:
                 return {"stopped_at": state.step}
@@ -147,9 +158,8 @@ def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, 
     return _conclude(run, on_end, progress)
 
 
-def _setup(data, data_cfg: DataConfig, cfg: TrainConfig, out: Path, tokenizer, model, log) -> _Run:
-    """The accelerator, then the run's three steps as torchtune's recipes lay them out: data, model, optimizer."""
-    acc = accelerator()
+def _setup(acc, data, data_cfg: DataConfig, cfg: TrainConfig, out: Path, tokenizer, model, log) -> _Run:
+    """The run's three steps as torchtune's recipes lay them out: data, model, optimizer."""
     say = (log or (lambda *a: None)) if acc.is_main_process else (lambda *a: None)
     if cfg.threads and acc.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
@@ -183,8 +193,6 @@ def _setup_data(acc, say, data, data_cfg: DataConfig, cfg: TrainConfig, out: Pat
     if is_sharded(acc) and cfg.finetune == "lora" and cfg.merge_lora:
         raise ConfigError("--merge-lora cannot merge adapters into sharded (FSDP / DeepSpeed) weights; train "
                           "without it and merge the saved adapters on one device")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; pass a folder (it is created if missing)")
     saved = saved_for_resume(out, data, data_cfg, cfg, say)
     source, made = run_data(data, data_cfg)  # a prepared folder: its own tokenizer, template and stops
     tok = data_tokenizer(made, cfg.model, tokenizer, trust_remote_code=cfg.trust_remote_code)
@@ -273,20 +281,6 @@ def _setup_optimizer(run: _Run) -> None:
     run.lengths = batches.row_lengths(run.holdout.train) if cfg.group_by_length else None
 
 
-def _resume(run: _Run) -> None:
-    """With --resume: weights, optimizer, schedule, RNG and the loop state from the last checkpoint."""
-    ck = latest_checkpoint(run.out) if run.cfg.resume else None
-    if ck is None:
-        return
-    acc = run.acc
-    if is_sharded(acc):
-        acc.load_state(str(ck / "accelerate"))  # sharded weights and optimizer: accelerate's own format
-        run.state = LoopState.from_json(json.loads((ck / "state.json").read_text()))
-    else:
-        run.state = load_checkpoint(ck, acc.unwrap_model(run.model), run.opt, run.sched)
-    run.say(f"resumed from {ck} (step {run.state.step})")
-
-
 def _step(run: _Run) -> dict:
     """One optimizer step over the step's global batch (every process, every micro-batch); its log record."""
     acc, cfg, state, model = run.acc, run.cfg, run.state, run.model
@@ -297,8 +291,8 @@ def _step(run: _Run) -> dict:
     mbs, n_total = batches.micro_batches(run.holdout.train, indices, cfg, rank, world, run.pad_id,
                                          run.data_cfg.train_on, run.mask_dtype, run.attention, run.budget)
     loss_sum = torch.zeros((), dtype=torch.float64)
-    tokens = 0
-    for k, (mb, n_tok) in enumerate(mbs):
+    tokens, first_bad = 0, None
+    for k, (mb, n_tok, rows) in enumerate(mbs):
         mb = batches.to_device(mb, acc.device)
         tokens += n_tok
         with acc.no_sync(model) if k < len(mbs) - 1 else contextlib.nullcontext(), \
@@ -308,9 +302,14 @@ def _step(run: _Run) -> dict:
             # every process divides by the step's global count; DDP averages gradients over processes
             acc.backward(s * world / max(n_total, 1))
         loss_sum += s.detach().double().cpu()
-    if cfg.max_grad_norm:
-        # the prepared model's parameters: FSDP2 replaced the ones the optimizer was built from
-        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        first_bad = rows if first_bad is None and not torch.isfinite(s) else first_bad
+    # the prepared model's parameters (FSDP2 replaced the optimizer's); inf: the norm, nothing clipped
+    norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+    loss, norm = float(loss_sum / max(n_total, 1)), float(norm if norm is not None else 0.0)
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        bad = first_bad if first_bad is not None else [i for _, _, r in mbs for i in r]
+        raise guards.non_finite(step + 1, loss, norm, guards.sources(run.holdout.train, bad),
+                                latest_checkpoint(run.out))
     run.opt.step()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
@@ -339,19 +338,20 @@ def _evaluate(run: _Run) -> float:
 
 
 def _save(run: _Run) -> None:
-    acc = run.acc
-    acc.wait_for_everyone()
-    if is_sharded(acc):
-        save_sharded(acc, run.out, run.state, run.cfg.keep_checkpoints)
-    elif acc.is_main_process:
-        save_checkpoint(run.out, run.state.step, acc.unwrap_model(run.model), run.opt, run.sched, run.state,
-                        run.cfg.keep_checkpoints)
-    acc.wait_for_everyone()
+    checkpoints.save(run.acc, run.out, run.state, run.model, run.opt, run.sched, run.cfg.keep_checkpoints)
+
+
+def _stop_if_signalled(run: _Run) -> None:
+    """After a saved step (or in the conclusion, once the last step is saved): a received signal ends the run."""
+    got = guards.received(run.acc, run.signals)
+    if got:
+        raise guards.Interrupted(got, run.state.step, latest_checkpoint(run.out))
 
 
 def _conclude(run: _Run, on_end, progress: bool = False) -> dict:
     """The result, the stop rate, the task metric (`on_end`), OUT/model and OUT/result.json."""
     acc = run.acc
+    _stop_if_signalled(run)  # the last step is saved: a resumed run concludes
     result = _result(run.state, run.holdout, run.data_cfg)
     acc.wait_for_everyone()
     # FSDP / DeepSpeed hold shards: every process takes part in gathering the full weights
