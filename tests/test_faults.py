@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from chatmask import guards, paths
+from chatmask.config import DataConfig
 from chatmask import train as train_mod
 from conftest import cli_main, model_folder
 from test_train import ROWS, data  # noqa: F401  (the fixture: 48 short conversations)
@@ -294,3 +295,70 @@ def test_a_swap_leaves_the_old_folder_or_the_new_one_at_every_instant(tmp_path, 
     monkeypatch.setattr(paths, "_exchange", watched)
     paths.atomic_dir(final, lambda t: (t / "w").write_text("new"))
     assert seen == ["old", "new"] and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def _ner_file(tmp_path, entities: bool) -> str:
+    from test_compare import NER
+
+    rows = json.loads(json.dumps(NER))
+    if not entities:
+        for r in rows:
+            for t in r["conversations"][3::2]:
+                t["value"] = "[]"
+    p = tmp_path / "ner.json"
+    p.write_text(json.dumps(rows))
+    return str(p)
+
+
+def test_a_metric_with_no_gold_entity_to_score_is_refused_before_any_training(tmp_path, model_dir, capsys,
+                                                                              monkeypatch):
+    monkeypatch.setenv("CHATMASK_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "c"
+    rc, _, err = cli_main(capsys, "compare", _ner_file(tmp_path, entities=False), "--model", model_dir, "--finetune",
+                          "full", "--steps", "2", "--metric", "ner-f1", "--metric-questions", "16", "--out", str(out))
+    assert rc == 2 and sum(x.startswith("chatmask:") for x in err.splitlines()) == 1, err
+    assert "--metric ner-f1 has no question with a gold entity to score (the 1 validation rows (--val-split 0.02) " \
+           "hold 2, 0 with a gold entity)" in err
+    for flag in ("--val-split", "--metric-data", "--metric-with-entities"):
+        assert flag in err
+    assert not (out / "runs").exists()  # nothing trained
+
+
+def test_fewer_questions_than_asked_are_said_before_training_and_in_the_report(tmp_path, bpe_tok, monkeypatch):
+    from test_compare import TC, tiny_factory
+
+    from chatmask.compare import CompareConfig, compare
+
+    monkeypatch.setenv("CHATMASK_CACHE", str(tmp_path / "cache"))
+    said = []
+    cc = CompareConfig(seeds=1, metric="ner-f1", metric_questions=16)
+    compare(_ner_file(tmp_path, entities=True), DataConfig(), TC, cc, tmp_path / "c", tokenizer=bpe_tok,
+            model_factory=tiny_factory(bpe_tok), log=said.append)
+    why = ("12 of the 16 questions asked for: the 6 validation rows (--val-split 0.2) hold 12 `What describes "
+           "<type> in the text?` questions, 12 with a gold entity")
+    assert any(why in x for x in said[:3])  # before the first run trains
+    m = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert m["metric_plan"]["heldout"]["scored"] == m["metric"]["heldout"]["masked"]["questions"] == 12
+    assert "12 of the 16 questions asked for were scored: the 6 validation rows" in (tmp_path / "c" / "report.md") \
+        .read_text()
+
+
+def test_a_metric_that_fails_after_training_still_writes_the_report(tmp_path, bpe_tok, monkeypatch):
+    from test_compare import TC, tiny_factory
+
+    from chatmask import metrics
+    from chatmask.compare import CompareConfig, compare
+
+    monkeypatch.setenv("CHATMASK_CACHE", str(tmp_path / "cache"))
+
+    def fails(*a, **k):
+        raise RuntimeError("the generation ran out of memory")
+
+    monkeypatch.setattr(metrics, "ner_f1_questions", fails)
+    cc = CompareConfig(seeds=1, metric="ner-f1", metric_questions=4)
+    m = compare(_ner_file(tmp_path, entities=True), DataConfig(), TC, cc, tmp_path / "c", tokenizer=bpe_tok,
+                model_factory=tiny_factory(bpe_tok), log=None)
+    assert m["masked"]["final_val_loss_mean"] is not None and m["metric"] == {}
+    md = (tmp_path / "c" / "report.md").read_text()
+    assert "Not computed: RuntimeError: the generation ran out of memory." in md
+    assert "Not computed: RuntimeError" in (tmp_path / "c" / "report.html").read_text()

@@ -46,22 +46,24 @@ class QuestionSets:
         self.data, self.data_cfg, self.train_cfg, self.cmp = data, data_cfg, train_cfg, cmp
         self._heldout: dict[frozenset, list] = {}  # by the validation rows' sources
         self._unseen: list | None = None
+        self.found: dict[str, tuple[int, int]] = {}  # set name -> (questions found, how many with a gold entity)
 
-    def _questions(self, path: str, keep=lambda source: True) -> list:
+    def _questions(self, name: str, path: str, keep=lambda source: True) -> list:
         from . import conversations, metrics
 
         c = self.data_cfg
         convs = [conv.messages for conv in conversations.load(path, format=c.format, salvage=c.salvage,
                                                               skip_invalid=True, split=c.split) if keep(conv.source)]
-        return metrics.pick_questions(metrics.ner_questions(convs), self.cmp.metric_questions,
-                                      with_entities=self.cmp.metric_with_entities)
+        found = metrics.ner_questions(convs)
+        self.found[name] = (len(found), sum(bool(g) for _, _, g in found))
+        return metrics.pick_questions(found, self.cmp.metric_questions, with_entities=self.cmp.metric_with_entities)
 
     def get(self, val_sources) -> dict[str, list]:
         key = frozenset(val_sources)
         if key not in self._heldout:
-            self._heldout[key] = self._questions(self.train_cfg.val_data or self.data, key.__contains__)
+            self._heldout[key] = self._questions("heldout", self.train_cfg.val_data or self.data, key.__contains__)
         if self._unseen is None and self.cmp.metric_data:
-            self._unseen = self._questions(self.cmp.metric_data)
+            self._unseen = self._questions("unseen", self.cmp.metric_data)
         return {k: v for k, v in (("heldout", self._heldout[key]), ("unseen", self._unseen)) if v}
 
 
@@ -80,8 +82,9 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
     tok = data_tokenizer(data_cfg, train_cfg.model, tokenizer, trust_remote_code=train_cfg.trust_remote_code)
     labelled = with_stops(data_cfg, tok)  # the stop list named once: what the rows are labelled with
     prepared = prepare_cached(data, config.replace(labelled, train_on="assistant"), tok, log=say)
-    hook = _metric_hook(QuestionSets(data, labelled, train_cfg, cmp), labelled, train_cfg, cmp, tok) \
-        if cmp.metric != "none" else None
+    questions = QuestionSets(data, labelled, train_cfg, cmp) if cmp.metric != "none" else None
+    plan = _metric_plan(questions, prepared, labelled, train_cfg, cmp, tok, say) if questions else {}
+    hook = _metric_hook(questions, labelled, train_cfg, cmp, tok) if questions else None
     runs = {}
     base = None  # step 0's validation loss: every run starts from the loaded model (LoRA's B is zero)
     for seed in range(cmp.seeds):
@@ -108,7 +111,43 @@ def compare(data: str, data_cfg: DataConfig, train_cfg: TrainConfig, cmp: Compar
             atomic_write_text(done, json.dumps(res, indent=2))
             runs[(arm, seed)] = res
             base = base or _step0(res)
-    return write_report(out, data, data_cfg, train_cfg, cmp, runs, prepared.stats, command)
+    return write_report(out, data, data_cfg, train_cfg, cmp, runs, prepared.stats, command, plan)
+
+
+def _metric_plan(questions: QuestionSets, prepared, data_cfg, train_cfg, cmp, tok, say) -> dict:
+    """Before any training: the questions each metric set will score (of the validation rows every run holds
+    out, and --metric-data's), said where fewer than asked for; nothing with a gold entity to score is a
+    ConfigError naming the flags that give more. {set: {asked, found, found_with_entities, scored, why}}."""
+    from .evaluation import hold_out
+    from .prepare import prepare_cached
+
+    val = prepare_cached(train_cfg.val_data, config.replace(data_cfg, train_on="assistant"), tok,
+                         log=None).dataset() if train_cfg.val_data else None
+    sources = hold_out(prepared.dataset(), train_cfg, val).val["source"]
+    sets = questions.get(sources)
+    where = {"heldout": "--val-data's rows" if train_cfg.val_data else
+             f"the {len(sources)} validation rows (--val-split {train_cfg.val_split:g}"
+             + (f", --val-rows {train_cfg.val_rows}" if train_cfg.val_rows == len(sources) else "") + ")",
+             "unseen": f"--metric-data {cmp.metric_data}"}
+    plan = {}
+    for name in ("heldout", "unseen") if cmp.metric_data else ("heldout",):
+        found, pos = questions.found.get(name, (0, 0))
+        qs = sets.get(name, [])
+        scored, asked = len(qs), cmp.metric_questions
+        why = "" if asked is None or scored >= asked else (
+            f"{where[name]} hold {found} `What describes <type> in the text?` questions, {pos} with a gold entity, "
+            f"and --metric-with-entities {cmp.metric_with_entities:g} keeps that share with one")
+        plan[name] = {"asked": asked, "found": found, "found_with_entities": pos, "scored": scored,
+                      "scored_with_entities": sum(bool(g) for _, _, g in qs), "why": why}
+        if why:
+            say(f"--metric {cmp.metric}: {scored} of the {asked} questions asked for: {why}")
+    if not any(p["scored_with_entities"] for p in plan.values()):
+        told = "; ".join(f"{where[n]} hold {p['found']}, {p['found_with_entities']} with a gold entity"
+                         for n, p in plan.items())
+        raise ConfigError(f"--metric {cmp.metric} has no question with a gold entity to score ({told}); raise "
+                          "--val-split (or --val-rows), pass --metric-data FILE with such questions, raise "
+                          "--metric-questions or --metric-with-entities, or pass --metric none")
+    return plan
 
 
 def _step0(res: dict) -> dict | None:
@@ -160,10 +199,14 @@ def _metric_hook(questions: QuestionSets, data_cfg: DataConfig, train_cfg: Train
         if not sets:
             return {"error": "no `What describes <type> in the text?` questions in the validation rows"
                              + (" or --metric-data" if cmp.metric_data else "")}
-        return {name: metrics.ner_f1_questions(model, tok, qs, template=data_cfg.template,
-                                               end_of_turn=data_cfg.end_of_turn, stop_tokens=stop_tokens(data_cfg, tok),
-                                               batch_size=train_cfg.eval_batch_size, progress=True)
-                for name, qs in sets.items()}
+        try:  # a metric that fails costs the metric, never the trained run or the report
+            return {name: metrics.ner_f1_questions(model, tok, qs, template=data_cfg.template,
+                                                   end_of_turn=data_cfg.end_of_turn,
+                                                   stop_tokens=stop_tokens(data_cfg, tok),
+                                                   batch_size=train_cfg.eval_batch_size, progress=True)
+                    for name, qs in sets.items()}
+        except Exception as e:
+            return {"error": f"{type(e).__name__}: {e}"}
 
     return run
 
@@ -262,9 +305,10 @@ def data_stats(stats: dict) -> dict:
             "user_to_assistant": stats["user_to_assistant"]}
 
 
-def write_report(out: Path, data, data_cfg, train_cfg, cmp, runs: dict, stats: dict, command) -> dict:
+def write_report(out: Path, data, data_cfg, train_cfg, cmp, runs: dict, stats: dict, command,
+                 plan: dict | None = None) -> dict:
     """metrics.json, loss.png / loss.svg, report.md and report.html in `out`, each written whole (beside,
-    then renamed in); `stats`: the prepared folder's stats.json."""
+    then renamed in); `stats`: the prepared folder's stats.json; `plan`: `_metric_plan`'s questions."""
     arms = cmp.arms.split(",")
     hashes = {(a, s): (r["val_tokens"], r["val_tokens_sha256"]) for (a, s), r in runs.items()}
     if len(set(hashes.values())) != 1:
@@ -277,13 +321,18 @@ def write_report(out: Path, data, data_cfg, train_cfg, cmp, runs: dict, stats: d
         for arm in arms:
             summary[arm]["stop"]["warning"] = "the runs answered different stop prompts (runs reused from other " \
                                               "--stop-prompts or --stop-max-new-tokens); compare them with care"
-    metric = metric_summary(per_arm) if cmp.metric != "none" else {}
+    metric, metric_error = {}, None
+    try:
+        metric = metric_summary(per_arm) if cmp.metric != "none" else {}
+    except Exception as e:  # the report still comes, saying why the metric is missing
+        metric_error = f"{type(e).__name__}: {e}"
     loss_ci = loss_interval(per_arm)
     for arm in arms:
         summary[arm]["final_val_loss_ci95"] = loss_ci.get(arm)
     result = {"data": str(data), "command": command or shlex.join(sys.argv), "data_stats": data_stats(stats),
               "data_config": config.to_dict(data_cfg), "train_config": config.to_dict(train_cfg),
-              "compare_config": config.to_dict(cmp), "metric": metric,
+              "compare_config": config.to_dict(cmp), "metric": metric, "metric_plan": plan or {},
+              **({"metric_error": metric_error} if metric_error else {}),
               "val_loss_difference_ci95": loss_ci.get("difference"), **summary}
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     svg = _plot(out, summary, arms)

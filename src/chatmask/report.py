@@ -245,7 +245,8 @@ def f1_markdown(result, arms) -> list[str]:
         why = _metric_error(result, arms)
         return ["## Entity F1 (greedy answers)", "", f"Not computed: {why}.", ""] if why else []
     return (["## Entity F1 (greedy answers)", "", "| " + " | ".join(F1_HEAD) + " |", "|" + "---|" * len(F1_HEAD)]
-            + ["| " + " | ".join(r) + " |" for r in rows] + ["", f1_verdict(result, arms), ""])
+            + ["| " + " | ".join(r) + " |" for r in rows] + ["", f1_verdict(result, arms), ""]
+            + ([fewer_questions(result), ""] if fewer_questions(result) else []))
 
 
 def answers_markdown(result, arms) -> list[str]:
@@ -299,9 +300,15 @@ def _answers_html(result: dict, arms) -> str:
 
 
 def _metric_error(result, arms) -> str | None:
-    """Why a task metric that was asked for is missing (a run's `metric.error`), else None."""
-    return next((s["metric"]["error"] for a in arms for s in result[a]["per_seed"]
-                 if isinstance(s.get("metric"), dict) and "error" in s["metric"]), None)
+    """Why a task metric that was asked for is missing (the summary's or a run's `metric.error`), else None."""
+    return result.get("metric_error") or next((s["metric"]["error"] for a in arms for s in result[a]["per_seed"]
+                                               if isinstance(s.get("metric"), dict) and "error" in s["metric"]), None)
+
+
+def fewer_questions(result) -> str:
+    """Where a metric set scored fewer questions than asked for, how many and why (compare's metric plan)."""
+    return " ".join(f"{SET_TITLES.get(n, n).capitalize()}: {p['scored']} of the {p['asked']} questions asked for "
+                    f"were scored: {p['why']}." for n, p in (result.get("metric_plan") or {}).items() if p.get("why"))
 
 
 def _f1_html(result, arms) -> str:
@@ -313,7 +320,8 @@ def _f1_html(result, arms) -> str:
     head = "".join(f"<th>{e(h)}</th>" for h in F1_HEAD)
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
     return (f"<h2>Entity F1 (greedy answers)</h2><table><tr>{head}</tr>{body}</table>"
-            f"<p>{_code(f1_verdict(result, arms))}</p>")
+            f"<p>{_code(f1_verdict(result, arms))}</p>"
+            + (f"<p>{_code(fewer_questions(result))}</p>" if fewer_questions(result) else ""))
 
 
 def report_html(result: dict, arms, svg: str) -> str:
