@@ -82,8 +82,8 @@ def test_a_second_signal_ends_the_process_at_once():
     assert "not stopped" not in p.stdout
 
 
-def _interrupted(capsys, monkeypatch, argv, at_forward: int, sig=signal.SIGTERM):
-    """`chatmask train ARGV` sent `sig` inside its `at_forward`-th training forward: (exit code, stdout, stderr)."""
+def _interrupted(capsys, monkeypatch, argv, at_forward: int, sig=signal.SIGTERM, command="train"):
+    """`chatmask COMMAND ARGV` sent `sig` inside its `at_forward`-th training forward: (exit code, stdout, stderr)."""
     calls, real = [], train_mod.token_loss_sum
 
     def signalled(*a, **k):
@@ -94,7 +94,7 @@ def _interrupted(capsys, monkeypatch, argv, at_forward: int, sig=signal.SIGTERM)
 
     monkeypatch.setattr(train_mod, "token_loss_sum", signalled)
     try:
-        return cli_main(capsys, "train", *argv)
+        return cli_main(capsys, command, *argv)
     finally:
         monkeypatch.setattr(train_mod, "token_loss_sum", real)
 
@@ -362,3 +362,101 @@ def test_a_metric_that_fails_after_training_still_writes_the_report(tmp_path, bp
     md = (tmp_path / "c" / "report.md").read_text()
     assert "Not computed: RuntimeError: the generation ran out of memory." in md
     assert "Not computed: RuntimeError" in (tmp_path / "c" / "report.html").read_text()
+
+
+def test_a_signal_in_compare_ends_it_and_the_same_command_finishes_the_study(tmp_path, model_dir, capsys,
+                                                                             monkeypatch):
+    monkeypatch.setenv("CHATMASK_CACHE", str(tmp_path / "cache"))
+    argv = [_ner_file(tmp_path, entities=True), "--model", model_dir, "--finetune", "full", "--steps", "4",
+            "--save-every", "2", "--val-split", "0.2", "--stop-prompts", "0"]
+    rc, _, err = cli_main(capsys, "compare", *argv, "--out", str(tmp_path / "whole"))
+    assert rc == 0, err
+    out = tmp_path / "c"
+    rc, _, err = _interrupted(capsys, monkeypatch, [*argv, "--out", str(out)], 6, command="compare")
+    assert rc == 143 and "stopped by SIGTERM after step 3" in err and "run the same command (its runs resume" in err
+    assert not (out / "runs" / "masked-seed0" / "result.json").exists() and not (out / "metrics.json").exists()
+    rc, _, err = cli_main(capsys, "compare", *argv, "--out", str(out))
+    assert rc == 0, err
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "whole", out))
+    assert b["unmasked"]["final_val_loss_mean"] == pytest.approx(a["unmasked"]["final_val_loss_mean"], abs=1e-6)
+
+
+KILLED_SAVE = """
+import os, signal, sys
+from pathlib import Path
+from chatmask import cli, paths
+what, argv = sys.argv[1], sys.argv[2:]
+real = paths.atomic_dir if what != "prepare" else None
+
+def killed(final, write, **kw):  # the save dies with half its files written
+    if Path(final).name.startswith(what):
+        def half(tmp):
+            try:
+                write(tmp)
+            finally:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(final, half, **kw)
+    return real(final, write, **kw)
+
+if what == "prepare":
+    from chatmask import prepare
+    label = prepare._label_into
+    def half_labelled(tmp, *a, **k):
+        label(tmp, *a, **k)
+        os.kill(os.getpid(), signal.SIGKILL)
+    prepare._label_into = half_labelled
+else:
+    paths.atomic_dir = killed
+    import chatmask.checkpoints as ck
+    ck.atomic_dir = killed
+sys.exit(cli.main(argv))
+"""
+
+
+@pytest.mark.slow  # three processes killed with kill -9, each importing torch
+@pytest.mark.parametrize("what", ["step-000004", "model", "prepare"])
+def test_a_kill_inside_a_save_leaves_the_previous_version(data, model_dir, tmp_path, what):
+    """kill -9 inside writing a checkpoint, OUT/model or the prepared cache: what was there before stays whole
+    and is used; the next run goes on as if the killed save had never started."""
+    env = {**os.environ, "CHATMASK_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "o"
+    argv = ["train", data, "--model", model_dir, *FLAGS, "--out", str(out)]
+    if what == "model":  # a finished run, then a longer one whose final save dies
+        assert subprocess.run([sys.executable, "-m", "chatmask", *argv], env=env, capture_output=True).returncode == 0
+        before = {p.name: p.read_bytes() for p in (out / "model").iterdir()}
+        argv = [*argv, "--resume", "--steps", "8"]
+    p = subprocess.run([sys.executable, "-c", KILLED_SAVE, what, *argv], env=env, capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-1500:]
+    if what == "model":
+        assert {q.name: q.read_bytes() for q in (out / "model").iterdir()} == before
+    if what == "step-000004":
+        assert [q.name for q in (out / "checkpoints").glob("step-*")] == ["step-000002"]
+    if what == "prepare":
+        assert not list((tmp_path / "cache" / "prepared").glob("[!.]*"))  # no folder a reader would take
+    again = argv if what != "step-000004" else [*argv, "--resume"]
+    r = subprocess.run([sys.executable, "-m", "chatmask", *again], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert _result(out)["steps"] == (8 if what == "model" else 6)
+
+
+@pytest.mark.slow  # a real full disk: a 2 MB tmpfs in a user and mount namespace of its own
+def test_a_real_full_disk_at_a_checkpoint(data, model_dir, tmp_path):
+    import shutil
+
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare here to mount a small filesystem")
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {tmp_path}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot mount a small filesystem here (no user namespaces)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    env = {**os.environ, "CHATMASK_CACHE": str(tmp_path / "cache")}
+    cmd = (f"mount -t tmpfs -o size=400k tmpfs {disk} && {sys.executable} -m chatmask train {data} --model "
+           f"{model_dir} {' '.join(FLAGS)} --out {disk}/o; echo rc=$?; ls {disk}/o/checkpoints")
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], env=env, capture_output=True, text=True, timeout=300)
+    err = [x for x in p.stderr.splitlines() if x.startswith("chatmask:")]
+    assert "rc=2" in p.stdout and len(err) == 1 and "DiskFull: no space left on the device for" in err[0], \
+        (p.stdout, p.stderr[-2000:])
+    kept = p.stdout.split("rc=2")[1].split()
+    assert kept and all(k.startswith("step-") for k in kept)  # the checkpoints before, nothing half-written

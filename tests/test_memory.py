@@ -114,12 +114,20 @@ def test_a_row_over_the_budget_is_recomputed_and_trains_the_same(data, bpe_tok, 
         assert r["train_losses"] == pytest.approx(plain["train_losses"], abs=1e-5)
 
 
-def test_a_cpu_step_returns_the_heap_after_each_forward_and_backward(data, bpe_tok, tmp_path, monkeypatch):
-    trims, mbs, real = [], [], batches.micro_batches
+def test_where_memory_is_tight_a_cpu_step_returns_the_heap_after_each_forward_and_backward(data, bpe_tok,
+                                                                                          tmp_path, monkeypatch):
+    trims, mbs, said, real = [], [], [], batches.micro_batches
     monkeypatch.setattr(memory, "_malloc_trim", lambda: trims.append(1))
     monkeypatch.setattr(batches, "micro_batches", lambda *a, **k: mbs.append(len((out := real(*a, **k))[0])) or out)
-    _run(data, bpe_tok, tmp_path / "run", micro_batch_tokens=200)
+    monkeypatch.setattr(memory, "available_gb", lambda: 1000.0)
+    _run(data, bpe_tok, tmp_path / "room", micro_batch_tokens=200, log=said.append)
+    assert min(mbs) >= 2 and not trims  # room to spare: the heap is kept (faster)
+    assert not any("tight" in x for x in said)
+    monkeypatch.setattr(memory, "available_gb", lambda: 0.001)  # less than the estimate's share: tight
+    mbs.clear()
+    _run(data, bpe_tok, tmp_path / "tight", micro_batch_tokens=200, log=said.append)
     assert min(mbs) >= 2 and len(trims) == 2 * sum(mbs)  # between forward and backward, and after the backward
+    assert any("tight: each micro-batch returns the heap it freed" in x for x in said)
     trims.clear()
     memory.trim(torch.device("cuda"))  # no glibc heap to speak of on a GPU: nothing to return
     memory.trim(torch.device("cpu"))
@@ -220,8 +228,8 @@ def test_the_estimate_counts_the_logits_at_scored_positions(data, bpe_tok):
     # a recomputed 4k-token ShareGPT row (70% trained) on SmolLM2's 49,152 entries: ~1.6 GB of logits
     assert memory.logits_gb(49152, 0.7 * 4096) == pytest.approx(1.58, abs=0.02)
     model = tiny_llama(bpe_tok, vocab_size=50_000)
-    few, _ = memory.estimate_line(model, 4096, "never", None, 0, share=0.01)
-    every, _ = memory.estimate_line(model, 4096, "never", None, 0, share=1.0)
+    few, _, _ = memory.estimate_line(model, 4096, "never", None, 0, share=0.01)
+    every, _, _ = memory.estimate_line(model, 4096, "never", None, 0, share=1.0)
     gb = lambda line: float(line.split("activations and logits ~")[1].split(" GB")[0])  # noqa: E731
     assert gb(every) - gb(few) == pytest.approx(memory.logits_gb(50_000, 0.99 * 4096), abs=0.11)
     assert gb(every) - gb(few) > 2

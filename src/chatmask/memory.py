@@ -3,8 +3,8 @@ recomputed, the heap while they are, and the estimate said before training.
 
 `budget(cfg, device)` is --micro-batch-tokens resolved; `checkpointing(cfg, budget)` when layers recompute,
 `micro_batch(...)` applies it around one (with `bounded_heap`: glibc holding no freed heap), `trim` returns the
-heap a micro-batch freed; `estimate_line` says what a run will need against what the machine has. Measurements:
-bench/README.md (train_memory.py).
+heap a micro-batch freed where memory is tight; `estimate_line` says what a run will need against what the
+machine has, and whether it is tight. Measurements: bench/README.md (train_memory.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ when freed): glibc's default (a threshold that rises to 32 MB) kept 3.3 GB of fr
 0.5 GB of live tensors (1.9 GB at 2k, 0.7 GB at 1k); it costs ~1.3x the time of that micro-batch."""
 HEAP_TOKENS = 1024
 """Recomputed micro-batches over this many tokens run in `bounded_heap` (on a CPU)."""
+
+TIGHT_SHARE = 0.5
+"""Where a run's estimate over the model passes this share of the memory available, each micro-batch returns
+glibc's free heap after its forward and its backward (`trim`): a 4k-token step of 512-token micro-batches then
+held 1.47 GB over the model instead of 2.1-2.2 GB, but the page faults of fresh heap cost about a fifth more
+time (the demo 327 s against 276 s; train_peers' packed loop 58 s against 46-49 s), so a machine with room
+keeps its heap (bench/README.md)."""
 
 EVAL_FACTOR = 4
 """An evaluation batch holds up to this many times the training's micro-batch budget: nothing is kept for a
@@ -68,11 +75,11 @@ def largest_micro_batch(lengths, batch_size: int, packed: bool, budget_tokens: i
 
 
 @contextlib.contextmanager
-def micro_batch(model, mode: str, tokens: int, budget_tokens: int | None, device):
+def micro_batch(model, mode: str, tokens: int, budget_tokens: int | None, device, heap_trim: bool = False):
     """Around one micro-batch of `tokens` tokens (padding included): with `mode` "over budget" and more tokens
     than the budget, `model`'s checkpointed layers recompute inside the block; a recomputed micro-batch over
-    HEAP_TOKENS on a CPU runs in `bounded_heap`; after it, `trim` (the caller trims between forward and backward
-    too)."""
+    HEAP_TOKENS on a CPU runs in `bounded_heap`; after it, with `heap_trim`, `trim` (the caller trims between
+    forward and backward too)."""
     over = mode == "over budget" and tokens > budget_tokens
     heap = (over or mode == "always") and tokens > HEAP_TOKENS and getattr(device, "type", device) == "cpu"
     if over:
@@ -83,7 +90,8 @@ def micro_batch(model, mode: str, tokens: int, budget_tokens: int | None, device
     finally:
         if over:
             set_recompute(model, False)
-        trim(device)
+        if heap_trim:
+            trim(device)
 
 
 def set_recompute(model, on: bool) -> None:
@@ -123,9 +131,7 @@ def release() -> None:
 
 def trim(device=None) -> None:
     """On a CPU (or `device` None), the heap glibc holds free back to the system (malloc_trim: free pages inside
-    the heap too). `train` trims after each micro-batch's forward and after its backward: on 2 cores a 4k-token step
-    of 512-token micro-batches then held ~1.5 GB over the model instead of 2.1-2.2 GB, at the same speed within
-    the noise (bench/README.md); glibc otherwise keeps what one micro-batch freed for the next, and more."""
+    the heap too); glibc otherwise keeps what one micro-batch freed for the next, and more (TIGHT_SHARE: when)."""
     if getattr(device, "type", device) in (None, "cpu"):
         _malloc_trim()
 
@@ -196,7 +202,7 @@ def trained_share(ds, train_on: str, sparse: bool, sample: int = 1000) -> float:
 
 
 def estimate_for(ds, model, cfg, budget_tokens: int | None, mode: str, train_on: str = "assistant",
-                 sparse: bool = True) -> tuple[str, bool]:
+                 sparse: bool = True) -> tuple[str, bool, bool]:
     """`estimate_line` for training `model` on the prepared rows `ds` with `cfg`'s batches."""
     import pyarrow.compute as pc
 
@@ -207,8 +213,9 @@ def estimate_for(ds, model, cfg, budget_tokens: int | None, mode: str, train_on:
 
 
 def estimate_line(model, tokens: int, mode: str, budget_tokens: int | None, trainable: int,
-                  share: float = 1.0) -> tuple[str, bool]:
-    """(one line saying the run's expected peak memory against what the machine has, whether it fits).
+                  share: float = 1.0) -> tuple[str, bool, bool]:
+    """(one line saying the run's expected peak memory against what the machine has, whether it fits, whether
+    it is tight: past TIGHT_SHARE of what is available, so micro-batches `trim` the heap; said in the line).
     `tokens`: the largest micro-batch the run can make; `share`: the part of its positions the loss scores.
     The heap allowance (2x activations) is what glibc held in the measurements; an estimate, said as one."""
     now = rss_gb() or 0.0
@@ -224,7 +231,10 @@ def estimate_line(model, tokens: int, mode: str, budget_tokens: int | None, trai
             f"and logits ~{act:.1f} GB for micro-batches of up to {tokens:,} tokens"
             + (", recomputed" if recompute else "") + ")" + (f"; {free:.1f} GB available" if free else ""))
     fits = free is None or need - now <= free
+    tight = free is not None and need - now > TIGHT_SHARE * free
+    if tight:
+        line += "; tight: each micro-batch returns the heap it freed (less memory, about 1.2x the time)"
     if not fits:
         line += ("\nwarning: this run may not fit in memory: lower --micro-batch-tokens, --batch-size or "
                  "--max-length, or pass --gradient-checkpointing")
-    return line, fits
+    return line, fits, tight

@@ -94,6 +94,7 @@ class _Run:
     budget: int | None = None  # --micro-batch-tokens resolved for the device (memory.budget)
     checkpointing: str = "never"  # memory.checkpointing: always | over budget | never
     signals: object = None  # guards.Signals: a SIGTERM / SIGINT ends the run after its step
+    heap_trim: bool = False  # memory tight on a CPU (memory.TIGHT_SHARE): micro-batches return their heap
 
 
 def train(data, data_cfg: DataConfig, cfg: TrainConfig, out, *, tokenizer=None, model=None, log=print,
@@ -261,8 +262,9 @@ def _setup_model(run: _Run, model) -> None:
             "logits (same loss, more time and memory)")
     run.model = model
     if run.acc.device.type == "cpu":  # RSS is the memory that runs out there; on a GPU torch says it itself
-        say(memory.estimate_for(run.holdout.train, model, cfg, run.budget, run.checkpointing,
-                                run.data_cfg.train_on, run.sparse)[0])
+        line, _, run.heap_trim = memory.estimate_for(run.holdout.train, model, cfg, run.budget, run.checkpointing,
+                                                     run.data_cfg.train_on, run.sparse)
+        say(line)
 
 
 def _setup_optimizer(run: _Run) -> None:
@@ -296,9 +298,11 @@ def _step(run: _Run) -> dict:
         mb = batches.to_device(mb, acc.device)
         tokens += n_tok
         with acc.no_sync(model) if k < len(mbs) - 1 else contextlib.nullcontext(), \
-                memory.micro_batch(model, run.checkpointing, mb["input_ids"].numel(), run.budget, acc.device):
+                memory.micro_batch(model, run.checkpointing, mb["input_ids"].numel(), run.budget, acc.device,
+                                   run.heap_trim):
             s, _ = token_loss_sum(model, mb, run.sparse)
-            memory.trim(acc.device)  # the forward's temporaries, freed: the backward's peak is lower by ~0.1 GB
+            if run.heap_trim:  # the forward's temporaries: ~0.1 GB off the backward's peak
+                memory.trim(acc.device)
             # every process divides by the step's global count; DDP averages gradients over processes
             acc.backward(s * world / max(n_total, 1))
         loss_sum += s.detach().double().cpu()
