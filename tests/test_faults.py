@@ -439,7 +439,7 @@ def test_a_kill_inside_a_save_leaves_the_previous_version(data, model_dir, tmp_p
     assert _result(out)["steps"] == (8 if what == "model" else 6)
 
 
-@pytest.mark.slow  # a real full disk: a 2 MB tmpfs in a user and mount namespace of its own
+@pytest.mark.slow  # a real full disk: a 1.1 MB tmpfs in a user and mount namespace of its own
 def test_a_real_full_disk_at_a_checkpoint(data, model_dir, tmp_path):
     import shutil
 
@@ -452,7 +452,7 @@ def test_a_real_full_disk_at_a_checkpoint(data, model_dir, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     env = {**os.environ, "CHATMASK_CACHE": str(tmp_path / "cache")}
-    cmd = (f"mount -t tmpfs -o size=400k tmpfs {disk} && {sys.executable} -m chatmask train {data} --model "
+    cmd = (f"mount -t tmpfs -o size=1100k tmpfs {disk} && {sys.executable} -m chatmask train {data} --model "
            f"{model_dir} {' '.join(FLAGS)} --out {disk}/o; echo rc=$?; ls {disk}/o/checkpoints")
     p = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], env=env, capture_output=True, text=True, timeout=300)
     err = [x for x in p.stderr.splitlines() if x.startswith("chatmask:")]
