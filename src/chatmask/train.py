@@ -145,9 +145,10 @@ def _loop(run: _Run, on_end, progress: bool, stop_after: int | None, base_eval: 
                     bar.update(1, loss=f"{rec['train_loss']:.4f}", lr=f"{rec['lr']:.2e}",
                                tok_s=f"{rec['tokens_per_s']:.0f}",
                                **({"val": f"{rec['val_loss']:.4f}"} if "val_loss" in rec else {}))
-            if state.step % cfg.save_every == 0 or state.step == cfg.steps or guards.received(acc, run.signals):
+            got = guards.received(acc, run.signals)  # read once: a signal between two reads would go unsaved
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps or got:
                 _save(run)
-            _stop_if_signalled(run)
+            _stop_if_signalled(run, got)
             done_here += 1
             if stop_after is not None and done_here >= stop_after and state.step < cfg.steps:
                 return {"stopped_at": state.step}
@@ -345,9 +346,9 @@ def _save(run: _Run) -> None:
     checkpoints.save(run.acc, run.out, run.state, run.model, run.opt, run.sched, run.cfg.keep_checkpoints)
 
 
-def _stop_if_signalled(run: _Run) -> None:
-    """After a saved step (or in the conclusion, once the last step is saved): a received signal ends the run."""
-    got = guards.received(run.acc, run.signals)
+def _stop_if_signalled(run: _Run, got: int | None = None) -> None:
+    """After a saved step (`got`: the signal as read before saving) or in the conclusion: a signal ends the run."""
+    got = guards.received(run.acc, run.signals) if got is None else got
     if got:
         raise guards.Interrupted(got, run.state.step, latest_checkpoint(run.out))
 
