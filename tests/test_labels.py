@@ -12,6 +12,7 @@ import chatmask
 import chatmask.spans
 from chatmask import IGNORE, ConversationError, TemplateError, templates
 from chatmask.config import TRAIN_ON
+from chatmask.generation import prompt_ids
 from chatmask.labels import renderer
 from conftest import trained_runs
 
@@ -174,9 +175,18 @@ def test_builtin_template_sweep(bpe_tok, name, shape):
         r = renderer(bpe_tok, name)
         starts = [i for i in range(len(ex.labels)) if ex.labels[i] != IGNORE and (i == 0 or ex.labels[i - 1] == IGNORE)]
         asst = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        parsed = chatmask.encode(msgs, bpe_tok, template=name, control_tokens="parse")
         for i, s in zip(asst, starts):
             G = r.render(_plain(msgs)[:i], True)
-            assert ex.input_ids[:s] == bpe_tok(G, add_special_tokens=False)["input_ids"]
+            # the default encodes a control token written in content as plain text, at inference alike
+            assert ex.input_ids[:s] == prompt_ids(bpe_tok, r, _plain(msgs)[:i])
+            if not ex.control_text:
+                assert ex.input_ids[:s] == bpe_tok(G, add_special_tokens=False)["input_ids"]
+        pstarts = [i for i in range(len(parsed.labels))
+                   if parsed.labels[i] != IGNORE and (i == 0 or parsed.labels[i - 1] == IGNORE)]
+        for i, s in zip(asst, pstarts):  # --control-tokens parse: apply_chat_template's tokens
+            G = r.render(_plain(msgs)[:i], True)
+            assert parsed.input_ids[:s] == bpe_tok(G, add_special_tokens=False)["input_ids"]
     # header and user text never trained: every trained run ends with the marker
     stop = _stop(bpe_tok, name)
     assert all(run.endswith(stop) for run in runs)

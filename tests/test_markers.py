@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 import chatmask
-from chatmask import IGNORE, TemplateError
+from chatmask import TemplateError
 from conftest import make_bpe_tokenizer
 from conftest import trained_runs as runs
 

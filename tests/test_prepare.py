@@ -33,7 +33,7 @@ def test_prepare_writes_a_datasets_folder_equal_to_encode(tmp_path, bpe_tok):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     p = prepare(data, DataConfig(), tmp_path / "out", tokenizer=bpe_tok, progress=False)
     ds = p.dataset()
-    assert len(ds) == len(ROWS) and ds.column_names == ["input_ids", "labels", "source"]
+    assert len(ds) == len(ROWS) and ds.column_names == ["input_ids", "labels", "source", "control_text"]
     for k in (0, 17, 39):
         ex = chatmask.encode(ROWS[k]["messages"], bpe_tok, source=f"d.jsonl:{k + 1}")
         assert (ds[k]["input_ids"], ds[k]["labels"], ds[k]["source"]) == (ex.input_ids, ex.labels, f"d.jsonl:{k + 1}")
@@ -235,7 +235,7 @@ def test_every_option_that_changes_rows_is_in_the_cache_key(tmp_path, bpe_tok):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     other = {"template": "llama3", "train_on": "all", "max_length": 77, "truncation": "right", "end_of_turn": "</s>",
              "stream": "segments", "format": "openai", "split": "test", "skip_invalid": True, "salvage": True,
-             "limit": 3, "stop_tokens": "<|im_end|>", "add_template_tokens": None}
+             "limit": 3, "stop_tokens": "<|im_end|>", "control_tokens": "parse", "add_template_tokens": None}
     other.pop("add_template_tokens")
     base = cache_key(data, DataConfig(), bpe_tok)
     fields = {f.name for f in dataclasses.fields(DataConfig)} - {"tokenizer", "num_proc"}  # num_proc: same rows

@@ -14,7 +14,7 @@ import itertools
 import operator
 import re
 
-from . import conversations, labels
+from . import controls, conversations, labels
 from .errors import ChatmaskError
 from .tokens import text_tokens
 
@@ -29,7 +29,7 @@ STAT_NAMES = ("rows_read", "rows_kept", "rows_dropped", "rows_dropped_for_length
               "dropped_fraction", "tokens", "trained_tokens", "trained_fraction", "truncated_rows",
               "rows_split_at_boundary", "tokens_split_at_boundary", "rows_without_trained_stop",
               "answers_without_trained_stop", "answers_cut_before_their_stop", "rows_stop_appended", "rows_labelled",
-              "user_to_assistant", "tokens_by_role_rows")
+              "user_to_assistant", "tokens_by_role_rows", "rows_with_control_text", "control_texts_in_content")
 
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
 
@@ -37,12 +37,15 @@ _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge
 # ---------------------------------------------------------------- tokens by role
 
 
-def role_counts(rows, tok, template=None, stop_tokens=(), end_of_turn=None) -> list[tuple[int, ...] | None]:
+def role_counts(rows, tok, template=None, stop_tokens=(), end_of_turn=None,
+                control_tokens="text") -> list[tuple[int, ...] | None]:
     """Per `(messages, source)` row, its rendering's tokens by role (in ROLES order): each token of the
     whole-text encoding goes to the message content its first character is in, else to the template.
     Counted before truncation; None for a row the template cannot render. The tokens come from the
-    tokenizer's cached token view (`tokens.text_tokens`), warm from labelling the same rows just before."""
-    plans = []
+    tokenizer's cached token view (`tokens.text_tokens`), warm from labelling the same rows just before; control
+    tokens a content writes as --control-tokens encodes them."""
+    plans, literal, tt = [], {}, text_tokens(tok)
+    r = labels.renderer(tok, template, end_of_turn, stop_tokens)
     for messages, source in rows:
         try:
             text, spans = labels.content_spans(messages, tok, template, source, stop_tokens, end_of_turn)
@@ -51,7 +54,19 @@ def role_counts(rows, tok, template=None, stop_tokens=(), end_of_turn=None) -> l
             continue
         # content_spans checked each message (normalizing keeps their number and roles)
         plans.append((text, sorted((a, b, messages[i]["role"]) for i, (a, b) in spans.items())))
-    encoded = iter(text_tokens(tok).encode([p[0] for p in plans if p is not None]))
+        if control_tokens == "text":
+            msgs = labels.normalize_messages(messages, source)
+            found = controls.find(lambda ms: r.training_text(ms, source=source), msgs, text, tt, source)
+            if found:
+                literal[len(plans) - 1] = found
+    texts = [p[0] for p in plans if p is not None]
+    encoded = tt.encode(texts)
+    if literal:
+        index = [k for k, p in enumerate(plans) if p is not None]
+        at = {k: j for j, k in enumerate(index)}
+        for k, row in zip(literal, controls.encode_rows(tt, [plans[k][0] for k in literal], list(literal.values()))):
+            encoded[at[k]] = row
+    encoded = iter(encoded)
     return [None if p is None else _count_roles(p[1], next(encoded)) for p in plans]
 
 
@@ -99,6 +114,8 @@ class Tally:
         self.lengths = collections.Counter()
         self.by_role = [0] * len(ROLES)
         self.role_rows = 0
+        self.control_rows = self.controls = 0
+        self.first_control = None
 
     def drop(self, reason: str, message: str) -> None:
         self.dropped[reason] += 1
@@ -119,6 +136,10 @@ class Tally:
             self.unstopped_rows += 1
             self.unstopped += row.unstopped
             self.first_unstopped = self.first_unstopped or row.source
+        if row.control_text:
+            self.control_rows += 1
+            self.controls += len(row.control_text) // 2  # flattened [first, end) pairs
+            self.first_control = self.first_control or row.source
         if row.by_role is not None:
             self.role_rows += 1
             self.by_role = [x + y for x, y in zip(self.by_role, row.by_role)]
@@ -162,6 +183,11 @@ class Tally:
             "tokens_by_role": by_role,
             "tokens_by_role_rows": self.role_rows,
             "user_to_assistant": by_role["user"] / by_role["assistant"] if by_role["assistant"] else None,
+            # rows kept whose content writes a control token (<|im_end|>, [INST]), encoded by --control-tokens;
+            # under refuse such rows are dropped instead (dropped_by_reason: controls.REFUSED)
+            "rows_with_control_text": self.control_rows,
+            "control_texts_in_content": self.controls,
+            "first_with_control_text": self.first_control,
         }
 
 
@@ -179,6 +205,19 @@ def stop_summary(stats: dict) -> str:
                    "names the model's stop list)")
     return (f"note: {n:,} of {rows:,} rows have an answer trained without a stop: {'; '.join(why)}; first: "
             f"{stats['first_without_trained_stop']}. Such answers do not teach the model to end its turn")
+
+
+def control_summary(stats: dict, policy: str) -> str:
+    """One line, where rows kept write a control token inside a message's content: how many, how encoded."""
+    n = stats.get("rows_with_control_text", 0)
+    if not n:
+        return ""
+    how = ("encoded as plain text (--control-tokens text), as the vendors' encoders encode content"
+           if policy == "text" else
+           "encoded as the control tokens themselves (--control-tokens parse): such text can forge turn boundaries")
+    return (f"note: {n:,} of {stats['rows_kept']:,} rows write a control token inside a message's content "
+            f"({stats['control_texts_in_content']:,} in all; first: {stats['first_with_control_text']}): {how}; "
+            "`chatmask view` marks them with !")
 
 
 def drop_summary(stats: dict) -> str:
@@ -202,6 +241,9 @@ def summary_lines(s: dict) -> list[str]:
                      "user:assistant: no assistant tokens")
     lines.append(f"truncated rows: {s['truncated_rows']:,}; rows with an answer trained without its stop: "
                  f"{s['rows_without_trained_stop']:,}; rows whose last stop was appended: {s['rows_stop_appended']:,}")
+    if s.get("rows_with_control_text"):
+        lines.append(f"rows whose content writes a control token: {s['rows_with_control_text']:,} "
+                     f"({s['control_texts_in_content']:,} in all; first: {s['first_with_control_text']})")
     if s.get("rows_split_at_boundary"):
         lines.append(f"rows whose input_ids are not exactly the tokenizer's encoding of the rendering: "
                      f"{s['rows_split_at_boundary']:,} ({s['tokens_split_at_boundary']:,} tokens straddled a "

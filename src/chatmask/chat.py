@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import ChatConfig
 from .errors import ConfigError
-from .generation import answer_text, cut, inference, renderer, stopping
+from .generation import answer_text, cut, inference, prompt_ids, renderer, stopping
 
 
 @dataclass
@@ -28,6 +28,9 @@ class Chat:
     """what was loaded, for the user: 'run out/ (LoRA adapters on smollm2)'"""
     stop_tokens: tuple = ()
     """the model's own stop list the run was trained with (--stop-tokens), if any"""
+    control_tokens: str = "text"
+    """how the run encoded a control token written inside content (--control-tokens; runs older than the
+    option were labelled as `parse`)"""
 
 
 def find_run(path: str, arm: str | None = None, seed: int = 0) -> Path | None:
@@ -85,7 +88,7 @@ def load_chat(name: str, *, arm: str | None = None, seed: int = 0, dtype=None) -
         what = f"run {run} ({'full fine-tuning' if tc.get('finetune') == 'full' else 'merged adapters'})"
     # the stop list the rows were labelled with: --stop-tokens, else the model's (OUT/model's generation_config)
     stops = stop_tokens(SimpleNamespace(stop_tokens=dc.get("stop_tokens")), tok)
-    return Chat(model, tok, dc.get("template"), dc.get("end_of_turn"), what, stops)
+    return Chat(model, tok, dc.get("template"), dc.get("end_of_turn"), what, stops, dc.get("control_tokens", "parse"))
 
 
 class _Stream:
@@ -114,13 +117,10 @@ def reply(chat: Chat, messages: list[dict], cfg: ChatConfig = ChatConfig(), on_t
     prompt; sampled unless cfg.temperature is 0; stops where the run was trained to stop (or eos)."""
     import torch
 
-    from .messages import normalize_messages
-
     tok, model = chat.tokenizer, chat.model
     r = renderer(tok, chat.template, chat.end_of_turn, chat.stop_tokens)
-    text = r.render(normalize_messages(messages), add_generation_prompt=True)
     device = next(model.parameters()).device
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], device=device)  # (1, T)
+    ids = torch.tensor([prompt_ids(tok, r, messages, chat.control_tokens)], device=device)  # (1, T)
     st = stopping(tok, r)
     stream = _Stream(tok, on_text, st.strings)
     sample = cfg.temperature > 0

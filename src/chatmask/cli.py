@@ -93,7 +93,8 @@ def cmd_prepare(args) -> int:
     s = p.stats
     if p.cached:
         print(f"{args.out}: up to date (same data, tokenizer, template and options); nothing to do")
-    for msg in (audit.drop_summary(s), audit.stop_summary(s) if s.get("rows_without_trained_stop") else ""):
+    for msg in (audit.drop_summary(s), audit.control_summary(s, cfg.control_tokens),
+                audit.stop_summary(s) if s.get("rows_without_trained_stop") else ""):
         if msg:
             print(msg)
     if s.get("salvaged"):
@@ -238,8 +239,8 @@ def _prepare_parser(sub) -> None:
 def _view_parser(sub) -> None:
     p = sub.add_parser("view", help=cmd_view.__doc__)
     p.add_argument("data", help="a data file (as for prepare) or a folder written by prepare")
-    _common(p, labelling=("add_template_tokens", "train_on", "end_of_turn", "stop_tokens", "stream", "format",
-                          "salvage"))
+    _common(p, labelling=("add_template_tokens", "train_on", "end_of_turn", "stop_tokens", "stream", "control_tokens",
+                          "format", "salvage"))
     p.add_argument("--row", type=int, default=0, help="which row (0-based) (default: 0)")
     p.add_argument("--rows", type=int, default=1, help="how many rows from --row (default: 1)")
     p.add_argument("--html", help="also write a self-contained HTML page")

@@ -203,7 +203,8 @@ def _metric_hook(questions: QuestionSets, data_cfg: DataConfig, train_cfg: Train
             return {name: metrics.ner_f1_questions(model, tok, qs, template=data_cfg.template,
                                                    end_of_turn=data_cfg.end_of_turn,
                                                    stop_tokens=stop_tokens(data_cfg, tok),
-                                                   batch_size=train_cfg.eval_batch_size, progress=True)
+                                                   batch_size=train_cfg.eval_batch_size, progress=True,
+                                                   control_tokens=data_cfg.control_tokens)
                     for name, qs in sets.items()}
         except Exception as e:
             return {"error": f"{type(e).__name__}: {e}"}

@@ -1,9 +1,8 @@
 """Run configuration: a frozen dataclass per concern, each field documented by the docstring under it.
 
-`resolve(flags, run_file=..., resume_from=...)` is a run's configs (defaults < a saved run < YAML < flags);
-`build(cls, section, flags)` makes one, `check(cfg)` reports all its problems in one error,
-`run_changes(saved, data_cfg, train_cfg)` what --resume may change; flags.py makes the flags.
-"""
+`resolve(flags, run_file=..., resume_from=...)` is a run's configs (defaults < a saved run < YAML < flags); `build(cls,
+section, flags)` makes one, `check(cfg)` reports all its problems in one error, `run_changes(saved, data_cfg,
+train_cfg)` what --resume may change; flags.py makes the flags."""
 
 from __future__ import annotations
 
@@ -21,6 +20,8 @@ Truncation = Literal["turns", "right", "drop"]
 TRUNCATION = get_args(Truncation)  # the one spelling of --truncation's values
 Stream = Literal["rendering", "segments"]
 STREAMS = get_args(Stream)  # the one spelling of --stream's values (labels.py says what each is)
+ControlTokens = Literal["text", "parse", "refuse"]
+CONTROL_TOKENS = get_args(ControlTokens)  # --control-tokens' values (controls.py says what each does)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class DataConfig:
     stream: Stream = "rendering"
     """token ids: the tokenizer's encoding of the whole rendered text, or each prompt/answer segment encoded
     alone (mistral-common's way)"""
+    control_tokens: ControlTokens = "text"
+    """control tokens (<|im_end|>, [INST]) written inside a message's content: plain text, as the vendors' encoders
+    encode content (text); the control tokens, as apply_chat_template (parse); or the row refused (refuse)"""
     format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion"] = "auto"
     """row format of the data; auto: detected from the first row of each file"""
     split: str = "train"
@@ -207,9 +211,8 @@ class CompareConfig:
     def _problems(self):
         bad = [a for a in self.arms.split(",") if a not in ARMS]
         out = [f"--arms: unknown arm(s) {', '.join(bad)}; known: {', '.join(ARMS)}"] if bad else []
-        if not 0 < self.metric_with_entities <= 1:
-            out.append(f"--metric-with-entities must be in (0, 1]; got {self.metric_with_entities}")
-        return out
+        bad_share = not 0 < self.metric_with_entities <= 1
+        return out + [f"--metric-with-entities must be in (0, 1]; got {self.metric_with_entities}"] * bad_share
 
 
 @dataclass(frozen=True)
@@ -228,9 +231,7 @@ class ChatConfig:
     """seed of the sampling (default: a different draw each run)"""
 
     def _problems(self):
-        p = []
-        if self.temperature < 0:
-            p.append(f"--temperature must be 0 (greedy) or more, not {self.temperature}")
+        p = [f"--temperature must be 0 (greedy) or more, not {self.temperature}"] if self.temperature < 0 else []
         if not 0 < self.top_p <= 1:
             p.append(f"--top-p must be in (0, 1], not {self.top_p}")
         return p
@@ -289,8 +290,7 @@ def replace(cfg, **changes):
     return check(dataclasses.replace(cfg, **changes))
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+to_dict = dataclasses.asdict
 
 
 RESUME_SAFE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "eval_batch_size",

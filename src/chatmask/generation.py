@@ -174,13 +174,29 @@ def generate_ids(model, tokenizer, st: Stopping, prompts: list[list[int]], *, ma
     return out
 
 
+def prompt_ids(tokenizer, r, messages, control_tokens: str = "text") -> list[int]:
+    """A conversation's generation prompt as token ids, encoded as its rows were in training: the tokenizer's
+    encoding of the rendering (the template writes BOS), with a control token that a message's content writes
+    as plain text unless --control-tokens parse (controls.py)."""
+    msgs = normalize_messages(messages)
+    text = r.render(msgs, add_generation_prompt=True)
+    if control_tokens != "parse" and getattr(tokenizer, "backend_tokenizer", None) is not None:
+        from . import controls
+        from .tokens import ids_of, text_tokens
+
+        tt = text_tokens(tokenizer)
+        spans = controls.find(lambda ms: r.render(ms, add_generation_prompt=True), msgs, text, tt, "the prompt")
+        if spans:
+            return ids_of(controls.encode_rows(tt, [text], [spans])[0])
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def generate_answers(model, tokenizer, prompts: list[list[dict]], *, template=None, end_of_turn=None, stop_tokens=(),
-                     max_new_tokens=64, batch_size=8, progress: bool = False) -> list[str]:
+                     max_new_tokens=64, batch_size=8, progress: bool = False, control_tokens="text") -> list[str]:
     """Greedy answers to `prompts` (message lists ending with a user turn), rendered as at inference and
     stopped at the trained end of turn or eos; only the new text, special tokens skipped."""
     r = renderer(tokenizer, template, end_of_turn, stop_tokens)
-    texts = [r.render(normalize_messages(p), add_generation_prompt=True) for p in prompts]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # the template writes BOS
+    ids = [prompt_ids(tokenizer, r, p, control_tokens) for p in prompts]
     st = stopping(tokenizer, r)
     bar = None
     if progress:

@@ -6,8 +6,8 @@ Reading order: the reference path first, the plain way a conversation becomes id
    by a sentinel and diffing (`spans._turns_slow`; what ends a turn is `markers.py`'s).
 2. `_token_rows` encodes each whole rendering (`TextTokens.whole`: what `apply_chat_template(tokenize=True)`
    feeds the model; `--stream segments` encodes each prompt and answer segment alone instead, see STREAMS).
-3. `_assemble_respelling` cuts those tokens at the answer boundaries, building `input_ids` and `labels` in one
-   loop; a token that straddles a boundary is re-spelt as its parts (counted in `Example.respelt`).
+3. `assembly.assemble_respelling` cuts those tokens at the answer boundaries, building `input_ids` and `labels`
+   in one loop; a token that straddles a boundary is re-spelt as its parts (counted in `Example.respelt`).
 4. `truncation.truncate` applies --max-length and --truncation; `apply_train_on` makes the `all` and
    `last_assistant` arms from the assistant labels, here and in training alike.
 The fast paths, each checked against that reference by a test:
@@ -16,20 +16,23 @@ The fast paths, each checked against that reference by a test:
 - tokens encoded piecewise between added tokens and memoized (`TextTokens._piecewise`), checked by ids on
   probes and on sampled rows (`_sampled_rows_agree`): tests/test_tokens.py::test_piecewise_equals_whole_text,
   ::test_a_wrong_memo_is_caught_by_ids_and_every_row_encoded_whole;
-- labels assembled per run of tokens (`_assemble`; a row where a token straddles a boundary takes step 3):
+- labels assembled per run of tokens (`assembly.assemble`; a row where a token straddles a boundary takes step 3):
   tests/test_labels.py::test_respelling_path_agrees_with_run_assembly;
 - the compiled template and the token view kept per tokenizer (`spans.renderer`, `tokens.text_tokens`).
+Control tokens that a message's content writes are found in step 1 and encoded by --control-tokens in step 2
+(`controls.py`): as plain text by default.
 """
 
 from __future__ import annotations
 
-import bisect
 import gc
-import itertools
-from dataclasses import dataclass
 
-from .config import STREAMS, TRAIN_ON, TRUNCATION
-from .errors import ChatmaskError, ConfigError, ConversationError, TemplateError
+from . import controls
+from .assembly import IGNORE, Example, _Plan
+from .assembly import assemble as _assemble, assemble_respelling as _assemble_respelling  # noqa: F401 (tests)
+from .assembly import regions as _regions, segments as _segments  # noqa: F401 (tests)
+from .config import CONTROL_TOKENS, STREAMS, TRAIN_ON, TRUNCATION
+from .errors import ChatmaskError, ConfigError, ConversationError
 from .messages import normalize_messages, weights as _weights
 from .spans import Renderer, Turn, answer_regions, content_spans, renderer, resolve_template
 from .template_checks import check_template
@@ -39,38 +42,11 @@ from .truncation import LENGTH_REASONS, truncate
 __all__ = ["IGNORE", "LENGTH_REASONS", "Example", "apply_train_on", "check_template", "content_spans", "encode",
            "encode_many", "encode_turns", "normalize_messages", "renderer", "resolve_template", "truncate"]
 
-IGNORE = -100
 # STREAMS (config.STREAMS), the token stream: `rendering`, the tokenizer's encoding of the whole rendered text (what
 # `apply_chat_template(tokenize=True)` feeds the model), a token that straddles a prompt/answer boundary
 # re-spelt as its two parts; or `segments`, each prompt and answer segment encoded as a text of its own, the
 # way mistral-common (and mistral-finetune) encode a conversation: a SentencePiece tokenizer then gives each
 # segment its dummy prefix.
-
-
-@dataclass
-class Example:
-    """One training row: `labels[i] == input_ids[i]` where trained, `-100` elsewhere (unshifted)."""
-
-    input_ids: list[int]
-    labels: list[int]
-    source: str = ""
-    prefix_preserving: bool = True
-    """False when the template rewrites earlier turns, so each turn's prompt in this example is not
-    exactly what the model saw at inference for it (use `encode_turns` for the faithful form)."""
-    truncated: int = 0
-    """tokens cut off by the truncation policy"""
-    respelt: int = 0
-    """tokens of the whole-text encoding that straddled a prompt/answer boundary and were re-spelt as
-    two; 0 means `input_ids` are exactly the tokenizer's encoding of the rendering"""
-    stop_appended: bool = False
-    """the template writes no end of turn after the last answer, so its stop was appended (see markers)"""
-    unstopped: int = 0
-    """trained answers whose trained run ends without a stop (the template writes none there, or the
-    truncation cut the answer): they do not teach the model to stop"""
-
-    @property
-    def num_trained(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -79,8 +55,9 @@ def _check_choice(name: str, value, choices) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
-def _check_options(train_on, truncation, stream="rendering") -> None:
+def _check_options(train_on, truncation, stream="rendering", control_tokens="text") -> None:
     _check_choice("stream", stream, STREAMS)
+    _check_choice("control_tokens", control_tokens, CONTROL_TOKENS)
     _check_choice("train_on", train_on, TRAIN_ON)
     _check_choice("truncation", truncation, TRUNCATION)
 
@@ -105,21 +82,7 @@ def apply_train_on(input_ids: list[int], labels: list[int], train_on: str) -> li
 # ---------------------------------------------------------------- a row rendered: its plan
 
 
-@dataclass
-class _Plan:
-    """A row rendered, with its answer regions, waiting for its tokens."""
-
-    source: str
-    text: str  # the rendering
-    turns: list[Turn]
-    trained: set[int]
-    train_on: str
-    preserving: bool
-    appended: bool = False
-    unstopped: frozenset = frozenset()  # trained answers (message indices) whose end of turn holds no stop
-
-
-def _plan_row(r: Renderer, messages, source, train_on) -> _Plan:
+def _plan_row(r: Renderer, messages, source, train_on, control_tokens="text", tt=None) -> _Plan:
     where = source or "conversation"
     msgs = normalize_messages(messages, source)
     if not any(m["role"] == "assistant" for m in msgs):
@@ -130,8 +93,11 @@ def _plan_row(r: Renderer, messages, source, train_on) -> _Plan:
     next_roles = [msgs[t.index + 1]["role"] if t.index + 1 < len(msgs) else None for t in turns]
     unstopped = frozenset(t.index for t, nxt in zip(turns, next_roles)
                           if t.index in trained and r.context(nxt) in r.unstopped)
+    control = controls.find(lambda ms: r.training_text(ms, source=source), msgs, rendering, tt, where)
+    if control and control_tokens == "refuse":
+        raise controls.refuse(msgs, rendering, control, where)
     return _Plan(source, rendering, turns, trained, train_on, all(t.preserving for t in turns),
-                 bool(r.append) and msgs[-1]["role"] == "assistant", unstopped)
+                 bool(r.append) and msgs[-1]["role"] == "assistant", unstopped, control, control_tokens == "text")
 
 
 def _trained_turns(weights, turns: list[Turn], train_on, source) -> set[int]:
@@ -143,104 +109,6 @@ def _trained_turns(weights, turns: list[Turn], train_on, source) -> set[int]:
         raise ConversationError(f"{source}: every assistant turn has weight 0; nothing to train on",
                                 reason="all weights 0")
     return chosen
-
-
-def _regions(plan: _Plan):
-    """The rendering cut at the answer boundaries: region k is [cuts[k], cuts[k+1]) and belongs to answer
-    owner[k] (None: prompt text); whether each region is trained."""
-    cuts, owner = [0], [None]
-    for t in plan.turns:
-        for pos, who in ((t.start, t.index), (t.end, None)):
-            if pos == cuts[-1]:
-                owner[-1] = who
-            else:
-                cuts.append(pos)
-                owner.append(who)
-    return cuts, owner, [w in plan.trained for w in owner]
-
-
-def _segments(plan: _Plan) -> list[str]:
-    """The rendering cut at its answer boundaries (the 'segments' token stream)."""
-    cuts = _regions(plan)[0] + [len(plan.text)]
-    return [plan.text[a:b] for a, b in zip(cuts, cuts[1:])]
-
-
-# ---------------------------------------------------------------- tokens to input_ids and labels
-
-
-def _assemble(plan: _Plan, row: Row, tt: TextTokens):
-    """input_ids and labels from the whole-text tokens cut at the answer boundaries; also (token index
-    just past each answer, whether it is trained, whether its end holds a stop) for truncation. Works per
-    run of tokens, not per token: a row costs a few list copies. A row where a token straddles a boundary
-    goes the reference way (`_assemble_respelling`)."""
-    cuts, owner, trained = _regions(plan)
-    starts, runs = row
-    ids = [r.ids for r in runs]
-    firsts = list(itertools.accumulate(map(len, ids), initial=0))
-    input_ids = list(itertools.chain.from_iterable(ids))
-    at = [0]  # token index where each region starts
-    for c in cuts[1:]:
-        k = bisect.bisect_right(starts, c) - 1
-        if k < 0:
-            at.append(0)
-            continue
-        j = runs[k].cut(c - starts[k])  # (index of the first token at or after c, or None: one straddles c)
-        if j is None:
-            return _assemble_respelling(plan, row, tt, cuts, owner, trained)
-        at.append(firsts[k] + j)
-    at.append(len(input_ids))
-    labels, ends = [], []
-    for k in range(len(cuts)):
-        a, b = at[k], at[k + 1]
-        labels += input_ids[a:b] if trained[k] else [IGNORE] * (b - a)
-        if owner[k] is not None and b > a:
-            ends.append((b, trained[k], owner[k] not in plan.unstopped))
-    return Example(input_ids, labels, plan.source, plan.preserving, stop_appended=plan.appended,
-                   unstopped=len(plan.unstopped)), ends
-
-
-def _assemble_respelling(plan: _Plan, row: Row, tt: TextTokens, cuts, owner, trained):
-    """`_assemble` run by run and cut by cut, re-spelling a token that straddles a boundary as its parts;
-    the reference the per-run path must equal."""
-    text = plan.text
-    input_ids, labels, last, respelt = [], [], {}, 0
-
-    def emit(ids, reg):
-        if ids:
-            input_ids.extend(ids)
-            labels.extend(ids if trained[reg] else [IGNORE] * len(ids))
-            last[reg] = len(input_ids)
-
-    for start, run in zip(*row):
-        reg = bisect.bisect_right(cuts, start) - 1
-        lo, hi = bisect.bisect_right(cuts, start), bisect.bisect_left(cuts, run.end(start))
-        t, ci = 0, lo  # next token of the run to emit; next cut inside the run
-        while ci < hi:
-            c = cuts[ci]
-            k = run.find(start, c)
-            if k > t and run.span(start, k - 1)[1] > c:  # token k-1 straddles the boundary
-                j = k - 1
-                s, e = run.span(start, j)
-                if run.atomic:
-                    raise TemplateError(
-                        f"{plan.source or 'conversation'}: the added token {text[s:e]!r} spans an answer "
-                        "boundary; the template writes part of it inside the answer", reason="template error")
-                group = [x for x in cuts[ci:hi] if x < e]
-                bounds = [s] + group + [e]
-                parts = [text[x:y] for x, y in zip(bounds, bounds[1:])]
-                emit(run.ids[t:j], reg)
-                for n, part_ids in enumerate(tt.split_token(run.ids[j], parts) or map(tt.fragment_ids, parts)):
-                    emit(part_ids, reg + n)
-                reg += len(group)
-                t, ci = k, ci + len(group)
-                respelt += 1
-            else:
-                emit(run.ids[t:k], reg)
-                t, ci, reg = max(t, k), ci + 1, reg + 1
-        emit(run.ids[t:], reg)
-    ends = sorted((n, trained[k], owner[k] not in plan.unstopped) for k, n in last.items() if owner[k] is not None)
-    return Example(input_ids, labels, plan.source, plan.preserving, respelt=respelt, stop_appended=plan.appended,
-                   unstopped=len(plan.unstopped)), ends
 
 
 # ---------------------------------------------------------------- many rows, one tokenizer call
@@ -280,10 +148,14 @@ def _token_rows(plans: list[_Plan], tt: TextTokens, stream: str) -> list[Row]:
             segments = _segments(p)
             texts += segments
             owner += [k] * len(segments)
+    literal = _literal_spans(plans, texts, owner)  # text index -> control tokens to encode as plain text
     encs = tt.encode(texts)
     if tt.piecewise and plans and not _sampled_rows_agree(tt, texts, owner, encs, len(plans)):
         tt.piecewise = False  # a case the probe missed: encode whole texts from now on, for every row
         encs = tt.encode(texts)
+    if literal:
+        for j, row in zip(literal, controls.encode_rows(tt, [texts[j] for j in literal], list(literal.values()))):
+            encs[j] = row
     if stream == "rendering":
         return encs
     rows, pos = [([], []) for _ in plans], [0] * len(plans)
@@ -294,20 +166,33 @@ def _token_rows(plans: list[_Plan], tt: TextTokens, stream: str) -> list[Row]:
     return rows
 
 
+def _literal_spans(plans: list[_Plan], texts, owner) -> dict[int, list[tuple[int, int]]]:
+    """For each text holding control tokens to encode as plain text (--control-tokens text), their spans in it."""
+    out, pos = {}, 0
+    for j, (k, text) in enumerate(zip(owner, texts)):
+        pos = 0 if j == 0 or owner[j - 1] != k else pos + len(texts[j - 1])  # where the text starts in its row
+        if plans[k].literal and plans[k].control:
+            spans = [(a - pos, b - pos) for a, b in plans[k].control if pos <= a < pos + len(text)]
+            if spans:
+                out[j] = spans
+    return out
+
+
 def _sampled_rows_agree(tt: TextTokens, texts, owner, encs, n_rows: int) -> bool:
-    """Whether the piecewise encodings of the rows `due_for_check` picks equal their whole-text ones."""
+    """Whether the piecewise encodings of the rows `due_for_check` picks equal their whole-text ones (before
+    the control tokens of --control-tokens text are re-encoded as plain text, which controls.py checks)."""
     due = {k for k in range(n_rows) if tt.due_for_check()}
     picked = [j for j, k in enumerate(owner) if k in due]
     return not picked or tt.same_as_whole([texts[j] for j in picked], [encs[j] for j in picked])
 
 
 def encode_many(rows, tokenizer, *, train_on="assistant", max_length=None, template=None, truncation="turns",
-                end_of_turn=None, stream="rendering", stop_tokens=()):
+                end_of_turn=None, stream="rendering", stop_tokens=(), control_tokens="text"):
     """`encode` over many `(messages, source)` rows with one tokenizer call for all of them (the fast
     tokenizer's batch API uses every core). Returns, per row, an Example or the ChatmaskError that row
     raised."""
-    _check_options(train_on, truncation, stream)
-    text_tokens(tokenizer)  # an unusable tokenizer is said before anything about its template
+    _check_options(train_on, truncation, stream, control_tokens)
+    tt = text_tokens(tokenizer)  # an unusable tokenizer is said before anything about its template
     r = renderer(tokenizer, template, end_of_turn, stop_tokens)
     # a batch allocates many short-lived lists; the cyclic collector's passes over them (and over the
     # memo) would cost about a third of the time, and nothing here makes cycles
@@ -317,7 +202,7 @@ def encode_many(rows, tokenizer, *, train_on="assistant", max_length=None, templ
         plans = []
         for messages, source in rows:
             try:
-                plans.append(_plan_row(r, messages, source, train_on))
+                plans.append(_plan_row(r, messages, source, train_on, control_tokens, tt))
             except ChatmaskError as e:
                 plans.append(e)
         return _encode_plans(plans, r, tokenizer, max_length, truncation, stream)
@@ -331,13 +216,14 @@ def encode_many(rows, tokenizer, *, train_on="assistant", max_length=None, templ
 
 def encode(messages, tokenizer, *, train_on: str = "assistant", max_length: int | None = None,
            template: str | None = None, truncation: str = "turns", source: str = "", end_of_turn: str | None = None,
-           stream: str = "rendering", stop_tokens=()) -> Example:
+           stream: str = "rendering", stop_tokens=(), control_tokens: str = "text") -> Example:
     """Render `messages` with the chat template and label each assistant answer (its text after the
     generation prompt through the end-of-turn marker); everything else is -100. `input_ids` are the
     tokenizer's encoding of the whole rendering (see STREAMS for the one exception and the alternative);
     `end_of_turn` names the marker where the template leaves it ambiguous; `stop_tokens` are the model's
     own stop list (its generation_config.json `eos_token_id`, as strings: `hub.model_stop_tokens`), which
-    the end of each turn is read with (README, "The stop").
+    the end of each turn is read with (README, "The stop"); `control_tokens` says how a control token that a
+    message's content writes is encoded (controls.py: `text`, as plain text; `parse`; `refuse`).
 
     >>> ex = encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tok)
     >>> tok.decode([t for t in ex.labels if t != -100])
@@ -345,7 +231,7 @@ def encode(messages, tokenizer, *, train_on: str = "assistant", max_length: int 
     """
     out = encode_many([(messages, source)], tokenizer, train_on=train_on, max_length=max_length,
                       template=template, truncation=truncation, end_of_turn=end_of_turn, stream=stream,
-                      stop_tokens=stop_tokens)[0]
+                      stop_tokens=stop_tokens, control_tokens=control_tokens)[0]
     if isinstance(out, ChatmaskError):
         raise out
     return out
@@ -353,30 +239,36 @@ def encode(messages, tokenizer, *, train_on: str = "assistant", max_length: int 
 
 def encode_turns(messages, tokenizer, *, max_length: int | None = None, template: str | None = None,
                  source: str = "", end_of_turn: str | None = None, stream: str = "rendering",
-                 stop_tokens=()) -> list[Example]:
+                 stop_tokens=(), control_tokens: str = "text") -> list[Example]:
     """One example per trained assistant turn: prompt = that turn's generation prompt exactly as at
     inference, only that turn trained. The faithful form for templates that rewrite earlier turns."""
-    _check_options("assistant", "turns", stream)
-    text_tokens(tokenizer)
+    _check_options("assistant", "turns", stream, control_tokens)
+    tt = text_tokens(tokenizer)
     msgs = normalize_messages(messages, source)
     weights = _weights(messages)
     r = renderer(tokenizer, template, end_of_turn, stop_tokens)
     where = source or "conversation"
+
+    def turn_text(sub) -> tuple[str, int]:  # (the prompt as at inference + the turn's answer, the prompt's length)
+        rendering = r.training_text(sub, source=source)
+        turn = answer_regions(r, sub, rendering, where)[-1]
+        prompt = r.render(sub[:-1], True, source=source) if not r.gen_prompt_empty else rendering[: turn.start]
+        if rendering.startswith(prompt) and len(prompt) <= turn.start:
+            return prompt + rendering[len(prompt) : turn.end], len(prompt)
+        # the generation prompt differs from the rendered turn (e.g. it opens <think>): prompt as at inference,
+        return prompt + rendering[turn.start : turn.end], len(prompt)  # then the turn's rendered answer
+
     plans = []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant" or not weights[i]:
             continue
-        sub = msgs[: i + 1]
-        rendering = r.training_text(sub, source=source)
-        turn = answer_regions(r, sub, rendering, where)[-1]
-        prompt = r.render(msgs[:i], True, source=source) if not r.gen_prompt_empty else rendering[: turn.start]
-        if rendering.startswith(prompt) and len(prompt) <= turn.start:
-            answer = rendering[len(prompt) : turn.end]
-        else:  # the generation prompt differs from the rendered turn (e.g. it opens <think>): prompt as
-            answer = rendering[turn.start : turn.end]  # at inference, then the turn's rendered answer
-        text = prompt + answer
-        plans.append(_Plan(f"{source}#turn{i}" if source else f"turn{i}", text,
-                           [Turn(i, len(prompt), len(text), True)], {i}, "assistant", True))
+        text, n = turn_text(msgs[: i + 1])
+        name = f"{source}#turn{i}" if source else f"turn{i}"
+        control = controls.find(lambda ms: turn_text(ms)[0], msgs[: i + 1], text, tt, name)
+        if control and control_tokens == "refuse":
+            raise controls.refuse(msgs[: i + 1], text, control, name)
+        plans.append(_Plan(name, text, [Turn(i, n, len(text), True)], {i}, "assistant", True, control=control,
+                           literal=control_tokens == "text"))
     if not plans:
         raise ConversationError(f"{where}: no assistant turn to train on", reason="no assistant turn")
     out = _encode_plans(plans, r, tokenizer, max_length, "turns", stream)

@@ -236,7 +236,7 @@ def ner_f1(model, tokenizer, conversations, *, max_questions=None, with_entities
 
 
 def ner_f1_questions(model, tokenizer, questions, *, template=None, end_of_turn=None, stop_tokens=(),
-                     max_new_tokens=64, batch_size=8, progress: bool = False) -> dict:
+                     max_new_tokens=64, batch_size=8, progress: bool = False, control_tokens="text") -> dict:
     """Entity F1 of `model` on `questions` (`(prompt, type, gold)` from `ner_questions`; compare picks them
     once per experiment): `score`'s keys with `per_type` and `per_question`, plus `with_entities`
     (questions whose gold list is not empty), `parsed` (answers holding a JSON list), `questions_sha256`
@@ -246,7 +246,7 @@ def ner_f1_questions(model, tokenizer, questions, *, template=None, end_of_turn=
     qs = questions
     raw = generate_answers(model, tokenizer, [p for p, _, _ in qs], template=template, end_of_turn=end_of_turn,
                            stop_tokens=stop_tokens, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           progress=progress)
+                           progress=progress, control_tokens=control_tokens)
     marker = renderer(tokenizer, template, end_of_turn, stop_tokens).marker
     lists = [first_list(a, marker) for a in raw]
     pred = [p or [] for p in lists]

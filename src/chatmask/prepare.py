@@ -27,8 +27,9 @@ from .config import DataConfig
 from .errors import FIX_ROW, ChatmaskError, ConfigError, ConversationError
 
 # 2: input_ids the whole-text encoding of the rendering; 3: drops by length counted; 4: every answer's stop trained
-# (README, "The stop"), the last one's appended where the template writes none; 5: tokens by role in stats.json
-FORMAT_VERSION = 5
+# (README, "The stop"), the last one's appended where the template writes none; 5: tokens by role in stats.json;
+# 6: control tokens in content encoded by --control-tokens (default: as plain text), a control_text column
+FORMAT_VERSION = 6
 BATCH = 512  # conversations labelled per tokenizer call
 SHARD_ROWS = 50_000  # rows per Arrow file: bounded memory whatever the input size
 
@@ -38,8 +39,10 @@ def features():
     """The columns of a prepared folder."""
     import datasets
 
-    return datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
-                              "labels": datasets.List(datasets.Value("int32")), "source": datasets.Value("string")})
+    ints = datasets.List(datasets.Value("int32"))
+    # control_text: Example.control_text flattened, [first, end) token ranges of the content's control tokens
+    return datasets.Features({"input_ids": ints, "labels": ints, "source": datasets.Value("string"),
+                              "control_text": ints})
 
 
 @dataclass
@@ -128,6 +131,7 @@ class Labelled(NamedTuple):
     unstopped: int
     appended: bool
     by_role: tuple[int, ...] | None  # its rendering's tokens by role (audit.role_counts)
+    control_text: list[int]  # Example.control_text flattened
 
 
 class Dropped(NamedTuple):
@@ -145,12 +149,13 @@ def _label_batch(batch, cfg: DataConfig, tok=None, by_role: bool = True) -> list
     stops = stop_tokens(cfg, tok)
     encoded = labels.encode_many(batch, tok, train_on=cfg.train_on, max_length=cfg.max_length, template=cfg.template,
                                  truncation=cfg.truncation, end_of_turn=cfg.end_of_turn, stream=cfg.stream,
-                                 stop_tokens=stops)
+                                 stop_tokens=stops, control_tokens=cfg.control_tokens)
     kept = [row for row, r in zip(batch, encoded) if not isinstance(r, ChatmaskError)]
-    roles = iter(audit.role_counts(kept, tok, cfg.template, stops, cfg.end_of_turn) if by_role else [None] * len(kept))
+    roles = iter(audit.role_counts(kept, tok, cfg.template, stops, cfg.end_of_turn, cfg.control_tokens) if by_role
+                 else [None] * len(kept))
     return [Dropped(r.reason, str(r)) if isinstance(r, ChatmaskError) else Labelled(
-        r.input_ids, r.labels, r.source, r.truncated, r.respelt, r.unstopped, r.stop_appended, next(roles))
-        for r in encoded]
+        r.input_ids, r.labels, r.source, r.truncated, r.respelt, r.unstopped, r.stop_appended, next(roles),
+        [i for span in r.control_text for i in span]) for r in encoded]
 
 
 def _batches(data: str, cfg: DataConfig, report):
@@ -195,7 +200,7 @@ def _write_shards(tmp: Path, rows_iter, tally: audit.Tally, progress, skip_inval
     from datasets.arrow_writer import ArrowWriter
 
     shard, n_shards, writer, in_shard = 0, 0, None, 0
-    cols = {"input_ids": [], "labels": [], "source": []}
+    cols = {"input_ids": [], "labels": [], "source": [], "control_text": []}
 
     def flush():
         if cols["source"]:
@@ -218,6 +223,7 @@ def _write_shards(tmp: Path, rows_iter, tally: audit.Tally, progress, skip_inval
             cols["input_ids"].append(row.input_ids)
             cols["labels"].append(row.labels)
             cols["source"].append(row.source)
+            cols["control_text"].append(row.control_text)
             in_shard += 1
             if len(cols["source"]) >= 1000:
                 flush()
@@ -339,7 +345,7 @@ def _prepare(data: str, cfg: DataConfig, out: Path, tok, key: str, progress: boo
             return _cached(out, key) or Prepared(out, s, True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    notes = (audit.drop_summary(s) if s["rows_dropped"] else "",
+    notes = (audit.drop_summary(s) if s["rows_dropped"] else "", audit.control_summary(s, cfg.control_tokens),
              audit.stop_summary(s) if s["rows_without_trained_stop"] else "", s["salvaged"] or "")
     for line in notes if log else ():
         if line:

@@ -44,7 +44,8 @@ def truncate(ex, max_length: int, policy: str, turn_ends, train_on: str = "assis
     # labels equal the ids where trained: an answer runs on past the cut, and its stop is cut off
     cut_answer = ex.labels[cut - 1] == ex.input_ids[cut - 1] and cut not in {e for e, t, _ in turn_ends if t}
     out = dataclasses.replace(ex, input_ids=ex.input_ids[:cut], labels=ex.labels[:cut], truncated=n - cut,
-                              stop_appended=ex.stop_appended and cut == n, unstopped=kept.count(False) + cut_answer)
+                              stop_appended=ex.stop_appended and cut == n, unstopped=kept.count(False) + cut_answer,
+                              control_text=[(a, min(b, cut)) for a, b in ex.control_text if a < cut])
     if out.num_trained == 0 and train_on != "all":
         raise ConversationError(f"{where}no trained token in the first {max_length:,} tokens: raise --max-length "
                                 "to keep the row", reason=NOTHING_TRAINED)

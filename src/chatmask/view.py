@@ -2,7 +2,8 @@
 
 `rows(example, tokenizer)` gives plain data; `print_table` writes it to a terminal (ANSI colours in a
 terminal, plain text when piped) and `html_page` makes a self-contained HTML page. Trained tokens are
-highlighted, special tokens marked, token boundaries visible. `labelled_rows` reads the Examples to show
+highlighted, special tokens marked, token boundaries visible, and the tokens that spell a control token written
+inside a message's content (Example.control_text) flagged with `!`. `labelled_rows` reads the Examples to show
 from a file or a prepared folder; nothing here feeds back into the data.
 """
 
@@ -26,6 +27,7 @@ class TokenRow:
     id: int
     label: int
     special: bool
+    control: bool = False  # spells (or is) a control token that a message's content writes
 
     @property
     def trained(self) -> bool:
@@ -51,8 +53,9 @@ def rows(example, tokenizer) -> list[TokenRow]:
         texts = backend.decode_batch([[i] for i in example.input_ids], skip_special_tokens=False)
     else:
         texts = [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in example.input_ids]
+    control = {k for a, b in getattr(example, "control_text", ()) for k in range(a, b)}
     return [
-        TokenRow(k, visible(t), i, lab, i in specials)
+        TokenRow(k, visible(t), i, lab, i in specials, k in control)
         for k, (t, i, lab) in enumerate(zip(texts, example.input_ids, example.labels))
     ]
 
@@ -69,7 +72,9 @@ def _piece_text(piece: str, space: str) -> str:
 def summary_line(example) -> str:
     n, t = len(example.input_ids), example.num_trained
     pp = "" if example.prefix_preserving else "; template rewrites earlier turns (see encode_turns)"
-    return f"{example.source or 'example'}: {n} tokens, {t} trained ({t / max(n, 1):.1%}){pp}"
+    c = len(getattr(example, "control_text", ()))
+    ct = f"; its content writes {c} control token{'s' * (c != 1)} (! below)" if c else ""
+    return f"{example.source or 'example'}: {n} tokens, {t} trained ({t / max(n, 1):.1%}){pp}{ct}"
 
 
 def print_table(example, tokenizer, console=None) -> None:
@@ -86,9 +91,13 @@ def print_table(example, tokenizer, console=None) -> None:
         style = "bold green" if r.trained else "dim" if not r.special else ""
         if r.special:
             token += " ★"
+        if r.control:
+            token += " !"
+            style = "bold red underline" if r.trained else "red"  # underlined: trained
         table.add_row(str(r.index), token, str(r.id), str(r.label), style=style or None)
     console.print(table, markup=False, highlight=False)
-    console.print("green = trained (label = input id), ★ = special token, -100 = not trained", highlight=False)
+    console.print("green = trained (label = input id), ★ = special token, -100 = not trained, ! = a control token "
+                  "written inside a message's content (--control-tokens)", highlight=False)
 
 
 _CSS = """
@@ -98,6 +107,7 @@ h1{font-size:1.2em} .sum{color:#555;margin-bottom:1em}
   border:1px solid #ccc;padding:.6em}
 .t{border:1px solid #bbb;border-radius:3px;padding:1px 2px;margin:0 1px;background:#f4f4f4}
 .t.tr{background:#b9f6b9;border-color:#2a8a2a;font-weight:600} .t.sp{color:#8a2be2}
+.t.ct{border:2px dashed #c00;color:#c00} tr.ct td.tok{color:#c00;text-decoration:underline wavy}
 table{border-collapse:collapse;font-family:ui-monospace,monospace;font-size:.9em;margin-top:1em}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} td.tok{text-align:left}
 tr.tr td{background:#b9f6b9} tr.sp td.tok{color:#8a2be2;font-weight:600}
@@ -110,17 +120,18 @@ def html_page(examples, tokenizer, title: str = "chatmask: what is trained") -> 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              "<div class='legend'><span class='t tr'>trained</span><span class='t'>not trained (-100)</span>"
-             "<span class='t sp'>special token</span></div>"]
+             "<span class='t sp'>special token</span><span class='t ct'>a control token written inside a message's "
+             "content (--control-tokens)</span></div>"]
     for ex in examples if isinstance(examples, (list, tuple)) else [examples]:
         rs = rows(ex, tokenizer)
         parts.append(f"<h2 class='sum'>{html.escape(summary_line(ex))}</h2><div class='flow'>")
         for r in rs:
-            cls = "t" + (" tr" if r.trained else "") + (" sp" if r.special else "")
+            cls = "t" + (" tr" if r.trained else "") + (" sp" if r.special else "") + (" ct" if r.control else "")
             title = f"#{r.index} id {r.id} label {r.label}"
             parts.append(f"<span class='{cls}' title='{title}'>{html.escape(r.text)}</span>")
         parts.append("</div><table><tr><th>#</th><th>token</th><th>id</th><th>label</th></tr>")
         for r in rs:
-            cls = ("tr " if r.trained else "") + ("sp" if r.special else "")
+            cls = ("tr " if r.trained else "") + ("sp " if r.special else "") + ("ct" if r.control else "")
             parts.append(f"<tr class='{cls.strip()}'><td>{r.index}</td><td class='tok'>{html.escape(r.text)}</td>"
                          f"<td>{r.id}</td><td>{r.label}</td></tr>")
         parts.append("</table>")
@@ -150,7 +161,8 @@ def labelled_rows(data: str, cfg: DataConfig, *, first: int = 0, count: int = 1,
         if first >= len(ds):
             raise ChatmaskError(f"{data}: no row {first}; it has {len(ds)} rows")
         picked = ds.select(range(first, min(len(ds), first + count)))
-        return data_tokenizer(dc), [Example(r["input_ids"], r["labels"], r["source"]) for r in picked]
+        return data_tokenizer(dc), [Example(r["input_ids"], r["labels"], r["source"],
+                                            control_text=_pairs(r.get("control_text") or [])) for r in picked]
     tok = data_tokenizer(cfg, model)
     stops = stop_tokens(cfg, tok)
     convs = list(islice(conversations.load(data, format=cfg.format, salvage=cfg.salvage, skip_invalid=True),
@@ -158,4 +170,9 @@ def labelled_rows(data: str, cfg: DataConfig, *, first: int = 0, count: int = 1,
     if not convs:
         raise ChatmaskError(f"{data}: no row {first} (the data has fewer valid rows)")
     return tok, [encode(c.messages, tok, template=cfg.template, train_on=cfg.train_on, source=c.source,
-                        end_of_turn=cfg.end_of_turn, stream=cfg.stream, stop_tokens=stops) for c in convs]
+                        end_of_turn=cfg.end_of_turn, stream=cfg.stream, stop_tokens=stops,
+                        control_tokens=cfg.control_tokens) for c in convs]
+
+
+def _pairs(flat: list[int]) -> list[tuple[int, int]]:
+    return list(zip(flat[0::2], flat[1::2]))
