@@ -31,8 +31,12 @@ def _pattern(contents: tuple[str, ...]) -> re.Pattern | None:
 
 
 def pattern(tt: TextTokens) -> re.Pattern | None:
-    """A regex matching the tokenizer's control tokens (longest first, as the tokenizer matches them)."""
-    return _pattern(tuple(c for c, a in tt.added.items() if a["special"]))
+    """A regex matching the tokenizer's control tokens (longest first, as the tokenizer matches them); kept on
+    the token view, since every row asks for it."""
+    rx = getattr(tt, "_control_re", False)
+    if rx is False:
+        rx = tt._control_re = _pattern(tuple(c for c, a in tt.added.items() if a["special"]))
+    return rx
 
 
 def _strings(x):
