@@ -87,7 +87,7 @@ def refuse(msgs, R: str, spans, where: str) -> ConversationError:
     seen = f" in {short(found[1].string[max(0, found[1].start() - 20):found[1].end() + 20])}" if found else ""
     return ConversationError(
         f"{where}{at}: its content writes the control token {R[a:b]!r}{seen} ({len(spans)} in the row), which "
-        "--control-tokens refuse keeps out; --control-tokens text (the default) trains it as plain text",
+        "--control-tokens refuse keeps out; --control-tokens text (the default) encodes it as plain text",
         reason=REFUSED)
 
 
