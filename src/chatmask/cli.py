@@ -1,4 +1,4 @@
-"""The `chatmask` command: prepare | view | stats | check | train | compare | demo | chat.
+"""The `chatmask` command: prepare | view | stats | check | train | compare | demo | chat | export.
 
 Each command parses its flags, calls the library and prints. Every ChatmaskError becomes one line on stderr
 and exit status 2, never a traceback (`--debug` shows one). `main(argv)` is the entry point.
@@ -182,6 +182,19 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Ship a trained model (a run folder of train or compare, or any model): a merged Hugging Face folder with
+    the trained chat template and stops, and optionally GGUF (llama.cpp) and an Ollama Modelfile."""
+    from .export import export
+
+    done = export(args.model, args.out, arm=args.arm, seed=args.run_seed, dtype=args.dtype, gguf=args.gguf,
+                  gguf_type=args.gguf_type, ollama=args.ollama, template=args.template)
+    for note in done.notes:
+        print(f"note: {note}")
+    print(f"stops: {', '.join(map(repr, done.stops))}")
+    return 0
+
+
 # ---------------------------------------------------------------- the parser, one function a command
 
 
@@ -273,6 +286,26 @@ def _chat_parser(sub) -> None:
     p.set_defaults(func=cmd_chat)
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help=cmd_export.__doc__)
+    p.add_argument("model", metavar="RUN_OR_MODEL", help="a folder `train` or `compare` wrote, or a model (hub name, "
+                                                         "folder, .gguf file, smollm2)")
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write (must not exist)")
+    p.add_argument("--arm", help="with a compare folder: which arm's model, masked or unmasked (default: masked)")
+    p.add_argument("--run-seed", type=int, default=0, help="with a compare folder: which seed's run (default: 0)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="weights of the Hugging Face folder (default: as trained)")
+    p.add_argument("--gguf", metavar="FILE", help="also write the model as this GGUF file (llama.cpp, Ollama)")
+    p.add_argument("--gguf-type", default="f16", choices=("f16", "bf16", "q8_0"),
+                   help="GGUF weight type (default: f16; norms and biases stay f32)")
+    p.add_argument("--ollama", metavar="DIR", help="also write DIR/Modelfile beside the GGUF (DIR/model.gguf "
+                                                   "unless --gguf names the file)")
+    p.add_argument("--template", help="for a model that is no run: the chat template to ship, a built-in name or "
+                                      "Jinja text (default: the tokenizer's own; a run ships the one it trained with)")
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    p.set_defaults(func=cmd_export)
+
+
 def _run_parser(sub, name: str) -> None:
     """`train` and `compare`: every flag defaults to None (not given), so --config and a resumed run can set it."""
     p = sub.add_parser(name, help=(cmd_train if name == "train" else cmd_compare).__doc__)
@@ -295,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="chatmask",
                                  description="Fine-tune chat LLMs with the loss on assistant tokens only.")
     sub = ap.add_subparsers(dest="command", required=True)
-    for add in (_demo_parser, _check_parser, _prepare_parser, _view_parser, _stats_parser, _chat_parser):
+    for add in (_demo_parser, _check_parser, _prepare_parser, _view_parser, _stats_parser, _chat_parser,
+                _export_parser):
         add(sub)
     _run_parser(sub, "train")
     _run_parser(sub, "compare")
