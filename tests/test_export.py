@@ -34,6 +34,10 @@ def _tiny(arch: str, tok):
                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1, **ids)
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True)).eval()
+    if arch == "mistral":  # llama.cpp writes Mistral as a llama
+        from transformers import MistralConfig, MistralForCausalLM
+
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
     m = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=256, query_pre_attn_scalar=256))
     with torch.no_grad():  # Gemma's norms start at 0 (scale 1 + w): make them matter
         for n, p in m.named_parameters():
@@ -75,10 +79,13 @@ def _sp(kind):
 
 
 # what llama.cpp must be told (it reads these flags; transformers' loader does not need them to encode alike)
-ADD_BOS = {"llama-bpe": False, "qwen2-bpe": False, "llama-sentencepiece": True, "gemma2-sentencepiece": False}
-SPACE_PREFIX = {"llama-bpe": None, "qwen2-bpe": None, "llama-sentencepiece": True, "gemma2-sentencepiece": False}
+ADD_BOS = {"llama-bpe": False, "qwen2-bpe": False, "llama-sentencepiece": True, "mistral-sentencepiece": True,
+           "gemma2-sentencepiece": False}
+SPACE_PREFIX = {"llama-bpe": None, "qwen2-bpe": None, "llama-sentencepiece": True, "mistral-sentencepiece": True,
+                "gemma2-sentencepiece": False}
 CASES = {"llama-bpe": ("llama", make_bpe_tokenizer), "qwen2-bpe": ("qwen2", make_bpe_tokenizer),
          "llama-sentencepiece": ("llama", lambda: _sp("llama")),
+         "mistral-sentencepiece": ("mistral", lambda: _sp("llama")),
          "gemma2-sentencepiece": ("gemma2", lambda: _sp("gemma"))}
 
 
@@ -95,7 +102,7 @@ def test_gguf_reads_back_through_gguf_and_transformers(case, qtype, tmp_path):
     path = tmp_path / "m.gguf"
     write_gguf(model, tok, path, template=tok.chat_template, stop_ids=[stop], qtype=qtype)
     info = read_gguf(path)
-    assert info["architecture"] == arch and info["chat_template"] == tok.chat_template
+    assert info["architecture"] == {"mistral": "llama"}.get(arch, arch) and info["chat_template"] == tok.chat_template
     assert (info["eot"], info["eos"], info["tokens"]) == (stop, tok.eos_token_id, model.config.vocab_size)
     assert (info["add_bos"], info["space_prefix"]) == (ADD_BOS[case], SPACE_PREFIX[case])
     assert not list(tmp_path.glob(".m.gguf.tmp-*"))
@@ -484,7 +491,7 @@ def test_llama_cpp_reads_the_gguf_tokenizes_alike_and_stops_at_the_trained_end(t
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, verbose=False)
         sp = None if "bpe" in case else sp_processor("gemma" if "gemma" in case else "llama", "bpe")
         for text in TEXTS + [" leading space", "What describes  the software?\n\n x"]:
-            if "<|" in text and case == "llama-sentencepiece":
+            if "<|" in text and case in ("llama-sentencepiece", "mistral-sentencepiece"):
                 continue  # the dummy-prefix space after a special token (above)
             want = sp.encode(text) if sp is not None and "<|" not in text else tok(text, add_special_tokens=False)[
                 "input_ids"]
@@ -496,3 +503,33 @@ def test_llama_cpp_reads_the_gguf_tokenizes_alike_and_stops_at_the_trained_end(t
     out = llm.create_chat_completion(messages=[{"role": "user", "content": "Say gamma"}], max_tokens=20,
                                      temperature=0)["choices"][0]
     assert out["finish_reason"] == "stop" and out["message"]["content"].strip() == "gamma gamma"
+
+
+@pytest.mark.slow
+def test_llama3_tiktoken_vocabulary_reads_back_and_llama_cpp_splits_it_as_meta(tmp_path):
+    """Llama 3's 128k byte-level vocabulary (the tiktoken file of llama-models): named `llama-bpe` for llama.cpp,
+    rebuilt alike by transformers, and (with llama-cpp-python) encoded by llama.cpp as Meta's own tokenizer does."""
+    from test_vendors import llama3_hf, llama3_vendor
+    from transformers import AutoTokenizer
+
+    tok = llama3_hf()
+    meta, _ = llama3_vendor()
+    tok.chat_template = templates.get("llama3").jinja
+    model = tiny_llama(tok, hidden=32)
+    write_gguf(model, tok, tmp_path / "l3.gguf", template=tok.chat_template,
+               stop_ids=[tok.convert_tokens_to_ids("<|eot_id|>")])
+    import gguf
+
+    assert gguf.GGUFReader(str(tmp_path / "l3.gguf")).fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="l3.gguf")
+    texts = TEXTS[:2] + ["I'm  12345 über-naïve, CAPS\r\n\tend", "<|start_header_id|>user<|end_header_id|>\n\nhi"]
+    for text in texts:
+        assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "l3.gguf"), n_ctx=64, verbose=False)
+    for text in texts:
+        want = meta.encode(text, bos=False, eos=False, allowed_special="all")
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
