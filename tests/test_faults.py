@@ -437,6 +437,7 @@ def test_a_kill_inside_a_save_leaves_the_previous_version(data, model_dir, tmp_p
     r = subprocess.run([sys.executable, "-m", "chatmask", *again], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-1500:]
     assert _result(out)["steps"] == (8 if what == "model" else 6)
+    assert not [str(q) for q in out.rglob(".*.tmp-*")]  # the killed writer's half folder is cleared by the next
 
 
 @pytest.mark.slow  # a real full disk: a 1.1 MB tmpfs in a user and mount namespace of its own
@@ -460,3 +461,15 @@ def test_a_real_full_disk_at_a_checkpoint(data, model_dir, tmp_path):
         (p.stdout, p.stderr[-2000:])
     kept = p.stdout.split("rc=2")[1].split()
     assert kept and all(k.startswith("step-") for k in kept)  # the checkpoints before, nothing half-written
+
+
+def test_a_save_clears_what_a_killed_writer_left_beside_it(tmp_path):
+    """A writer killed mid-save leaves its half folder (`.NAME.tmp-PID-*`); the next save of NAME deletes it, and
+    never a live writer's."""
+    from chatmask.paths import atomic_dir
+
+    dead, live = tmp_path / ".m.tmp-999999999-ab", tmp_path / f".m.tmp-{os.getpid()}-cd"
+    dead.mkdir()
+    live.mkdir()
+    atomic_dir(tmp_path / "m", lambda t: (t / "f").write_text("x"))
+    assert not dead.exists() and live.exists() and (tmp_path / "m" / "f").read_text() == "x"

@@ -122,7 +122,8 @@ def atomic_dir(final: Path, write, *, replace: bool = True, like: Path | None = 
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(final.parent, f".{final.name}.tmp-")
+    remove_stale(final)  # what a writer killed mid-save left beside it
+    tmp = temp_dir(final.parent, f".{final.name}.tmp-{os.getpid()}-")  # the pid tells a live writer's from a dead one's
     try:
         with room_for(final, tmp, like if like is not None else (final if final.exists() else None)):
             write(tmp)
