@@ -12,7 +12,7 @@ import re
 import pytest
 
 from chatmask import cli, templates
-from chatmask.export import _PROBES, go_template, pieces
+from chatmask.export import _PROBES, go_template, modelfile, pieces
 from chatmask.generation import renderer
 from chatmask.gguf_file import read_gguf, write_gguf
 from conftest import data_file, make_bpe_tokenizer, tiny_llama
@@ -233,6 +233,9 @@ def test_chatml_pieces_are_the_known_ones(bpe_tok):
     assert pc["pre"] == pc["pre_system"] == "" and pc["gen"] == "<|im_start|>assistant\n"
     assert pc["header"] == {r: f"<|im_start|>{r}\n" for r in ("system", "user", "assistant")}
     assert pc["footer"] == {r: "<|im_end|>\n" for r in ("system", "user", "assistant")}
+    text, note = modelfile(renderer(bpe_tok, "chatml"), "model.gguf", ("<|im_end|>", 'say "end"'))
+    assert text.startswith("# written by chatmask export\nFROM ./model.gguf\nTEMPLATE \"\"\"{{")
+    assert text.endswith('"""\nPARAMETER stop "<|im_end|>"\n') and "'say \"end\"'" in note and "not listed" in note
 
 
 # ---------------------------------------------------------------- a trained run, exported through the CLI
@@ -275,6 +278,29 @@ def test_export_a_run_serves_what_chat_answers(data, base_dir, tmp_path, bpe_tok
     # mistakes: an output that exists, an architecture GGUF cannot hold
     rc = cli.main(["export", str(run), "--out", str(out)])
     assert rc == 2 and "exists; export never writes over" in capsys.readouterr().err
+
+
+def test_export_an_arm_of_a_compare_folder(data, base_dir, tmp_path, bpe_tok, capsys):  # noqa: F811
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chatmask.chat import load_chat
+    from chatmask.compare import compare
+    from chatmask.config import CompareConfig, DataConfig, TrainConfig
+
+    tc = TrainConfig(model=base_dir, finetune="lora", lr=0.02, steps=2, eval_every=2, save_every=2, val_split=0.25,
+                     batch_size=2, tensorboard=False, stop_prompts=0)
+    compare(data, DataConfig(), tc, CompareConfig(), tmp_path / "cmp", tokenizer=bpe_tok, log=None)
+    weights = {}
+    for arm in ("masked", "unmasked"):
+        out = tmp_path / arm
+        assert cli.main(["export", str(tmp_path / "cmp"), "--arm", arm, "--run-seed", "0", "--out", str(out)]) == 0
+        weights[arm] = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        want = load_chat(str(tmp_path / "cmp"), arm=arm).model.state_dict()
+        assert all(torch.equal(weights[arm][k], want[k]) for k in want)
+    assert not all(torch.equal(weights["masked"][k], weights["unmasked"][k]) for k in weights["masked"])
+    assert cli.main(["export", str(tmp_path / "cmp"), "--arm", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "masked-seed0" in capsys.readouterr().err
 
 
 def test_a_gguf_that_does_not_read_back_as_written_is_an_error(data, base_dir, tmp_path, bpe_tok,  # noqa: F811

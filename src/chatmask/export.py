@@ -275,5 +275,9 @@ def modelfile(r, gguf_rel: str, stops) -> tuple[str, str]:
              f"FROM {gguf_rel}"]
     if template is not None:
         lines.append(f'TEMPLATE """{template}"""')
-    lines += [f'PARAMETER stop "{s}"' for s in stops if '"' not in s and "\n" not in s]
+    said = [s for s in stops if '"' not in s and "\n" not in s]
+    lines += [f'PARAMETER stop "{s}"' for s in said]
+    if len(said) < len(stops):  # a Modelfile string cannot hold them; the GGUF's end-of-turn id still stops
+        note = " ".join(filter(None, [note, "Ollama: the stop(s) " + ", ".join(repr(s) for s in stops if s not in said)
+                                      + " hold a quote or a line break, which a Modelfile cannot quote: not listed"]))
     return "\n".join(lines) + "\n", note
