@@ -473,3 +473,19 @@ def test_a_save_clears_what_a_killed_writer_left_beside_it(tmp_path):
     live.mkdir()
     atomic_dir(tmp_path / "m", lambda t: (t / "f").write_text("x"))
     assert not dead.exists() and live.exists() and (tmp_path / "m" / "f").read_text() == "x"
+
+
+def test_a_saved_folder_is_readable_as_the_umask_allows(tmp_path):
+    """safetensors writes 0600; a saved model folder gets the permissions any new file gets (a service account
+    serving it can read it)."""
+    import safetensors.torch
+    import torch
+
+    from chatmask.paths import atomic_dir
+
+    umask = os.umask(0o022)
+    try:
+        atomic_dir(tmp_path / "m", lambda t: safetensors.torch.save_file({"w": torch.zeros(2)}, str(t / "w.st")))
+    finally:
+        os.umask(umask)
+    assert oct((tmp_path / "m" / "w.st").stat().st_mode & 0o777) == "0o644"

@@ -114,6 +114,16 @@ def room_for(final: Path, tmp: Path, like: Path | None = None):
                        "or $CHATMASK_CACHE)") from None
 
 
+def _as_umask_allows(folder: Path) -> None:
+    """Files the user's umask lets others read, as any file they write: safetensors writes its files 0600, so a
+    model folder served by another user (a service account) could not be read."""
+    umask = os.umask(0o22)
+    os.umask(umask)
+    for p in folder.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, (p.stat().st_mode & 0o111 | 0o666) & ~umask)
+
+
 def atomic_dir(final: Path, write, *, replace: bool = True, like: Path | None = None) -> Path:
     """Run `write(tmp)` on a new folder beside `final`, then swap it in (see `swap_in`); a full disk is one
     DiskFull line (`room_for`; `like`: a previous version, for the space it needs).
@@ -127,6 +137,7 @@ def atomic_dir(final: Path, write, *, replace: bool = True, like: Path | None = 
     try:
         with room_for(final, tmp, like if like is not None else (final if final.exists() else None)):
             write(tmp)
+        _as_umask_allows(tmp)
         if replace:
             swap_in(tmp, final)
         else:
