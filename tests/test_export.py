@@ -78,9 +78,7 @@ def _sp(kind):
     return tok
 
 
-# what llama.cpp must be told (it reads these flags; transformers' loader does not need them to encode alike)
-ADD_BOS = {"llama-bpe": False, "qwen2-bpe": False, "llama-sentencepiece": True, "mistral-sentencepiece": True,
-           "gemma2-sentencepiece": False}
+# what llama.cpp must be told (it reads the flag; transformers' loader does not need it to encode alike)
 SPACE_PREFIX = {"llama-bpe": None, "qwen2-bpe": None, "llama-sentencepiece": True, "mistral-sentencepiece": True,
                 "gemma2-sentencepiece": False}
 CASES = {"llama-bpe": ("llama", make_bpe_tokenizer), "qwen2-bpe": ("qwen2", make_bpe_tokenizer),
@@ -104,7 +102,8 @@ def test_gguf_reads_back_through_gguf_and_transformers(case, qtype, tmp_path):
     info = read_gguf(path)
     assert info["architecture"] == {"mistral": "llama"}.get(arch, arch) and info["chat_template"] == tok.chat_template
     assert (info["eot"], info["eos"], info["tokens"]) == (stop, tok.eos_token_id, model.config.vocab_size)
-    assert (info["add_bos"], info["space_prefix"]) == (ADD_BOS[case], SPACE_PREFIX[case])
+    # no bos added by llama.cpp: the rendered template is the prompt (the Llama tokenizer here adds one itself)
+    assert (info["add_bos"], info["space_prefix"]) == (False, SPACE_PREFIX[case])
     assert not list(tmp_path.glob(".m.gguf.tmp-*"))
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
     btok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
@@ -516,6 +515,14 @@ def test_llama_cpp_reads_the_gguf_tokenizes_alike_and_stops_at_the_trained_end(t
                    stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], qtype="f16")
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, verbose=False)
         sp = None if "bpe" in case else sp_processor("gemma" if "gemma" in case else "llama", "bpe")
+        if "sentencepiece" not in case or "gemma" in case:  # a prompt as llama.cpp tokenizes one: no bos of its own
+            prompt = tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+            assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == \
+                tok(prompt, add_special_tokens=False)["input_ids"], case
+        else:  # Llama 2's template writes <s> itself (its tokenizer adds one too): llama.cpp's prompt has one
+            prompt = renderer(tok, "llama2").render(PROMPT, add_generation_prompt=True)
+            ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+            assert prompt.startswith("<s>") and ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
         for text in TEXTS + [" leading space", "What describes  the software?\n\n x"]:
             if "<|" in text and case in ("llama-sentencepiece", "mistral-sentencepiece"):
                 continue  # the dummy-prefix space after a special token (above)

@@ -132,7 +132,7 @@ def _pre_tokenizer(j: dict) -> str:
 
 def vocabulary(tok, rows: int) -> dict:
     """The tokenizer as GGUF spells it: model (gpt2 | llama), pre, tokens, token types, scores, merges and the
-    add-bos / add-eos / space-prefix flags, padded to the embedding's `rows` with unused tokens."""
+    space-prefix flag, padded to the embedding's `rows` with unused tokens."""
     import gguf
 
     T = gguf.TokenType
@@ -160,12 +160,9 @@ def vocabulary(tok, rows: int) -> dict:
             i = index.get(pair.replace(" ", "", 1))
             if i is not None and scores[i] == -1e9:
                 scores[i] = -float(rank)
-    ids = tok("a", add_special_tokens=True)["input_ids"]
     plain = tok("a", add_special_tokens=False)["input_ids"]
     return {"model": "llama" if sp else "gpt2", "pre": None if sp else _pre_tokenizer(j), "tokens": tokens,
             "types": types, "scores": scores, "merges": merges,
-            "add_bos": tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id],
-            "add_eos": tok.eos_token_id is not None and ids[-1:] == [tok.eos_token_id] and plain[-1:] != ids[-1:],
             "space_prefix": sp and tok.convert_ids_to_tokens(plain[:1])[0].startswith("\u2581")}
 
 
@@ -185,8 +182,10 @@ def _write_vocab(w, v: dict, tok, template: str, stop_ids) -> None:
             add(tid)
     if stop_ids:
         w.add_eot_token_id(stop_ids[0])  # the trained end of turn: llama.cpp ends generation there
-    w.add_add_bos_token(v["add_bos"])
-    w.add_add_eos_token(v["add_eos"])
+    # the rendered chat template is the whole prompt, as training encoded it and `chatmask chat` answers (a template
+    # that wants a bos writes it): llama.cpp and Ollama must add none, or the model sees two (Gemma, Llama 2)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
     w.add_chat_template(template)
 
 
