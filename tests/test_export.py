@@ -225,8 +225,8 @@ def test_a_template_that_is_not_fixed_text_gets_no_ollama_template(bpe_tok, tmp_
                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     text, note = go_template(renderer(bpe_tok, counting))
     assert text is None and "no TEMPLATE" in note
-    no_system = ("{% for m in messages %}{% if m.role != 'system' %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
-                 "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    no_system = ("{% for m in messages %}{% if m.role != 'system' %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                 "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     text, note = go_template(renderer(bpe_tok, no_system))  # it drops system messages: not said by fixed text
     assert text is None and "no TEMPLATE" in note
 
