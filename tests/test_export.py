@@ -314,6 +314,7 @@ def test_a_gguf_that_does_not_read_back_as_written_is_an_error(data, base_dir, t
     monkeypatch.setattr(gf, "read_gguf", lambda p: {**real(p), "chat_template": "something else"})
     rc = cli.main(["export", base_dir, "--out", str(tmp_path / "o"), "--gguf", str(tmp_path / "g.gguf")])
     assert rc == 2 and "does not read back as written: its chat template differs" in capsys.readouterr().err
+    assert not (tmp_path / "g.gguf").exists() and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("finetune,steps", [("full", 80), ("lora", 2)])

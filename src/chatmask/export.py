@@ -85,7 +85,11 @@ def export(name: str, out, *, arm: str | None = None, seed: int = 0, dtype: str 
     if gguf is not None:  # from the weights as trained (fp32), before --dtype casts them
         gguf.parent.mkdir(parents=True, exist_ok=True)
         write_gguf(model, tok, gguf, template=r.text, stop_ids=st.ids, qtype=gguf_type, name=out.name)
-        _check_gguf(read_gguf(gguf), model, r.text, st.ids, gguf)
+        try:
+            _check_gguf(read_gguf(gguf), model, r.text, st.ids, gguf)
+        except ChatmaskError:
+            gguf.unlink()  # a file that says something else than what was trained is not left to be served
+            raise
         done.gguf = gguf
         say(f"wrote {gguf} ({gguf_type}, {gguf.stat().st_size / 2**20:,.1f} MB)")
     if dtype:
