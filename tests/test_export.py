@@ -38,7 +38,8 @@ def _tiny(arch: str, tok):
         from transformers import MistralConfig, MistralForCausalLM
 
         return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
-    m = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=256, query_pre_attn_scalar=256))
+    m = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=256, query_pre_attn_scalar=256))  # softcaps: the defaults,
+    # which transformers' GGUF loader assumes (llama.cpp reads the file's: checked in _metadata_says_the_config)
     with torch.no_grad():  # Gemma's norms start at 0 (scale 1 + w): make them matter
         for n, p in m.named_parameters():
             if n.endswith("norm.weight"):
@@ -105,6 +106,7 @@ def test_gguf_reads_back_through_gguf_and_transformers(case, qtype, tmp_path):
     # no bos added by llama.cpp: the rendered template is the prompt (the Llama tokenizer here adds one itself)
     assert (info["add_bos"], info["space_prefix"]) == (False, SPACE_PREFIX[case])
     assert not list(tmp_path.glob(".m.gguf.tmp-*"))
+    _metadata_says_the_config(path, model, tok)
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
     btok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     for text in TEXTS:
@@ -125,6 +127,27 @@ def test_gguf_reads_back_through_gguf_and_transformers(case, qtype, tmp_path):
         assert back.generate(ids, **kw).tolist() == model.generate(ids, **kw).tolist()
 
 
+def _metadata_says_the_config(path, model, tok) -> None:
+    """What llama.cpp reads and transformers' loader does not need (it takes its own defaults for some): the
+    hyperparameters, the special ids and the unknown token's type, as the model and tokenizer say them."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    big = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
+    f = {k: v.contents() for k, v in r.fields.items() if k not in big}
+    arch, c = f["general.architecture"], model.config
+    assert f[f"{arch}.context_length"] == c.max_position_embeddings and f[f"{arch}.block_count"] == c.num_hidden_layers
+    assert (f[f"{arch}.attention.head_count"], f[f"{arch}.attention.head_count_kv"]) == (c.num_attention_heads,
+                                                                                         c.num_key_value_heads)
+    if arch == "gemma2":
+        assert (f["gemma2.attn_logit_softcapping"], f["gemma2.final_logit_softcapping"]) == \
+            (c.attn_logit_softcapping, c.final_logit_softcapping)
+    for key, tid in (("padding", tok.pad_token_id), ("unknown", tok.unk_token_id), ("bos", tok.bos_token_id)):
+        assert f.get(f"tokenizer.ggml.{key}_token_id") == tid, key
+    if f["tokenizer.ggml.model"] == "llama" and tok.unk_token_id is not None:
+        assert f["tokenizer.ggml.token_type"][tok.unk_token_id] == gguf.TokenType.UNKNOWN
+
+
 def test_gguf_refuses_what_it_cannot_write(tmp_path, bpe_tok):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -137,6 +160,13 @@ def test_gguf_refuses_what_it_cannot_write(tmp_path, bpe_tok):
     with pytest.raises(Exception, match="embedding rows"):
         write_gguf(small, bpe_tok, tmp_path / "s.gguf", template="x")
     assert not list(tmp_path.iterdir())
+    import os
+
+    dead, live = tmp_path / ".t.gguf.tmp-999999999", tmp_path / f".t.gguf.tmp-{os.getpid()}-other"
+    dead.write_bytes(b"half a file a killed export left")
+    live.write_bytes(b"a running export's")
+    write_gguf(tiny_llama(bpe_tok), bpe_tok, tmp_path / "t.gguf", template="x")
+    assert not dead.exists() and live.exists() and read_gguf(tmp_path / "t.gguf")["architecture"] == "llama"
 
 
 # ---------------------------------------------------------------- the Ollama template, read as Go reads it

@@ -210,12 +210,14 @@ def write_gguf(model, tok, path: Path, *, template: str, stop_ids=(), qtype: str
     import gguf
 
     from .models import vocab_rows
+    from .paths import remove_stale
 
     arch = architecture(model.config)
     rows = vocab_rows(model)
     vocab = vocabulary(tok, rows)
     tq, ftype = _qtype(qtype)
     path = Path(path)
+    remove_stale(path)  # the half file a killed export left
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     w = gguf.GGUFWriter(str(tmp), arch)
     try:

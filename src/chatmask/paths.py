@@ -25,13 +25,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CHATMASK_CACHE") or Path.home() / ".cache" / "chatmask")
 
 
+def umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
 def temp_dir(parent: Path, prefix: str) -> Path:
     """A new temporary folder in `parent`, to be renamed into place when complete. It gets the permissions
     the user's umask gives any new folder (mkdtemp alone makes it 0700: no other user or job could read it)."""
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    umask = os.umask(0o22)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~umask())
     return tmp
 
 
@@ -117,11 +122,10 @@ def room_for(final: Path, tmp: Path, like: Path | None = None):
 def _as_umask_allows(folder: Path) -> None:
     """Files the user's umask lets others read, as any file they write: safetensors writes its files 0600, so a
     model folder served by another user (a service account) could not be read."""
-    umask = os.umask(0o22)
-    os.umask(umask)
+    mask = umask()
     for p in folder.rglob("*"):
         if p.is_file() and not p.is_symlink():
-            os.chmod(p, (p.stat().st_mode & 0o111 | 0o666) & ~umask)
+            os.chmod(p, (p.stat().st_mode & 0o111 | 0o666) & ~mask)
 
 
 def atomic_dir(final: Path, write, *, replace: bool = True, like: Path | None = None) -> Path:
@@ -160,9 +164,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        umask = os.umask(0o22)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -171,12 +173,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def remove_stale(out: Path) -> None:
-    """Temporary folders beside `out` named `.NAME.tmp-PID-*` whose process is gone (killed runs) are deleted; a
-    live run's are kept."""
+    """Temporary folders or files beside `out` named `.NAME.tmp-PID[-*]` whose process is gone (killed runs) are
+    deleted; a live run's are kept."""
     for p in out.parent.glob(f".{out.name}.tmp-*"):
         pid = p.name[len(out.name) + 6:].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 def _alive(pid: int) -> bool:
