@@ -61,15 +61,15 @@ def _counting(mp, module, name, counts):
 def study(tmp_path_factory, bpe_tok):
     """One 2-seed compare (4 runs) shared by the tests that read it: (out folder, metrics.json, the data
     file, how often the data was hashed, labelled and read as conversations)."""
-    from chatmask import conversations, memory, prepare
+    from chatmask import conversations, memory, prepare, workers
 
     tmp = tmp_path_factory.mktemp("study")
     data = tmp / "ner.json"
     data.write_text(json.dumps(NER))
-    counts = dict.fromkeys(("_hash_source", "_labelled", "load", "release"), 0)
+    counts = dict.fromkeys(("_hash_source", "labelled", "load", "release"), 0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CHATMASK_CACHE", str(tmp / "cache"))
-        for module, name in ((prepare, "_hash_source"), (prepare, "_labelled"), (conversations, "load"),
+        for module, name in ((prepare, "_hash_source"), (workers, "labelled"), (conversations, "load"),
                              (memory, "release")):
             _counting(mp, module, name, counts)
         res = compare(str(data), DataConfig(), TC, CC, tmp / "cmp", tokenizer=bpe_tok,
@@ -84,7 +84,7 @@ def test_the_data_is_prepared_once_and_the_questions_read_once(study):
     conversations twice (to prepare it, and once for the validation rows' questions)."""
     *_, counts = study
     # and each of the 4 runs hands its memory back before the next (the second arm began 1.7 GB higher without it)
-    assert counts == {"_hash_source": 1, "_labelled": 1, "load": 2, "release": 4}
+    assert counts == {"_hash_source": 1, "labelled": 1, "load": 2, "release": 4}
 
 
 def test_both_arms_score_the_same_validation_tokens(study):

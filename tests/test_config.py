@@ -9,7 +9,7 @@ from typing import get_type_hints
 
 import pytest
 
-from chatmask import cli, config
+from chatmask import checkpoints, cli, config
 from chatmask.config import ChatConfig, CompareConfig, DataConfig, TrainConfig
 from chatmask.errors import ConfigError
 
@@ -109,14 +109,14 @@ def _another(cls, name: str):
 
 def test_run_changes_tells_safe_from_unsafe():
     saved = {"data_config": config.to_dict(DataConfig()), "train_config": config.to_dict(TrainConfig())}
-    unsafe, safe = config.run_changes(saved, DataConfig(max_length=512),
+    unsafe, safe = checkpoints.run_changes(saved, DataConfig(max_length=512),
                                       TrainConfig(lr=1e-3, steps=200, eval_every=5, resume=True))
     assert unsafe == {"max_length": (2048, 512), "lr": (None, 1e-3)}
     assert safe == {"steps": (None, 200), "eval_every": (20, 5)}  # resume itself is no change to report
-    assert config.describe_changes(unsafe) == "--max-length 2048 -> 512, --lr None -> 0.001"
+    assert checkpoints.describe_changes(unsafe) == "--max-length 2048 -> 512, --lr None -> 0.001"
     # a setting the saved run predates is not compared
     old = {"data_config": {"max_length": 2048}, "train_config": {}}
-    assert config.run_changes(old, DataConfig(stream="segments"), TrainConfig(lr=1.0)) == ({}, {})
+    assert checkpoints.run_changes(old, DataConfig(stream="segments"), TrainConfig(lr=1.0)) == ({}, {})
 
 
 # every DataConfig field but num_proc (processes that label rows: the labels are the same for any number)
@@ -125,7 +125,7 @@ def test_every_data_setting_changes_the_run(name):
     """Labels made another way are another run: --resume and compare's reuse refuse any such change."""
     saved = {"data_config": config.to_dict(DataConfig()), "train_config": config.to_dict(TrainConfig())}
     changed = dataclasses.replace(DataConfig(), **{name: _another(DataConfig, name)})
-    unsafe, _ = config.run_changes(saved, changed, TrainConfig())
+    unsafe, _ = checkpoints.run_changes(saved, changed, TrainConfig())
     assert list(unsafe) == [name]
 
 

@@ -33,7 +33,7 @@ def test_prepare_writes_a_datasets_folder_equal_to_encode(tmp_path, bpe_tok):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     p = prepare(data, DataConfig(), tmp_path / "out", tokenizer=bpe_tok, progress=False)
     ds = p.dataset()
-    assert len(ds) == len(ROWS) and ds.column_names == ["input_ids", "labels", "source", "control_text"]
+    assert len(ds) == len(ROWS) and ds.column_names == ["input_ids", "labels", "source", "control_text", "tree_ends"]
     for k in (0, 17, 39):
         ex = chatmask.encode(ROWS[k]["messages"], bpe_tok, source=f"d.jsonl:{k + 1}")
         assert (ds[k]["input_ids"], ds[k]["labels"], ds[k]["source"]) == (ex.input_ids, ex.labels, f"d.jsonl:{k + 1}")
@@ -102,9 +102,9 @@ def test_unwritable_output_is_a_clear_error(tmp_path, bpe_tok):
 
 
 def test_num_proc_output_identical(tmp_path, bpe_tok, monkeypatch):
-    from chatmask import prepare as prep
+    from chatmask import workers
 
-    monkeypatch.setattr(prep, "BATCH", 7)
+    monkeypatch.setattr(workers, "BATCH", 7)
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     prepare(data, DataConfig(), tmp_path / "one", tokenizer=bpe_tok, progress=False)
     prepare(data, DataConfig(num_proc=2), tmp_path / "two", tokenizer=bpe_tok, progress=False)
@@ -235,7 +235,8 @@ def test_every_option_that_changes_rows_is_in_the_cache_key(tmp_path, bpe_tok):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     other = {"template": "llama3", "train_on": "all", "max_length": 77, "truncation": "right", "end_of_turn": "</s>",
              "stream": "segments", "format": "openai", "split": "test", "skip_invalid": True, "salvage": True,
-             "limit": 3, "stop_tokens": "<|im_end|>", "control_tokens": "parse", "add_template_tokens": None}
+             "limit": 3, "stop_tokens": "<|im_end|>", "control_tokens": "parse", "turns": "per-turn",
+             "add_template_tokens": None}
     other.pop("add_template_tokens")
     base = cache_key(data, DataConfig(), bpe_tok)
     fields = {f.name for f in dataclasses.fields(DataConfig)} - {"tokenizer", "num_proc"}  # num_proc: same rows
@@ -305,9 +306,9 @@ def test_tokens_by_role_count_the_first_batches_only(tmp_path, bpe_tok, monkeypa
     """Counting by role looks at each rendering again: only the batches that start within audit.ROLE_ROWS
     rows pay for it, and stats.json says over how many rows (the same counts as those rows alone give)."""
     from chatmask import audit
-    from chatmask import prepare as prep
+    from chatmask import workers
 
-    monkeypatch.setattr(prep, "BATCH", 3)
+    monkeypatch.setattr(workers, "BATCH", 3)
     monkeypatch.setattr(audit, "ROLE_ROWS", 4)  # batches start at rows 0, 3, 6: the first two are counted
     data = write_jsonl(tmp_path / "d.jsonl", ROWS[:9])
     s = prepare(data, DataConfig(), tmp_path / "o", tokenizer=bpe_tok, progress=False).stats

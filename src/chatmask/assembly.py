@@ -43,6 +43,8 @@ class Example:
     control_text: list[tuple[int, int]] = field(default_factory=list)
     """[first, end) token indices of each control token a message's content writes (--control-tokens: under
     `text` the plain tokens that spell it, under `parse` the control token itself)"""
+    tree_ends: list[int] = field(default_factory=list)
+    """a --turns tree row (tree.py): one past the last token of each token's subtree; [] for a plain row"""
 
     @property
     def num_trained(self) -> int:

@@ -3,6 +3,7 @@
 `packed_attention(model, device) -> "varlen" | "mask"` chooses how, and checks it on a probe: `VARLEN`,
 an attention function registered with transformers (torch's flash varlen kernel on a GPU, sdpa once per
 example on CPU; plain sdpa for unpacked batches), or the block-diagonal mask `batches.pack` builds.
+`require_tree_attention(model, attention)` checks the same for --turns tree rows (tree.py) on a probe.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ kernel on a GPU, sdpa once per example on CPU), plain sdpa for unpacked batches"
 
 
 def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
-                      max_length_q=None, **kwargs):
+                      max_length_q=None, tree_masks=None, **kwargs):
     """Attention kept inside each example of a pack, the examples' boundaries read from
     `cu_seq_lens_q` over the flattened (B*T) tokens: torch's flash varlen kernel on a GPU (fp16/bf16),
     else sdpa (is_causal) once per example. Nothing crosses an example and attention costs sum(n_i^2)
-    instead of a block-diagonal mask's T^2. Without boundaries (padded batches, generation) it is
-    transformers' sdpa, unchanged."""
+    instead of a block-diagonal mask's T^2. `tree_masks` (per segment, `batches.pack`): a tree row's segment
+    attends through its (n, n) bool mask instead (sdpa with the mask; no varlen kernel takes one). Without
+    boundaries (padded batches, generation) it is transformers' sdpa, unchanged."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -32,7 +34,7 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     kernel = _varlen_kernel(query.device.type, query.dtype, D, scaling, dropout)
-    if kernel is not None:
+    if kernel is not None and not any(m is not None for m in tree_masks or ()):
         q = query.transpose(1, 2).reshape(B * T, H, D)  # (B*T, H, D)
         k, v = (x.transpose(1, 2).reshape(B * T, -1, D).repeat_interleave(H // x.shape[1], dim=1)
                 for x in (key, value))  # (B*T, H, D): grouped kv heads repeated as transformers' repeat_kv does
@@ -47,11 +49,13 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         lens[b].append(e - s)
     if any(sum(n) != T for n in lens):
         raise ValueError(f"packed segments {bounds} do not cover {B} pack(s) of {T} tokens")
+    masks = iter(tree_masks or itertools.repeat(None))
     outs = []
     for b in range(B):  # split, not slices: its backward is one cat, not a zero-filled pack per example
         q, k, v = ((x if B == 1 else x[b:b + 1]).split(lens[b], dim=2) for x in (query, key, value))
-        outs.append(torch.cat([sdpa_attention_forward(module, *qkv, None, dropout=dropout, scaling=scaling,
-                                                      is_causal=True)[0] for qkv in zip(q, k, v)], dim=1))
+        outs.append(torch.cat([sdpa_attention_forward(module, *qkv, m, dropout=dropout, scaling=scaling,
+                                                      is_causal=m is None)[0]
+                               for qkv, m in zip(zip(q, k, v), masks)], dim=1))
     return outs[0] if B == 1 else torch.cat(outs, dim=0), None  # (B, T, H, D)
 
 
@@ -148,3 +152,41 @@ def _isolates(model, attention: str) -> bool:
     except (TypeError, ValueError, RuntimeError):
         return False
     return all(logits_close(x, alone, p0.dtype) for x in got)
+
+
+def require_tree_attention(model, attention: str | None, turns: str = "tree") -> None:
+    """With --turns tree: ConfigError unless `model` keeps a tree row's branches apart (`tree_attention_works`)."""
+    if turns == "tree" and not tree_attention_works(model, attention):
+        raise ConfigError(f"{type(model).__name__} does not keep a --turns tree row's branches apart (a probe's "
+                          "paths got other logits than alone): train with --turns per-turn instead")
+
+
+def tree_attention_works(model, attention: str | None) -> bool:
+    """True when each path of a tree row (tree.py) gets, in `model`, the logits it gets alone: packed
+    (`attention` "varlen" or "mask", beside another example) or padded (None: collate's 4D mask)."""
+    import torch
+
+    from . import tree
+    from .batches import collate, pack, to_device
+    from .models import logits_close, probing, vocab_rows
+
+    p0 = next(model.parameters())
+    g = torch.Generator().manual_seed(1)
+    prefix, x, y, z, other = (torch.randint(vocab_rows(model), (n,), generator=g).tolist() for n in (4, 3, 2, 3, 5))
+    seqs = [prefix + x, prefix + y + z]  # two turns: the second's history forks from the first's answer
+    row = tree.lay_out([{"input_ids": s, "labels": [-100] * (len(s) - 1) + s[-1:]} for s in seqs])
+    if row is None:
+        return False
+    as_tree = {"input_ids": row.input_ids, "labels": row.labels, "tree_ends": row.ends}
+    plain = {"input_ids": other, "labels": other}
+    try:
+        with probing(model):
+            alone = [model(input_ids=torch.tensor([s], device=p0.device)).logits[0] for s in seqs]
+            batch = (collate([as_tree, plain], 0, dtype=p0.dtype) if attention is None
+                     else pack([plain, as_tree], 0, dtype=p0.dtype, attention=attention))
+            batch.pop("labels")
+            out = model(**to_device(batch, p0.device)).logits
+            flat = out[0] if attention is None else out[0, len(other):]
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return all(logits_close(flat[path], want, p0.dtype) for path, want in zip(row.paths, alone))

@@ -116,6 +116,8 @@ class Tally:
         self.role_rows = 0
         self.control_rows = self.controls = 0
         self.first_control = None
+        self.turns = [0, 0, 0, 0, 0]  # --turns: conversations, tokens full / per-turn / as written, trees fallen back
+        self.full_missing = 0  # conversations whose full rendering is no example (its tokens not counted)
 
     def drop(self, reason: str, message: str) -> None:
         self.dropped[reason] += 1
@@ -140,6 +142,10 @@ class Tally:
             self.control_rows += 1
             self.controls += len(row.control_text) // 2  # flattened [first, end) pairs
             self.first_control = self.first_control or row.source
+        if row.turns is not None:
+            full, expanded, written, fell_back = row.turns
+            self.turns = [a + b for a, b in zip(self.turns, (1, full or 0, expanded, written, fell_back))]
+            self.full_missing += full is None
         if row.by_role is not None:
             self.role_rows += 1
             self.by_role = [x + y for x, y in zip(self.by_role, row.by_role)]
@@ -188,7 +194,18 @@ class Tally:
             "rows_with_control_text": self.control_rows,
             "control_texts_in_content": self.controls,
             "first_with_control_text": self.first_control,
+            **self._turns(),
         }
+
+    def _turns(self) -> dict:
+        """--turns per-turn / tree: tokens per conversation of the full rendering, the per-turn examples and the
+        rows written (the tree's where it is one)."""
+        n, full, expanded, written, fell_back = self.turns
+        if not n:
+            return {}
+        return {"turn_conversations": n, "tokens_per_conversation_full": full / max(n - self.full_missing, 1),
+                "tokens_per_conversation_per_turn": expanded / n, "tokens_per_conversation_written": written / n,
+                "conversations_full_not_one_example": self.full_missing, "trees_fallen_back": fell_back}
 
 
 # ---------------------------------------------------------------- in words
@@ -248,8 +265,19 @@ def summary_lines(s: dict) -> list[str]:
         lines.append(f"rows whose input_ids are not exactly the tokenizer's encoding of the rendering: "
                      f"{s['rows_split_at_boundary']:,} ({s['tokens_split_at_boundary']:,} tokens straddled a "
                      "prompt/answer boundary and were re-spelt as two)")
+    if s.get("turn_conversations"):
+        lines.append(turns_line(s))
     lines.append("lengths: " + ", ".join(f"{k}: {v:,}" for k, v in s["length_histogram"].items()))
     return lines
+
+
+def turns_line(s: dict) -> str:
+    """--turns: tokens per conversation for the full rendering, per-turn expansion and what was written."""
+    full, per_turn, written = (s[f"tokens_per_conversation_{k}"] for k in ("full", "per_turn", "written"))
+    back = s["trees_fallen_back"]
+    return (f"tokens per conversation ({s['turn_conversations']:,}): full rendering {full:,.0f}, per-turn examples "
+            f"{per_turn:,.0f}, as written {written:,.0f} ({per_turn / max(written, 1):.2f}x fewer than per-turn)"
+            + (f"; {back:,} conversation(s) the tree could not lay out trained as per-turn examples" if back else ""))
 
 
 # ---------------------------------------------------------------- --fail-if

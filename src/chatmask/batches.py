@@ -7,7 +7,9 @@ turns assistant labels into the labels of another arm, so every arm trains on th
 *pack* is one sequence of the batch holding several examples end to end: position ids restart per example,
 and either the examples' boundaries (`attention="varlen"`: `cu_seq_lens_*`, which flash-attention's varlen
 kernel and `attention.VARLEN` read) or a block-diagonal 4D mask (`attention="mask"`) keep them apart, so no
-token attends to, or is labelled from, another example.
+token attends to, or is labelled from, another example. An example with `tree_ends` (a --turns tree row, tree.py)
+also keeps its branches apart: its positions are depths, and it attends through its tree mask (`tree_masks`,
+per segment, for `attention.VARLEN`; inside the 4D mask otherwise).
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import tree
 from .labels import IGNORE, apply_train_on
 
 if TYPE_CHECKING:
     from .config import TrainConfig
 
 
-def collate(examples: list[dict], pad_id: int, train_on: str = "assistant") -> dict[str, torch.Tensor]:
-    """Right-padded batch, one example per sequence: input_ids, attention_mask, labels (-100 on padding)."""
+def collate(examples: list[dict], pad_id: int, train_on: str = "assistant", dtype=torch.float32) -> dict:
+    """Right-padded batch, one example per sequence: input_ids, attention_mask, labels (-100 on padding). With a
+    tree row among them, also position_ids and a 4D additive mask (`dtype`) holding each row's tree."""
     T = max(len(x["input_ids"]) for x in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
     att = torch.zeros((len(examples), T), dtype=torch.long)  # (B, T)
@@ -32,8 +36,46 @@ def collate(examples: list[dict], pad_id: int, train_on: str = "assistant") -> d
         n = len(x["input_ids"])
         ids[b, :n] = torch.tensor(x["input_ids"])
         att[b, :n] = 1
-        lab[b, :n] = torch.tensor(apply_train_on(x["input_ids"], x["labels"], train_on))
-    return {"input_ids": ids, "attention_mask": att, "labels": lab}
+        lab[b, :n] = torch.tensor(_labels(x, train_on))
+    if not any(x.get("tree_ends") for x in examples):
+        return {"input_ids": ids, "attention_mask": att, "labels": lab}
+    pos = torch.zeros((len(examples), T), dtype=torch.long)  # (B, T)
+    allowed = torch.eye(T, dtype=torch.bool).repeat(len(examples), 1, 1)  # (B, T, T): padding sees itself
+    for b, x in enumerate(examples):
+        n = len(x["input_ids"])
+        pos[b, :n] = _positions(x)
+        allowed[b, :n, :n] = _attends(x)
+    return {"input_ids": ids, "attention_mask": _additive(allowed, dtype), "position_ids": pos, "labels": lab}
+
+
+def _labels(x: dict, train_on: str) -> list[int]:
+    """An example's labels for `train_on`; in a tree row never a token opening a branch after a finished one."""
+    out = apply_train_on(x["input_ids"], x["labels"], train_on)
+    for i in tree.after_leaf(x.get("tree_ends") or ()):
+        out[i] = IGNORE
+    return out
+
+
+def _positions(x: dict) -> torch.Tensor:
+    ends = x.get("tree_ends")
+    return torch.tensor(tree.positions(ends)) if ends else torch.arange(len(x["input_ids"]))
+
+
+def _attends(x: dict) -> torch.Tensor:
+    """(n, n) bool: which tokens each token of the example attends to (causal, or its tree's)."""
+    ends = x.get("tree_ends")
+    return tree.attends(ends) if ends else torch.ones(len(x["input_ids"]), len(x["input_ids"]), dtype=torch.bool).tril()
+
+
+def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    mask = torch.zeros((allowed.shape[0], 1, *allowed.shape[1:]), dtype=dtype)  # (B, 1, T, T)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def examples_of(rows) -> list[dict]:
+    """A prepared dataset's selected rows as example dicts (input_ids, labels, and tree_ends where it has them)."""
+    cols = [c for c in ("input_ids", "labels", "tree_ends") if c in rows.column_names]
+    return [dict(zip(cols, v)) for v in zip(*(rows[c] for c in cols))]
 
 
 def row_lengths(ds) -> list[int]:
@@ -44,8 +86,14 @@ def row_lengths(ds) -> list[int]:
 
 
 def to_device(batch: dict, device) -> dict:
-    """The batch's tensors moved to `device`; other values (a packed batch's max_length_q/k) as they are."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors (and lists of them: tree_masks) moved to `device`; other values (a packed batch's
+    max_length_q/k) as they are."""
+    def move(v):
+        if isinstance(v, list):
+            return [move(x) for x in v]
+        return v.to(device) if isinstance(v, torch.Tensor) else v
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 def pack(examples: list[dict], pad_id: int, train_on: str = "assistant", max_tokens: int | None = None,
@@ -69,20 +117,25 @@ def pack(examples: list[dict], pad_id: int, train_on: str = "assistant", max_tok
     pos = torch.zeros((B, T), dtype=torch.long)  # (B, T)
     seg = torch.full((B, T), -1, dtype=torch.long)  # (B, T) example index within its pack, -1 = padding
     lens: list[int] = []  # segment lengths over the flattened packs, padding tails included
+    trees: list = []  # per segment: its tree mask, or None (causal)
     for b, p in enumerate(packs):
         o = 0
         for k, x in enumerate(p):
             n = len(x["input_ids"])
             ids[b, o:o + n] = torch.tensor(x["input_ids"])
-            lab[b, o:o + n] = torch.tensor(apply_train_on(x["input_ids"], x["labels"], train_on))
+            lab[b, o:o + n] = torch.tensor(_labels(x, train_on))
             # the first token of an example is never a target of the previous example's last position
-            pos[b, o:o + n] = torch.arange(n)
+            pos[b, o:o + n] = _positions(x)
             seg[b, o:o + n] = k
             o += n
             lens.append(n)
+            trees.append(tree.attends(x["tree_ends"]) if x.get("tree_ends") else None)
         if T > o:
             lens.append(T - o)
+            trees.append(None)
     out = {"input_ids": ids, "position_ids": pos, "labels": _cut_cross_example_targets(lab, seg)}
+    if any(m is not None for m in trees) and attention == "varlen":
+        out["tree_masks"] = trees  # attention.VARLEN reads them; over the flattened segments, like the boundaries
     if attention == "varlen":
         cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)  # (S + 1,)
         # an all-ones 2D mask: no padding mask to build, and transformers does not re-derive one from
@@ -90,7 +143,7 @@ def pack(examples: list[dict], pad_id: int, train_on: str = "assistant", max_tok
         out.update(attention_mask=torch.ones((B, T), dtype=torch.long), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                    max_length_q=max(lens), max_length_k=max(lens))
     else:
-        out["attention_mask"] = _block_diagonal_mask(seg, dtype)
+        out["attention_mask"] = _block_diagonal_mask(seg, dtype, packs)
     return out
 
 
@@ -111,17 +164,22 @@ def _first_fit(examples: list[dict], budget: int) -> list[list[dict]]:
     return packs
 
 
-def _block_diagonal_mask(seg: torch.Tensor, dtype) -> torch.Tensor:
+def _block_diagonal_mask(seg: torch.Tensor, dtype, packs=()) -> torch.Tensor:
     """The additive causal mask that keeps each token inside its own example (`seg`: example index per
-    position, -1 on padding)."""
+    position, -1 on padding), and inside its tree's branches for a tree row of `packs`."""
     B, T = seg.shape
     same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
     causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
     allowed = same & causal & (seg[:, :, None] >= 0)
     allowed |= torch.eye(T, dtype=torch.bool)  # padding positions attend to themselves: no NaN from an empty softmax
-    mask = torch.zeros((B, 1, T, T), dtype=dtype)  # (B, 1, T, T)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    return mask
+    for b, p in enumerate(packs):
+        o = 0
+        for x in p:
+            n = len(x["input_ids"])
+            if x.get("tree_ends"):
+                allowed[b, o:o + n, o:o + n] = tree.attends(x["tree_ends"])
+            o += n
+    return _additive(allowed, dtype)
 
 
 def _cut_cross_example_targets(lab: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
@@ -170,8 +228,7 @@ def micro_batches(ds, rows: list[int], cfg: TrainConfig, rank: int, world: int, 
     trained-target count over all processes (every process computes it from the same rows). `budget`
     (--micro-batch-tokens): each --batch-size slot is cut, in order, into micro-batches of at most that many
     tokens (padding included); every process then runs the same number (`_even`)."""
-    data = ds.select(rows)
-    examples = [{"input_ids": i, "labels": lab, "row": k} for i, lab, k in zip(data["input_ids"], data["labels"], rows)]
+    examples = [{**x, "row": k} for x, k in zip(examples_of(ds.select(rows)), rows)]
     bs = cfg.batch_size
     out, total = [], 0
     for m in range(cfg.grad_accum):
@@ -183,7 +240,7 @@ def micro_batches(ds, rows: list[int], cfg: TrainConfig, rank: int, world: int, 
         for r, pieces in enumerate(_even(slots, pad_id)):
             for chunk in pieces:
                 b = (pack(chunk, pad_id, train_on, cfg.pack_tokens, dtype, attention) if cfg.packing
-                     else collate(chunk, pad_id, train_on))
+                     else collate(chunk, pad_id, train_on, dtype))
                 if chunk[0].get("filler"):
                     b["labels"].fill_(IGNORE)  # untrained whatever the arm (train_on="all" labels every id)
                 total += int((b["labels"][:, 1:] != IGNORE).sum())

@@ -285,7 +285,7 @@ def data_id(data) -> str:
 
 
 def changed_settings(saved: dict, data, data_cfg: DataConfig, cfg: TrainConfig) -> tuple[dict, dict]:
-    """(changes that change the run, changes config.RESUME_SAFE allows) between a run's saved config.json
+    """(changes that change the run, changes RESUME_SAFE allows) between a run's saved config.json
     and a call with `data` (a file, a name or a prepared folder: see `run_data`) and these configs. The
     one rule of what makes a run another run, for resume and for compare's reuse of finished runs."""
     source, made = run_data(data, data_cfg)
@@ -294,7 +294,7 @@ def changed_settings(saved: dict, data, data_cfg: DataConfig, cfg: TrainConfig) 
         # a run saved before prepared folders were recorded resolved its stops from the model's list as the
         # folder did (the model is compared); another --stop-tokens changes the validation tokens' hash
         data_config = {k: v for k, v in data_config.items() if k != "stop_tokens"}
-    unsafe, safe = config.run_changes({**saved, "data_config": data_config}, made, cfg)
+    unsafe, safe = run_changes({**saved, "data_config": data_config}, made, cfg)
     if "data" in saved and data_id(saved["data"]) != data_id(source):
         unsafe = {"data": (saved["data"], source), **unsafe}
     return unsafe, safe
@@ -302,7 +302,7 @@ def changed_settings(saved: dict, data, data_cfg: DataConfig, cfg: TrainConfig) 
 
 def saved_for_resume(out: Path, data, data_cfg: DataConfig, cfg: TrainConfig, say) -> dict | None:
     """With --resume and a checkpoint in `out`: the saved run's config (and its checkpoint_step), after
-    checking that this call changes nothing that changes the run (config.RESUME_SAFE may change, and is
+    checking that this call changes nothing that changes the run (RESUME_SAFE may change, and is
     said). Without --resume, a folder that holds a run is an error: it is never mixed with a new one."""
     ck = latest_checkpoint(out)
     if not cfg.resume:
@@ -323,13 +323,13 @@ def saved_for_resume(out: Path, data, data_cfg: DataConfig, cfg: TrainConfig, sa
     unsafe, safe = changed_settings(saved, data, data_cfg, cfg)
     if unsafe:
         raise ConfigError(
-            f"--resume: the run saved in {out} was started with other settings: {config.describe_changes(unsafe)}"
+            f"--resume: the run saved in {out} was started with other settings: {describe_changes(unsafe)}"
             .replace("--data ", "data ")
             + ". Drop those flags to continue it as saved (`chatmask train DATA --out OUT --resume` takes its "
               "settings), or pass another --out to start a new run")
     if safe:
         note = "; the learning-rate schedule now spans the new number of steps" if "steps" in safe else ""
-        say(f"--resume: continuing with {config.describe_changes(safe)}{note}")
+        say(f"--resume: continuing with {describe_changes(safe)}{note}")
     return {**saved, "checkpoint_step": step}
 
 
@@ -351,3 +351,31 @@ def check_resumable(saved: dict | None, out: Path, val_sha256: str, steps: int) 
     if saved.get("checkpoint_step", 0) > steps:
         raise ConfigError(f"--resume: the checkpoint in {out} is at step {saved['checkpoint_step']}, past the "
                           f"{steps} steps of this run; pass --steps {saved['checkpoint_step']} or more")
+
+
+# ---------------------------------------------------------------- the resume policy
+
+
+RESUME_SAFE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "eval_batch_size",
+                         "merge_lora", "resume", "num_proc", "threads", "stop_prompts", "stop_max_new_tokens",
+                         "micro_batch_tokens", "gradient_checkpointing"})
+"""Settings a resumed run may change: they do not change what the saved steps computed (more --steps
+lengthens the run and the schedule that remains; a micro-batch's size and recomputation leave the gradients)."""
+
+
+def changed(saved: dict, cfg) -> dict[str, tuple]:
+    """field -> (saved value, value in `cfg`) for the fields of `cfg` that differ from a saved config dict
+    (fields a saved run predates are not compared)."""
+    return {k: (saved[k], v) for k, v in config.to_dict(cfg).items() if k in saved and saved[k] != v}
+
+
+def run_changes(saved: dict, data_cfg, train_cfg) -> tuple[dict, dict]:
+    """(changes that change the run, changes RESUME_SAFE allows) between a run's saved config.json
+    and the configs given now: what resume and a rerun of compare check before reusing a run."""
+    diffs = {**changed(saved.get("data_config", {}), data_cfg), **changed(saved.get("train_config", {}), train_cfg)}
+    unsafe = {k: v for k, v in diffs.items() if k not in RESUME_SAFE}
+    return unsafe, {k: v for k, v in diffs.items() if k in RESUME_SAFE and k != "resume"}
+
+
+def describe_changes(changes: dict[str, tuple]) -> str:
+    return ", ".join(f"{config.flag(k)} {old!r} -> {new!r}" for k, (old, new) in changes.items())

@@ -253,7 +253,7 @@ def _view_parser(sub) -> None:
     p = sub.add_parser("view", help=cmd_view.__doc__)
     p.add_argument("data", help="a data file (as for prepare) or a folder written by prepare")
     _common(p, labelling=("add_template_tokens", "train_on", "end_of_turn", "stop_tokens", "stream", "control_tokens",
-                          "format", "salvage"))
+                          "turns", "format", "salvage"))
     p.add_argument("--row", type=int, default=0, help="which row (0-based) (default: 0)")
     p.add_argument("--rows", type=int, default=1, help="how many rows from --row (default: 1)")
     p.add_argument("--html", help="also write a self-contained HTML page")

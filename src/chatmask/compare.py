@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import config, memory
+from . import checkpoints, config, memory
 from .config import ARMS, CompareConfig, DataConfig, TrainConfig
 from .errors import ConfigError
 from .paths import atomic_write_bytes, atomic_write_text
@@ -169,7 +169,7 @@ def _check_reuse(rdir: Path, prepared: str, dc: DataConfig, tc: TrainConfig) -> 
         return  # a run from before config.json was written: nothing to compare against
     unsafe, _ = changed_settings(saved, prepared, dc, tc)
     if unsafe:
-        raise ConfigError(f"{rdir} finished with other settings: {config.describe_changes(unsafe)}; pass another "
+        raise ConfigError(f"{rdir} finished with other settings: {checkpoints.describe_changes(unsafe)}; pass another "
                           "--out for these settings, or delete that folder to redo it")
 
 

@@ -20,6 +20,7 @@ Truncation = Literal["turns", "right", "drop"]
 TRUNCATION = get_args(Truncation)  # the one spelling of --truncation's values
 Stream = Literal["rendering", "segments"]
 STREAMS = get_args(Stream)  # the one spelling of --stream's values (labels.py says what each is)
+Turns = Literal["full", "per-turn", "tree"]
 ControlTokens = Literal["text", "parse", "refuse"]
 CONTROL_TOKENS = get_args(ControlTokens)  # --control-tokens' values (controls.py says what each does)
 
@@ -53,6 +54,11 @@ class DataConfig:
     control_tokens: ControlTokens = "text"
     """control tokens (<|im_end|>, [INST]) written inside a message's content: plain text, as the vendors' encoders
     encode content (text); the control tokens, as apply_chat_template (parse); or the row refused (refuse)"""
+    turns: Turns = "full"
+    """how each turn is trained: in the whole rendering once (full); as one example per assistant turn, its prompt the
+    history as inference renders it (per-turn: templates that rewrite earlier turns, as reasoning models drop old
+    <think> blocks; K turns cost ~K^2/2 turns of tokens); or those examples as one tree-shaped row, the history once
+    and each trained answer a branch (tree: per-turn's loss at about one conversation's tokens)"""
     format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion"] = "auto"
     """row format of the data; auto: detected from the first row of each file"""
     split: str = "train"
@@ -69,6 +75,9 @@ class DataConfig:
     def _problems(self):
         from .templates import BUILTIN
 
+        if self.turns != "full" and self.train_on == "last_assistant":
+            return [f"--turns {self.turns} trains every assistant turn in its own prompt; --train-on last_assistant "
+                    "trains one: use --turns full with it"]
         if self.add_template_tokens and self.template not in BUILTIN:
             return [f"--add-template-tokens adds a built-in template's tokens: pass --template with one of "
                     f"{', '.join(sorted(BUILTIN))}" + (f" (not {self.template[:40]!r})" if self.template else "")]
@@ -291,31 +300,6 @@ def replace(cfg, **changes):
 
 
 to_dict = dataclasses.asdict
-
-
-RESUME_SAFE = frozenset({"steps", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "eval_batch_size",
-                         "merge_lora", "resume", "num_proc", "threads", "stop_prompts", "stop_max_new_tokens",
-                         "micro_batch_tokens", "gradient_checkpointing"})
-"""Settings a resumed run may change: they do not change what the saved steps computed (more --steps
-lengthens the run and the schedule that remains; a micro-batch's size and recomputation leave the gradients)."""
-
-
-def changed(saved: dict, cfg) -> dict[str, tuple]:
-    """field -> (saved value, value in `cfg`) for the fields of `cfg` that differ from a saved config dict
-    (fields a saved run predates are not compared)."""
-    return {k: (saved[k], v) for k, v in to_dict(cfg).items() if k in saved and saved[k] != v}
-
-
-def run_changes(saved: dict, data_cfg, train_cfg) -> tuple[dict, dict]:
-    """(changes that change the run, changes config.RESUME_SAFE allows) between a run's saved config.json
-    and the configs given now: what resume and a rerun of compare check before reusing a run."""
-    diffs = {**changed(saved.get("data_config", {}), data_cfg), **changed(saved.get("train_config", {}), train_cfg)}
-    unsafe = {k: v for k, v in diffs.items() if k not in RESUME_SAFE}
-    return unsafe, {k: v for k, v in diffs.items() if k in RESUME_SAFE and k != "resume"}
-
-
-def describe_changes(changes: dict[str, tuple]) -> str:
-    return ", ".join(f"{flag(k)} {old!r} -> {new!r}" for k, (old, new) in changes.items())
 
 
 def load_yaml(path: str | None, overrides=()) -> dict[str, dict]:

@@ -120,6 +120,7 @@ def _evaluate_loss(model, val, pad_id: int, batch_size: int, acc, sparse, max_to
     rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
     table = torch.zeros(len(val), 2, dtype=torch.float64)  # (R, 2): this process's rows filled in
     device = acc.device if acc else next(model.parameters()).device
+    dtype = model.get_input_embeddings().weight.dtype  # a tree row's 4D mask (collate)
     chunks = _batches(batches.row_lengths(val), batch_size, max_tokens)
     # every process runs the same number of forward passes (a wrapped model may talk to the others in
     # each one, e.g. DDP's buffer broadcast); a process out of chunks repeats one and does not count it
@@ -127,8 +128,7 @@ def _evaluate_loss(model, val, pad_id: int, batch_size: int, acc, sparse, max_to
         idx = k * world + rank
         chunk = chunks[idx if idx < len(chunks) else 0]
         rows = val.select(chunk)
-        b = batches.collate([{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])],
-                            pad_id, "assistant")
+        b = batches.collate(batches.examples_of(rows), pad_id, "assistant", dtype)
         sums = row_loss_sums(model, batches.to_device(b, device), sparse)
         if idx < len(chunks):
             table[chunk] = sums

@@ -1,36 +1,34 @@
 """A whole dataset into training-ready rows: `prepare(data_path, cfg, out) -> Prepared`.
 
-Conversations stream from `conversations.load`, are labelled in batches by `labels.encode_many` (in
-N processes with `num_proc`, output identical for any N) and counted by `audit.Tally` (stats.json, tokens
-by role included), and are written as a `datasets` folder (Arrow shards + `stats.json` + `config.json`)
-beside `out` and swapped in when complete. The folder is also a cache: its key covers the data's bytes,
-the tokenizer, the template, every option and FORMAT_VERSION, and a rerun with the same key returns at once.
+Conversations stream from `conversations.load`, are labelled in batches (`workers`: `labels.encode_many`, or
+per turn with --turns; in N processes with `num_proc`, output identical for any N) and counted by
+`audit.Tally` (stats.json, tokens by role included), and are written as a `datasets` folder (Arrow shards +
+`stats.json` + `config.json`) beside `out` and swapped in when complete. The folder is also a cache: its key
+covers the data's bytes, the tokenizer, the template, every option and FORMAT_VERSION, and a rerun with the same
+key returns at once.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
 import json
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-from . import audit, conversations, labels, tokens
+from . import audit, conversations, labels, tokens, workers
 from . import config as cfgmod
 from .config import DataConfig
 from .errors import FIX_ROW, ChatmaskError, ConfigError, ConversationError
 
 # 2: input_ids the whole-text encoding of the rendering; 3: drops by length counted; 4: every answer's stop trained
 # (README, "The stop"), the last one's appended where the template writes none; 5: tokens by role in stats.json;
-# 6: control tokens in content encoded by --control-tokens (default: as plain text), a control_text column
-FORMAT_VERSION = 6
-BATCH = 512  # conversations labelled per tokenizer call
+# 6: control tokens in content encoded by --control-tokens (default: as plain text), a control_text column;
+# 7: --turns, a tree_ends column (tree.py)
+FORMAT_VERSION = 7
 SHARD_ROWS = 50_000  # rows per Arrow file: bounded memory whatever the input size
 
 
@@ -41,8 +39,9 @@ def features():
 
     ints = datasets.List(datasets.Value("int32"))
     # control_text: Example.control_text flattened, [first, end) token ranges of the content's control tokens
+    # tree_ends: tree.py's ends of a --turns tree row; [] for a plain row
     return datasets.Features({"input_ids": ints, "labels": ints, "source": datasets.Value("string"),
-                              "control_text": ints})
+                              "control_text": ints, "tree_ends": ints})
 
 
 @dataclass
@@ -109,90 +108,6 @@ def cache_key(data: str, cfg: DataConfig, tok) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------- labelling in workers
-
-_worker_tok = None
-
-
-def _init_worker(tok):
-    global _worker_tok
-    _worker_tok = tok
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-
-
-class Labelled(NamedTuple):
-    """A row that became an example, as a worker sends it back (plain data: cheap to pickle)."""
-
-    input_ids: list[int]
-    labels: list[int]
-    source: str
-    truncated: int
-    respelt: int
-    unstopped: int
-    appended: bool
-    by_role: tuple[int, ...] | None  # its rendering's tokens by role (audit.role_counts)
-    control_text: list[int]  # Example.control_text flattened
-
-
-class Dropped(NamedTuple):
-    """A row that did not: the reason it is counted under, and the message that names it."""
-
-    reason: str
-    message: str
-
-
-def _label_batch(batch, cfg: DataConfig, tok=None, by_role: bool = True) -> list[Labelled | Dropped]:
-    """[(messages, source)] -> one Labelled or Dropped per row, in order; kept rows counted by role if `by_role`."""
-    from .hub import stop_tokens
-
-    tok = tok or _worker_tok
-    stops = stop_tokens(cfg, tok)
-    encoded = labels.encode_many(batch, tok, train_on=cfg.train_on, max_length=cfg.max_length, template=cfg.template,
-                                 truncation=cfg.truncation, end_of_turn=cfg.end_of_turn, stream=cfg.stream,
-                                 stop_tokens=stops, control_tokens=cfg.control_tokens)
-    kept = [row for row, r in zip(batch, encoded) if not isinstance(r, ChatmaskError)]
-    roles = iter(audit.role_counts(kept, tok, cfg.template, stops, cfg.end_of_turn, cfg.control_tokens) if by_role
-                 else [None] * len(kept))
-    return [Dropped(r.reason, str(r)) if isinstance(r, ChatmaskError) else Labelled(
-        r.input_ids, r.labels, r.source, r.truncated, r.respelt, r.unstopped, r.stop_appended, next(roles),
-        [i for span in r.control_text for i in span]) for r in encoded]
-
-
-def _batches(data: str, cfg: DataConfig, report):
-    batch = []
-    n = 0
-    for conv in conversations.load(data, format=cfg.format, salvage=cfg.salvage, skip_invalid=cfg.skip_invalid,
-                                   split=cfg.split, report=report):
-        if cfg.limit is not None and n >= cfg.limit:
-            break
-        batch.append((conv.messages, conv.source))
-        n += 1
-        if len(batch) == BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _labelled(data, cfg, tok, report):
-    """Labelled batches in input order; with num_proc > 1 at most 2*num_proc batches are in flight."""
-    if cfg.num_proc <= 1:
-        for i, b in enumerate(_batches(data, cfg, report)):
-            yield _label_batch(b, cfg, tok, i * BATCH < audit.ROLE_ROWS)
-        return
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(cfg.num_proc, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(tok,)) as pool:
-        window = collections.deque()
-        for i, b in enumerate(_batches(data, cfg, report)):
-            window.append(pool.submit(_label_batch, b, cfg, None, i * BATCH < audit.ROLE_ROWS))
-            if len(window) >= 2 * cfg.num_proc:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-
-
 # ---------------------------------------------------------------- writing
 
 
@@ -200,7 +115,7 @@ def _write_shards(tmp: Path, rows_iter, tally: audit.Tally, progress, skip_inval
     from datasets.arrow_writer import ArrowWriter
 
     shard, n_shards, writer, in_shard = 0, 0, None, 0
-    cols = {"input_ids": [], "labels": [], "source": [], "control_text": []}
+    cols = {"input_ids": [], "labels": [], "source": [], "control_text": [], "tree_ends": []}
 
     def flush():
         if cols["source"]:
@@ -210,7 +125,7 @@ def _write_shards(tmp: Path, rows_iter, tally: audit.Tally, progress, skip_inval
 
     for batch in rows_iter:
         for row in batch:
-            if isinstance(row, Dropped):
+            if isinstance(row, workers.Dropped):
                 tally.drop(row.reason, row.message)
                 if not skip_invalid and row.reason not in labels.LENGTH_REASONS:
                     raise ChatmaskError(f"{row.message}\n  Fix the row, or pass --skip-invalid to drop such rows and "
@@ -224,6 +139,7 @@ def _write_shards(tmp: Path, rows_iter, tally: audit.Tally, progress, skip_inval
             cols["labels"].append(row.labels)
             cols["source"].append(row.source)
             cols["control_text"].append(row.control_text)
+            cols["tree_ends"].append(row.tree_ends)
             in_shard += 1
             if len(cols["source"]) >= 1000:
                 flush()
@@ -248,7 +164,7 @@ def _label_into(tmp: Path, data: str, cfg: DataConfig, tok, progress: bool) -> t
         bar = progress_bar(cfg.limit, "labelling", "conversations")
     t0 = time.perf_counter()
     try:
-        n_shards = _write_shards(tmp, _labelled(data, cfg, tok, report), tally, bar, cfg.skip_invalid)
+        n_shards = _write_shards(tmp, workers.labelled(data, cfg, tok, report), tally, bar, cfg.skip_invalid)
     finally:
         if bar is not None:
             bar.close()

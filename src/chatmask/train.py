@@ -9,12 +9,11 @@ Evaluation: evaluation.py; checkpoints, OUT/model and the resume policy: checkpo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -203,7 +202,7 @@ def _setup_data(acc, say, data, data_cfg: DataConfig, cfg: TrainConfig, out: Pat
         ds = _prepared(data, made, tok, log if acc.is_main_process else None)
         val_ds = _prepared(cfg.val_data, made, tok, None) if cfg.val_data else None
     holdout = hold_out(ds, cfg, val_ds)
-    given, cfg = cfg, dataclasses.replace(cfg, steps=total_steps(cfg, len(holdout.train), acc.num_processes))
+    given, cfg = cfg, replace(cfg, steps=total_steps(cfg, len(holdout.train), acc.num_processes))
     check_resumable(saved, out, holdout.val_sha256, cfg.steps)
     if given.epochs is not None:
         say(f"{given.epochs:g} epochs of {len(holdout.train):,} rows: {cfg.steps:,} steps")
@@ -222,7 +221,7 @@ def _setup_data(acc, say, data, data_cfg: DataConfig, cfg: TrainConfig, out: Pat
 def _setup_model(run: _Run, model) -> None:
     """The model step: loaded (quantized), embeddings grown for added tokens, activations checkpointed,
     LoRA; then how it packs examples and whether its head takes a mask of positions."""
-    from .attention import packed_attention
+    from .attention import packed_attention, require_tree_attention
     from .models import add_lora, checkpoint_activations, grow_embeddings, keep_4bit_trainable, load_model, \
         sparse_head_works
 
@@ -257,6 +256,7 @@ def _setup_model(run: _Run, model) -> None:
         run.attention = packed_attention(model, run.acc.device, keep=cfg.attn_implementation is not None)
         say(f"packing: rows of up to {cfg.pack_tokens} tokens, examples kept apart by "
             + ("attention run per example (varlen)" if run.attention == "varlen" else "a block-diagonal mask"))
+    require_tree_attention(model, run.attention if cfg.packing else None, run.data_cfg.turns)
     run.sparse = cfg.sparse_loss and sparse_head_works(model)
     if cfg.sparse_loss and not run.sparse:
         say(f"note: {type(model).__name__} does not apply logits_to_keep as a mask of positions; computing full "

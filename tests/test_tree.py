@@ -1,0 +1,241 @@
+"""--turns tree: one conversation's per-turn examples laid out as one tree-shaped row must train exactly what
+the per-turn examples train: the same loss and gradients (fp32, 1e-5) on Qwen3-, DeepSeek-R1- and gpt-oss-style
+templates that drop earlier turns' reasoning, with multi-turn reasoning and tool calls; on every batch path
+(packed per example, packed with a mask, padded)."""
+
+import json
+
+import pytest
+import torch
+
+import chatmask
+from chatmask import batches, tree
+from chatmask.config import DataConfig, TrainConfig
+from chatmask.labels import IGNORE
+from chatmask.prepare import prepare
+from chatmask.train import token_loss_sum
+
+from conftest import tiny_llama
+
+# Qwen3's shape: <think> split off each answer; kept only for answers after the last user query (an agent's
+# steps since the user spoke keep their reasoning); tool calls and results as Qwen3 writes them.
+QWEN3 = (
+    "{%- set ns = namespace(last=-1) -%}{%- for m in messages -%}"
+    "{%- if m.role == 'user' -%}{%- set ns.last = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "{%- set c = m.content or '' -%}{%- set r = '' -%}"
+    "{%- if '</think>' in c -%}{%- set r = c.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}"
+    "{%- set c = c.split('</think>')[-1].lstrip('\\n') -%}{%- endif -%}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- if loop.index0 > ns.last -%}{{ '<think>\\n' + r + '\\n</think>\\n\\n' }}{%- endif -%}{{ c }}"
+    "{%- for t in m.tool_calls or [] -%}{{ '\\n<tool_call>\\n{\"name\": \"' + t.function.name + '\", \"arguments\": '"
+    " + (t.function.arguments | tojson) + '}\\n</tool_call>' }}{%- endfor -%}{{ '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'tool' -%}{{ '<|im_start|>user\\n<tool_response>\\n' + m.content"
+    " + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else -%}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+# DeepSeek-R1's shape: every answer's <think> dropped from the history; the generation prompt opens <think>
+R1 = (
+    "{{ bos_token }}{%- for m in messages -%}{%- if m.role == 'user' -%}{{ '<｜User｜>' + m.content }}"
+    "{%- elif m.role == 'assistant' -%}{%- set c = m.content -%}"
+    "{%- if '</think>' in c -%}{%- set c = c.split('</think>')[-1] -%}{%- endif -%}"
+    "{{ '<｜Assistant｜>' + c + '<｜end▁of▁sentence｜>' }}"
+    "{%- else -%}{{ m.content }}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<｜Assistant｜><think>\\n' }}{%- endif -%}"
+)
+# gpt-oss's shape: the analysis channel (`thinking`) only for the last answer, tool calls on a commentary channel
+# (ended with <|end|> here: a call turn that ends with <|call|> before a tool message is not located by spans.py)
+GPT_OSS = (
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "{%- if m.thinking and loop.last -%}{{ '<|start|>assistant<|channel|>analysis<|message|>' + m.thinking"
+    " + '<|end|>' }}{%- endif -%}"
+    "{%- if m.tool_calls -%}{{ '<|start|>assistant<|channel|>commentary to=functions.'"
+    " + m.tool_calls[0].function.name + '<|message|>' + m.content + (m.tool_calls[0].function.arguments | tojson)"
+    " + '<|end|>' }}"
+    "{%- else -%}{{ '<|start|>assistant<|channel|>final<|message|>' + m.content + '<|end|>' }}{%- endif -%}"
+    "{%- elif m.role == 'tool' -%}{{ '<|start|>functions.lookup to=assistant<|message|>' + m.content + '<|end|>' }}"
+    "{%- else -%}{{ '<|start|>' + m.role + '<|message|>' + m.content + '<|end|>' }}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start|>assistant' }}{%- endif -%}"
+)
+
+
+def _call(name, **args):
+    return [{"type": "function", "function": {"name": name, "arguments": args}}]
+
+
+def conversation(style: str, turns: int = 3) -> list[dict]:
+    """A multi-turn conversation with reasoning in every answer and a tool call and its result."""
+    msgs = [{"role": "system", "content": "You answer briefly."}]
+    for k in range(turns):
+        msgs.append({"role": "user", "content": f"Question {k}: what is {k} plus {k + 1}?"})
+        if k == 1:  # an agent step: reasoning, a tool call, its result, then the answer
+            call = {"role": "assistant", "content": "" if style != "r1" else "<think>look it up</think>Looking.",
+                    "tool_calls": _call("lookup", a=k, b=k + 1)}
+            if style == "qwen3":
+                call["content"] = "<think>\nI should look it up.\n</think>\n\n"
+            if style == "gpt-oss":
+                call.update(thinking="I should look it up.", content="Looking it up: ")
+            msgs += [call, {"role": "tool", "content": json.dumps({"sum": 2 * k + 1})}]
+        thought = f"{k} and {k + 1} make {2 * k + 1}."
+        answer = f"It is {2 * k + 1}."
+        if style == "gpt-oss":
+            msgs.append({"role": "assistant", "content": answer, "thinking": thought})
+        else:
+            msgs.append({"role": "assistant", "content": f"<think>\n{thought}\n</think>\n\n{answer}"})
+    if style == "r1":  # R1's template has no tool messages: the agent step is plain text there
+        msgs = [m for m in msgs if m["role"] != "tool" and not m.get("tool_calls")]
+    return msgs
+
+
+STYLES = {"qwen3": QWEN3, "r1": R1, "gpt-oss": GPT_OSS}
+
+
+@pytest.fixture(scope="module")
+def tok(bpe_tok):
+    import copy
+
+    t = copy.deepcopy(bpe_tok)
+    t.add_special_tokens({"additional_special_tokens": [
+        "<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|call|>", "<|return|>", "<｜User｜>",
+        "<｜Assistant｜>", "<｜end▁of▁sentence｜>"]})
+    return t
+
+
+STOPS = {"gpt-oss": ("<|return|>", "<|end|>")}
+
+
+def _turns(tok, style, k=3):
+    return chatmask.encode_turns(conversation(style, k), tok, template=STYLES[style], stop_tokens=STOPS.get(style, ()))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_every_example_is_a_path_of_the_tree(tok, style):
+    exs = _turns(tok, style)
+    assert len(exs) >= 3
+    full = chatmask.encode(conversation(style), tok, template=STYLES[style], stop_tokens=STOPS.get(style, ()))
+    assert not full.prefix_preserving  # the template rewrites earlier turns: the full rendering is not faithful
+    row = tree.lay_out(exs)
+    assert row is not None
+    pos = tree.positions(row.ends)
+    seen = tree.attends(row.ends)
+    trained = 0
+    for e, path in zip(exs, row.paths):
+        assert [row.input_ids[i] for i in path] == e.input_ids  # the example's tokens, in order
+        assert [pos[i] for i in path] == list(range(len(path)))  # at its own positions
+        for d, i in enumerate(path):  # each attends to exactly its example's prefix
+            assert seen[i].nonzero().flatten().tolist() == path[:d + 1]
+            if e.labels[d] != IGNORE:  # trained here: right after its parent, so the one shift pairs them
+                assert row.labels[i] == e.input_ids[d] and d and path[d - 1] == i - 1
+                trained += 1
+    assert trained == sum(1 for x in row.labels if x != IGNORE)  # nothing trained twice, nothing extra
+    assert len(row.input_ids) < sum(len(e.input_ids) for e in exs)
+
+
+def _loss_and_grads(model, batch_list, n_total):
+    model.zero_grad(set_to_none=True)
+    total = torch.zeros(())
+    for b in batch_list:
+        s, _ = token_loss_sum(model, b)
+        (s / n_total).backward()
+        total = total + s.detach()
+    return float(total / n_total), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _pack(examples, attention):
+    return batches.pack(examples, 0, attention=attention)
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("how", ["varlen", "mask", "padded"])
+def test_loss_and_gradients_equal_the_per_turn_examples(tok, style, how):
+    from chatmask.attention import packed_attention
+
+    model = tiny_llama(tok, layers=2)
+    model.config.use_cache = False
+    if how != "padded":
+        assert packed_attention(model, "cpu") == "varlen"
+    exs = _turns(tok, style)
+    row = tree.lay_out(exs)
+    per_turn = [{"input_ids": e.input_ids, "labels": e.labels} for e in exs]
+    other = chatmask.encode(conversation("qwen3", 1), tok, template=QWEN3)  # a plain example beside the tree
+    plain = {"input_ids": other.input_ids, "labels": other.labels}
+    as_tree = {"input_ids": row.input_ids, "labels": row.labels, "tree_ends": row.ends}
+    n = sum(e.num_trained for e in exs) + other.num_trained
+
+    def batch(xs):
+        return batches.collate(xs, 0) if how == "padded" else _pack(xs, "mask" if how == "mask" else how)
+
+    want = _loss_and_grads(model, [batch(per_turn + [plain])], n)
+    got = _loss_and_grads(model, [batch([plain, as_tree])], n)
+    assert got[0] == pytest.approx(want[0], abs=1e-5)
+    assert want[1].keys() == got[1].keys()
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_unmasked_arm_trains_every_tree_token_once_from_its_parent(tok):
+    row = tree.lay_out(_turns(tok, "qwen3"))
+    x = {"input_ids": row.input_ids, "labels": row.labels, "tree_ends": row.ends}
+    lab = batches.pack([x], 0, "all", attention="varlen")["labels"][0].tolist()
+    opened = set(tree.after_leaf(row.ends))
+    assert opened  # the history goes on after each branch
+    assert [i for i, v in enumerate(lab) if v == IGNORE and i] == sorted(opened)  # (token 0: no prediction)
+
+
+def test_a_tree_that_cannot_explain_the_examples_is_none():
+    a = {"input_ids": [1, 2, 3], "labels": [IGNORE, IGNORE, 3]}
+    b = {"input_ids": [1, 2, 3, 4], "labels": [IGNORE, IGNORE, 3, 4]}  # trains token 3 after [1, 2] again
+    assert tree.lay_out([a, b]) is None
+    c = {"input_ids": [1, 2, 5], "labels": [IGNORE, IGNORE, 5]}  # two trained tokens after one prefix
+    assert tree.lay_out([a, c]) is None
+    d = {"input_ids": [1, 2, 4, 6], "labels": [IGNORE, IGNORE, IGNORE, 6]}
+    row = tree.lay_out([a, d])
+    assert row.input_ids == [1, 2, 3, 4, 6] and row.ends == [5, 5, 3, 5, 5]
+
+
+def _write(tmp_path, convs):
+    p = tmp_path / "data.jsonl"
+    p.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    return str(p)
+
+
+def test_prepare_counts_tokens_per_conversation_and_writes_one_row(tmp_path, tok, tok_dir):
+    data = _write(tmp_path, [conversation("qwen3", k) for k in (2, 3, 6)])
+    cfg = DataConfig(tokenizer=tok_dir, template=QWEN3, max_length=None)
+    stats = {}
+    for turns in ("per-turn", "tree"):
+        p = prepare(data, DataConfig(**{**cfg.__dict__, "turns": turns}), tmp_path / turns, tokenizer=tok,
+                             progress=False)
+        stats[turns] = p.stats
+        ds = p.dataset()
+        if turns == "tree":
+            assert len(ds) == 3 and all(ds["tree_ends"])
+        else:
+            assert len(ds) == sum(len(_turns(tok, "qwen3", k)) for k in (2, 3, 6)) and not any(ds["tree_ends"])
+    s = stats["tree"]
+    assert s["turn_conversations"] == 3 and s["trees_fallen_back"] == 0
+    assert s["tokens_per_conversation_per_turn"] == stats["per-turn"]["tokens_per_conversation_written"]
+    assert s["tokens_per_conversation_written"] < s["tokens_per_conversation_per_turn"]
+    assert s["trained_tokens"] == stats["per-turn"]["trained_tokens"]  # the same trained tokens
+
+
+def test_train_on_tree_rows_equals_per_turn_rows(tmp_path, tok, tok_dir):
+    """Two full steps on a tiny model: the tree rows and the per-turn rows give the same losses."""
+    from chatmask.train import train
+
+    convs = [conversation(s, 3) for s in ("qwen3",) * 4]
+    data = _write(tmp_path, convs)
+    model_dir = tmp_path / "m"
+    tiny_llama(tok, layers=2).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    got = {}
+    for turns in ("per-turn", "tree"):
+        dc = DataConfig(tokenizer=str(model_dir), template=QWEN3, max_length=None, turns=turns)
+        rows = 4 if turns == "tree" else sum(len(_turns(tok, "qwen3")) for _ in convs)
+        tc = TrainConfig(model=str(model_dir), finetune="full", steps=1, batch_size=rows, packing=True, lr=1e-3,
+                         val_split=0.0, val_data=data, val_rows=1, stop_prompts=0, tensorboard=False, warmup=0.0)
+        got[turns] = train(data, dc, tc, tmp_path / f"run-{turns}", log=None, progress=False)
+    assert got["tree"]["train_losses"] == pytest.approx(got["per-turn"]["train_losses"], abs=1e-5)
