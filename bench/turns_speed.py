@@ -81,13 +81,14 @@ def _with_reasoning(msgs: list[dict]) -> list[dict]:
     return out
 
 
-def run_arm(work: Path, name: str, data: str, val: str, rows: int, model: str) -> dict:
+def run_arm(work: Path, name: str, data: str, val: str, rows: int, model: str, micro_batch_tokens=None) -> dict:
     from chatmask.config import DataConfig, TrainConfig
     from chatmask.train import train
 
     dc = DataConfig(tokenizer="smollm2", template=QWEN3_STYLE, max_length=None, turns=name)
     tc = TrainConfig(model=model, steps=1, batch_size=rows, packing=True, val_data=val, val_rows=1,
-                     stop_prompts=0, tensorboard=False, warmup=0.0, save_every=10**6)
+                     stop_prompts=0, tensorboard=False, warmup=0.0, save_every=10**6,
+                     micro_batch_tokens=micro_batch_tokens)
     r = train(data, dc, tc, work / f"run-{name}", log=None, progress=False)
     log = [json.loads(x) for x in (work / f"run-{name}" / "log.jsonl").read_text().splitlines()]
     step = [x for x in log if "train_loss" in x][0]
@@ -111,6 +112,8 @@ def main():
     ap.add_argument("--group", type=int, default=2, help="conversations a group (one optimizer step)")
     ap.add_argument("--min-turns", type=int, default=6, help="assistant turns a conversation has at least")
     ap.add_argument("--max-chars", type=int, default=300, help="characters a message is cut to")
+    ap.add_argument("--micro-batch-tokens", type=int, default=None,
+                    help="train's --micro-batch-tokens (default: train's, 512 on a CPU; 0: no limit)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from chatmask.hub import _converted
@@ -138,7 +141,8 @@ def main():
         res = {}
         for name in (("per-turn", "tree") if g % 2 == 0 else ("tree", "per-turn")):
             rows, tokens, _ = prepared_rows(str(data), name)
-            res[name] = {**run_arm(work / f"g{g}", name, str(data), str(val), rows, model), "prepared": tokens}
+            res[name] = {**run_arm(work / f"g{g}", name, str(data), str(val), rows, model,
+                                      args.micro_batch_tokens), "prepared": tokens}
         a, b = res["per-turn"], res["tree"]
         if a["trained"] != b["trained"]:
             sys.exit(f"group {g}: the arms trained different token counts ({a['trained']} vs {b['trained']})")

@@ -155,7 +155,7 @@ def test_only_long_recomputed_micro_batches_on_a_cpu_bound_the_heap(monkeypatch)
             pass
         assert (memory.HEAP_MMAP_BYTES in calls) == bounded, (mode, tokens, device)
     switched = []
-    monkeypatch.setattr(memory, "set_recompute", lambda m, on: switched.append(on))
+    monkeypatch.setattr(memory, "set_recompute", lambda m, on, share=1.0: switched.append(on))
     for tokens in (512, 513):  # a micro-batch of exactly the budget is not over it
         with memory.micro_batch(model, "over budget", tokens, 512, cpu):
             pass
@@ -273,3 +273,20 @@ def test_training_scores_in_batches_of_the_evaluation_budget(data, bpe_tok, tmp_
     train(str(data), DataConfig(), cfg, tmp_path / "o", tokenizer=bpe_tok, model=tiny_llama(bpe_tok), log=None,
           progress=False)
     assert seen and set(seen) == {64 * memory.EVAL_FACTOR}
+
+
+def test_a_micro_batch_over_the_budget_recomputes_only_the_share_of_layers_it_must(bpe_tok):
+    """Over the budget, the first 1 - budget/tokens of the layers recompute; the others keep their activations,
+    about what a micro-batch of the budget keeps (a 1,024-token row at 512: half the layers)."""
+    from chatmask.models import checkpoint_activations
+
+    model = tiny_llama(bpe_tok, layers=4)
+    checkpoint_activations(model)
+    memory.set_recompute(model, False)
+    with memory.micro_batch(model, "over budget", 1024, 512, torch.device("cpu")):
+        assert [bool(x.gradient_checkpointing) for x in model.model.layers] == [True, True, False, False]
+    assert not any(x.gradient_checkpointing for x in model.model.layers)
+    with memory.micro_batch(model, "over budget", 4096, 512, torch.device("cpu")):
+        assert [bool(x.gradient_checkpointing) for x in model.model.layers] == [True] * 4  # 7/8 of 4: all
+    memory.set_recompute(model, True)
+    assert all(x.gradient_checkpointing for x in model.model.layers)

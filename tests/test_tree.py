@@ -239,3 +239,74 @@ def test_train_on_tree_rows_equals_per_turn_rows(tmp_path, tok, tok_dir):
                          val_split=0.0, val_data=data, val_rows=1, stop_prompts=0, tensorboard=False, warmup=0.0)
         got[turns] = train(data, dc, tc, tmp_path / f"run-{turns}", log=None, progress=False)
     assert got["tree"]["train_losses"] == pytest.approx(got["per-turn"]["train_losses"], abs=1e-5)
+
+
+# ---------------------------------------------------------------- the vendors' own templates (tests/data/templates)
+
+VENDOR = {"qwen3": "qwen3", "qwq-32b": "qwen3", "deepseek-r1-distill-qwen": "r1", "gpt-oss": "gpt-oss"}
+
+
+def _vendor(name, bpe_tok):
+    import copy
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "data" / "templates"
+    m = json.loads((folder / "manifest.json").read_text())[name]
+    t = copy.deepcopy(bpe_tok)
+    t.add_special_tokens({"additional_special_tokens": m["special_tokens"]})
+    return t, (folder / f"{name}.jinja").read_text(encoding="utf-8"), tuple(m["generation_stop"])
+
+
+@pytest.mark.parametrize("name", VENDOR)
+def test_vendor_reasoning_templates_train_per_turn_losses_in_one_tree_row(bpe_tok, name):
+    tok, template, stops = _vendor(name, bpe_tok)
+    conv = conversation(VENDOR[name], 3)
+    if name != "qwen3":  # tool calls as Qwen3 writes them; the others' own tool formats are not used here
+        conv = [m for m in conv if m["role"] != "tool" and not m.get("tool_calls")]
+    kw = dict(template=template, stop_tokens=stops, control_tokens="parse")  # <think> is the model's own token
+    exs = chatmask.encode_turns(conv, tok, **kw)
+    assert not chatmask.encode(conv, tok, **kw).prefix_preserving
+    row = tree.lay_out(exs)
+    assert row is not None and len(row.input_ids) < sum(len(e.input_ids) for e in exs)
+    for e, path in zip(exs, row.paths):
+        assert [row.input_ids[i] for i in path] == e.input_ids
+    model = tiny_llama(tok, layers=2)
+    model.config.use_cache = False
+    from chatmask.attention import packed_attention
+
+    assert packed_attention(model, "cpu") == "varlen"
+    n = sum(e.num_trained for e in exs)
+    want = _loss_and_grads(model, [_pack([{"input_ids": e.input_ids, "labels": e.labels} for e in exs], "varlen")], n)
+    got = _loss_and_grads(model, [_pack([{"input_ids": row.input_ids, "labels": row.labels,
+                                          "tree_ends": row.ends}], "varlen")], n)
+    assert got[0] == pytest.approx(want[0], abs=1e-5)
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_view_draws_the_branches_and_stats_counts_tokens_per_conversation(capsys, tmp_path, tok_dir, monkeypatch):
+    """The README's commands: view --turns tree draws each branch after its fork; stats --turns tree says the
+    tokens per conversation of the three layouts."""
+    from pathlib import Path
+
+    from conftest import cli_main
+
+    monkeypatch.setenv("CHATMASK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("COLUMNS", "150")
+    data = str(Path(__file__).parent / "data" / "reasoning.jsonl")
+    template = (Path(__file__).parent / "data" / "templates" / "qwen3.jinja").read_text(encoding="utf-8")
+    rc, out, err = cli_main(capsys, "view", data, "--tokenizer", tok_dir, "--template", template, "--turns", "tree")
+    assert rc == 0, err
+    assert "a tree: the history once, 1 branch" in out and "┌ after #" in out and "└ after #" in out
+    opened = [line for line in out.splitlines() if "┌ after #" in line][0]
+    back = [line for line in out.splitlines() if "└ after #" in line][0]
+    fork = opened.split("┌ after #")[1].split(":")[0]
+    assert back.split("└ after #")[1].split(":")[0] == fork  # the history goes on from the same token
+    assert opened.split("│")[2].strip() == back.split("│")[2].strip()  # at the same position
+    rc, out, err = cli_main(capsys, "stats", data, "--tokenizer", tok_dir, "--template", template, "--turns", "tree",
+                            "--quiet")
+    assert rc == 0, err
+    assert "tokens per conversation (1): full rendering" in out and "per-turn examples" in out
+    with pytest.raises(SystemExit) as e:  # a mistyped value: argparse's usage error, naming the choices
+        cli_main(capsys, "view", data, "--tokenizer", tok_dir, "--template", template, "--turns", "trie")
+    assert e.value.code == 2 and "choose from 'full', 'per-turn', 'tree'" in capsys.readouterr().err

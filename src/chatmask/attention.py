@@ -19,13 +19,13 @@ kernel on a GPU, sdpa once per example on CPU), plain sdpa for unpacked batches"
 
 
 def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
-                      max_length_q=None, tree_masks=None, **kwargs):
+                      max_length_q=None, tree_chains=None, **kwargs):
     """Attention kept inside each example of a pack, the examples' boundaries read from
     `cu_seq_lens_q` over the flattened (B*T) tokens: torch's flash varlen kernel on a GPU (fp16/bf16),
     else sdpa (is_causal) once per example. Nothing crosses an example and attention costs sum(n_i^2)
-    instead of a block-diagonal mask's T^2. `tree_masks` (per segment, `batches.pack`): a tree row's segment
-    attends through its (n, n) bool mask instead (sdpa with the mask; no varlen kernel takes one). Without
-    boundaries (padded batches, generation) it is transformers' sdpa, unchanged."""
+    instead of a block-diagonal mask's T^2. `tree_chains` (per segment, `batches.pack`): a tree row's segment
+    attends chain by chain (`_tree_attention`; no varlen kernel takes a tree). Without boundaries (padded
+    batches, generation) it is transformers' sdpa, unchanged."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -34,7 +34,7 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     kernel = _varlen_kernel(query.device.type, query.dtype, D, scaling, dropout)
-    if kernel is not None and not any(m is not None for m in tree_masks or ()):
+    if kernel is not None and not any(m is not None for m in tree_chains or ()):
         q = query.transpose(1, 2).reshape(B * T, H, D)  # (B*T, H, D)
         k, v = (x.transpose(1, 2).reshape(B * T, -1, D).repeat_interleave(H // x.shape[1], dim=1)
                 for x in (key, value))  # (B*T, H, D): grouped kv heads repeated as transformers' repeat_kv does
@@ -49,14 +49,36 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         lens[b].append(e - s)
     if any(sum(n) != T for n in lens):
         raise ValueError(f"packed segments {bounds} do not cover {B} pack(s) of {T} tokens")
-    masks = iter(tree_masks or itertools.repeat(None))
+    plans = iter(tree_chains or itertools.repeat(None))
     outs = []
     for b in range(B):  # split, not slices: its backward is one cat, not a zero-filled pack per example
         q, k, v = ((x if B == 1 else x[b:b + 1]).split(lens[b], dim=2) for x in (query, key, value))
-        outs.append(torch.cat([sdpa_attention_forward(module, *qkv, m, dropout=dropout, scaling=scaling,
-                                                      is_causal=m is None)[0]
-                               for qkv, m in zip(zip(q, k, v), masks)], dim=1))
+        outs.append(torch.cat([_tree_attention(module, *qkv, plan, dropout, scaling) if plan is not None else
+                               sdpa_attention_forward(module, *qkv, None, dropout=dropout, scaling=scaling,
+                                                      is_causal=True)[0]
+                               for qkv, plan in zip(zip(q, k, v), plans)], dim=1))
     return outs[0] if B == 1 else torch.cat(outs, dim=0), None  # (B, T, H, D)
+
+
+def _tree_attention(module, query, key, value, chains, dropout, scaling):
+    """Attention of one tree row (1, H, n, D), chain by chain (`batches._chains`): each chain's queries against
+    its ancestors' keys and its own (causal), one sdpa call a chain: what the tree needs, not n^2."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    sizes = [c[0] for c in chains]
+    idx = torch.cat([c[1] for c in chains])
+    gathered = [x.index_select(2, idx).split([len(c[1]) for c in chains], dim=2) for x in (key, value)]
+    outs = []
+    for q, k, v, kp, vp, (n, prefix, mask) in zip(*(x.split(sizes, dim=2) for x in (query, key, value)),
+                                                  *gathered, chains):
+        if not len(prefix):
+            outs.append(sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling,
+                                               is_causal=True)[0])
+        else:
+            outs.append(sdpa_attention_forward(module, q, torch.cat([kp, k], 2), torch.cat([vp, v], 2), mask,
+                                               dropout=dropout, scaling=scaling)[0])
+    return torch.cat(outs, dim=1)  # (1, n, H, D)
 
 
 @functools.cache  # called in every layer of every forward

@@ -8,8 +8,8 @@ turns assistant labels into the labels of another arm, so every arm trains on th
 and either the examples' boundaries (`attention="varlen"`: `cu_seq_lens_*`, which flash-attention's varlen
 kernel and `attention.VARLEN` read) or a block-diagonal 4D mask (`attention="mask"`) keep them apart, so no
 token attends to, or is labelled from, another example. An example with `tree_ends` (a --turns tree row, tree.py)
-also keeps its branches apart: its positions are depths, and it attends through its tree mask (`tree_masks`,
-per segment, for `attention.VARLEN`; inside the 4D mask otherwise).
+also keeps its branches apart: its positions are depths, and it attends through its tree mask (`tree_chains`,
+its chains per segment, for `attention.VARLEN`; inside the 4D mask otherwise).
 """
 
 from __future__ import annotations
@@ -67,6 +67,17 @@ def _attends(x: dict) -> torch.Tensor:
     return tree.attends(ends) if ends else torch.ones(len(x["input_ids"]), len(x["input_ids"]), dtype=torch.bool).tril()
 
 
+def _chains(ends) -> list[list]:
+    """A tree row's chains (tree.chains) as attention.VARLEN takes them: [length, ancestor indices, the chain's
+    (length, ancestors + length) bool mask: every ancestor, then causal]."""
+    out = []
+    for n, prefix in tree.chains(ends):
+        mask = torch.ones(n, len(prefix) + n, dtype=torch.bool)
+        mask[:, len(prefix):] = torch.ones(n, n, dtype=torch.bool).tril()
+        out.append([n, torch.tensor(prefix, dtype=torch.long), mask])
+    return out
+
+
 def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
     mask = torch.zeros((allowed.shape[0], 1, *allowed.shape[1:]), dtype=dtype)  # (B, 1, T, T)
     return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
@@ -86,7 +97,7 @@ def row_lengths(ds) -> list[int]:
 
 
 def to_device(batch: dict, device) -> dict:
-    """The batch's tensors (and lists of them: tree_masks) moved to `device`; other values (a packed batch's
+    """The batch's tensors (and lists of them: tree_chains) moved to `device`; other values (a packed batch's
     max_length_q/k) as they are."""
     def move(v):
         if isinstance(v, list):
@@ -117,7 +128,7 @@ def pack(examples: list[dict], pad_id: int, train_on: str = "assistant", max_tok
     pos = torch.zeros((B, T), dtype=torch.long)  # (B, T)
     seg = torch.full((B, T), -1, dtype=torch.long)  # (B, T) example index within its pack, -1 = padding
     lens: list[int] = []  # segment lengths over the flattened packs, padding tails included
-    trees: list = []  # per segment: its tree mask, or None (causal)
+    trees: list = []  # per segment: its tree's chains (attention.VARLEN), or None (causal)
     for b, p in enumerate(packs):
         o = 0
         for k, x in enumerate(p):
@@ -129,13 +140,13 @@ def pack(examples: list[dict], pad_id: int, train_on: str = "assistant", max_tok
             seg[b, o:o + n] = k
             o += n
             lens.append(n)
-            trees.append(tree.attends(x["tree_ends"]) if x.get("tree_ends") else None)
+            trees.append(_chains(x["tree_ends"]) if x.get("tree_ends") and attention == "varlen" else None)
         if T > o:
             lens.append(T - o)
             trees.append(None)
     out = {"input_ids": ids, "position_ids": pos, "labels": _cut_cross_example_targets(lab, seg)}
     if any(m is not None for m in trees) and attention == "varlen":
-        out["tree_masks"] = trees  # attention.VARLEN reads them; over the flattened segments, like the boundaries
+        out["tree_chains"] = trees  # attention.VARLEN reads them; over the flattened segments, like the boundaries
     if attention == "varlen":
         cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)  # (S + 1,)
         # an all-ones 2D mask: no padding mask to build, and transformers does not re-derive one from

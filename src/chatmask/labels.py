@@ -82,6 +82,17 @@ def apply_train_on(input_ids: list[int], labels: list[int], train_on: str) -> li
 # ---------------------------------------------------------------- a row rendered: its plan
 
 
+def _find(render, msgs, text, tt, where, control_tokens):
+    """controls.find; under --control-tokens parse a content whose control tokens cannot be told from the
+    template's is encoded as apply_chat_template does all the same, its spans not reported."""
+    try:
+        return controls.find(render, msgs, text, tt, where)
+    except ConversationError:
+        if control_tokens == "parse":
+            return []
+        raise
+
+
 def _plan_row(r: Renderer, messages, source, train_on, control_tokens="text", tt=None) -> _Plan:
     where = source or "conversation"
     msgs = normalize_messages(messages, source)
@@ -93,7 +104,7 @@ def _plan_row(r: Renderer, messages, source, train_on, control_tokens="text", tt
     next_roles = [msgs[t.index + 1]["role"] if t.index + 1 < len(msgs) else None for t in turns]
     unstopped = frozenset(t.index for t, nxt in zip(turns, next_roles)
                           if t.index in trained and r.context(nxt) in r.unstopped)
-    control = controls.find(lambda ms: r.training_text(ms, source=source), msgs, rendering, tt, where)
+    control = _find(lambda ms: r.training_text(ms, source=source), msgs, rendering, tt, where, control_tokens)
     if control and control_tokens == "refuse":
         raise controls.refuse(msgs, rendering, control, where)
     return _Plan(source, rendering, turns, trained, train_on, all(t.preserving for t in turns),
@@ -264,7 +275,7 @@ def encode_turns(messages, tokenizer, *, max_length: int | None = None, template
             continue
         text, n = turn_text(msgs[: i + 1])
         name = f"{source}#turn{i}" if source else f"turn{i}"
-        control = controls.find(lambda ms: turn_text(ms)[0], msgs[: i + 1], text, tt, name)
+        control = _find(lambda ms: turn_text(ms)[0], msgs[: i + 1], text, tt, name, control_tokens)
         if control and control_tokens == "refuse":
             raise controls.refuse(msgs[: i + 1], text, control, name)
         plans.append(_Plan(name, text, [Turn(i, n, len(text), True)], {i}, "assistant", True, control=control,

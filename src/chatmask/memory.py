@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 
 CPU_BUDGET = 512
 """Tokens a micro-batch holds on a CPU by default. On 2 cores a 4k-token step of 512-token micro-batches
@@ -83,7 +84,7 @@ def micro_batch(model, mode: str, tokens: int, budget_tokens: int | None, device
     over = mode == "over budget" and tokens > budget_tokens
     heap = (over or mode == "always") and tokens > HEAP_TOKENS and getattr(device, "type", device) == "cpu"
     if over:
-        set_recompute(model, True)
+        set_recompute(model, True, over_share(tokens, budget_tokens))
     try:
         with bounded_heap() if heap else contextlib.nullcontext():
             yield
@@ -94,11 +95,22 @@ def micro_batch(model, mode: str, tokens: int, budget_tokens: int | None, device
             trim(device)
 
 
-def set_recompute(model, on: bool) -> None:
-    """Switch the checkpointed layers of `model` (set up by transformers' gradient_checkpointing_enable) on or off."""
-    for m in model.modules():
-        if hasattr(m, "_gradient_checkpointing_func"):
-            m.gradient_checkpointing = on
+def over_share(tokens: int, budget_tokens: int) -> float:
+    """The share of layers a micro-batch of `tokens` over the budget recomputes: the others keep their
+    activations, about what a micro-batch of the budget keeps in all layers (a 1,024-token row at 512: half)."""
+    return 1.0 - budget_tokens / tokens
+
+
+def set_recompute(model, on: bool, share: float = 1.0) -> None:
+    """Switch the checkpointed layers of `model` (set up by transformers' gradient_checkpointing_enable) on or off;
+    on: the first `share` of them (rounded up), the rest keep their activations."""
+    marked = [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")]
+    ids = {id(m) for m in marked}  # transformers marks the decoder stack too: its layers are those holding no other
+    layers = [m for m in marked if not any(id(c) in ids for c in m.modules() if c is not m)]
+    k = math.ceil(len(layers) * share - 1e-9)
+    first = {id(m) for m in layers[:k]}
+    for m in marked:
+        m.gradient_checkpointing = on and (id(m) in first or id(m) not in {id(x) for x in layers})
 
 
 def _mallopt(param: int, value: int) -> bool:
@@ -171,15 +183,17 @@ def available_gb() -> float | None:
     return free
 
 
-def activation_gb(model_config, tokens: int, recompute: bool, bytes_per: int) -> float:
+def activation_gb(model_config, tokens: int, recompute: bool, bytes_per: int, share: float = 1.0) -> float:
     """Activations a decoder-only transformer keeps for the backward of `tokens` tokens: per layer about
     8 x hidden + 4 x intermediate values a token (SmolLM2-135M measured 1.2 MB a token over 30 layers in fp32),
-    or with recomputation each layer's input plus one layer's worth."""
+    or with recomputation (of `share` of the layers, `set_recompute`) each recomputed layer's input plus one
+    layer's worth."""
     h = getattr(model_config, "hidden_size", 0) or 0
     inter = getattr(model_config, "intermediate_size", None) or 4 * h
     layers = getattr(model_config, "num_hidden_layers", 1) or 1
     per_layer = (8 * h + 4 * inter) * bytes_per * tokens
-    kept = layers * h * bytes_per * tokens + per_layer if recompute else layers * per_layer
+    k = math.ceil(layers * share - 1e-9) if recompute else 0
+    kept = k * h * bytes_per * tokens + (layers - k) * per_layer + (per_layer if k else 0)
     return kept / 2**30
 
 
@@ -220,9 +234,11 @@ def estimate_line(model, tokens: int, mode: str, budget_tokens: int | None, trai
     The heap allowance (2x activations) is what glibc held in the measurements; an estimate, said as one."""
     now = rss_gb() or 0.0
     p = next(model.parameters())
-    recompute = mode == "always" or (mode == "over budget" and budget_tokens is not None and tokens > budget_tokens)
+    over = mode == "over budget" and budget_tokens is not None and tokens > budget_tokens
+    recompute = mode == "always" or over
     config = getattr(model, "config", None)
-    act = 2 * activation_gb(config, tokens, recompute, p.element_size())
+    layers = over_share(tokens, budget_tokens) if over else 1.0
+    act = 2 * activation_gb(config, tokens, recompute, p.element_size(), layers)
     act += logits_gb(getattr(config, "vocab_size", 0) or 0, tokens * share)
     optim = trainable * (4 + 8) / 2**30  # fp32 gradient + AdamW's two moments
     need = now + optim + act

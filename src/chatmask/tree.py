@@ -115,6 +115,26 @@ def attends(ends):
     return (idx[None, :] <= idx[:, None]) & (idx[:, None] < end[None, :])
 
 
+def chains(ends) -> list[tuple[int, list[int]]]:
+    """The row cut into chains, in order, as (length, the row indices of the chain's ancestors): runs of tokens
+    each the child of the one before it, so token k of a chain attends to the ancestors and the chain's first
+    k + 1 tokens. A new chain starts where a branch has ended (`after_leaf`). Attention per chain costs what
+    the tree needs, not a dense mask's n^2."""
+    out, path, start, prefix = [], [], 0, []
+    for i in range(len(ends)):
+        if i and ends[i - 1] <= i:  # i opens a subtree after a finished one
+            out.append((i - start, prefix))
+            start = i
+        while path and ends[path[-1]] <= i:
+            path.pop()
+        if i == start:
+            prefix = list(path)
+        path.append(i)
+    if ends:
+        out.append((len(ends) - start, prefix))
+    return out
+
+
 def after_leaf(ends) -> list[int]:
     """Tokens whose parent is not the token before them (they open a branch after a finished one): the
     loss's shift would predict them from the wrong context, so they are never targets."""
