@@ -120,7 +120,8 @@ def _evaluate_loss(model, val, pad_id: int, batch_size: int, acc, sparse, max_to
     rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
     table = torch.zeros(len(val), 2, dtype=torch.float64)  # (R, 2): this process's rows filled in
     device = acc.device if acc else next(model.parameters()).device
-    dtype = model.get_input_embeddings().weight.dtype  # a tree row's 4D mask (collate)
+    base = getattr(model, "module", model)  # DDP wraps the model
+    dtype = base.get_input_embeddings().weight.dtype if hasattr(base, "get_input_embeddings") else torch.float32
     chunks = _batches(batches.row_lengths(val), batch_size, max_tokens)
     # every process runs the same number of forward passes (a wrapped model may talk to the others in
     # each one, e.g. DDP's buffer broadcast); a process out of chunks repeats one and does not count it
