@@ -310,3 +310,14 @@ def test_view_draws_the_branches_and_stats_counts_tokens_per_conversation(capsys
     with pytest.raises(SystemExit) as e:  # a mistyped value: argparse's usage error, naming the choices
         cli_main(capsys, "view", data, "--tokenizer", tok_dir, "--template", template, "--turns", "trie")
     assert e.value.code == 2 and "choose from 'full', 'per-turn', 'tree'" in capsys.readouterr().err
+
+
+def test_tree_rows_are_the_same_with_two_processes(tmp_path, tok, tok_dir):
+    import datasets
+
+    data = _write(tmp_path, [conversation("qwen3", k) for k in (2, 3, 4)])
+    cfg = dict(tokenizer=tok_dir, template=QWEN3, max_length=None, turns="tree")
+    prepare(data, DataConfig(**cfg), tmp_path / "one", tokenizer=tok, progress=False)
+    prepare(data, DataConfig(**cfg, num_proc=2), tmp_path / "two", tokenizer=tok, progress=False)
+    one, two = (datasets.load_from_disk(str(tmp_path / k)) for k in ("one", "two"))
+    assert len(one) == 3 and one.to_dict() == two.to_dict()
