@@ -220,6 +220,24 @@ def test_prepare_counts_tokens_per_conversation_and_writes_one_row(tmp_path, tok
     assert s["tokens_per_conversation_per_turn"] == stats["per-turn"]["tokens_per_conversation_written"]
     assert s["tokens_per_conversation_written"] < s["tokens_per_conversation_per_turn"]
     assert s["trained_tokens"] == stats["per-turn"]["trained_tokens"]  # the same trained tokens
+    assert s["conversations_full_counted"] == 3
+    assert s["tokens_per_conversation_full"] == sum(
+        len(chatmask.encode(conversation("qwen3", k), tok, template=QWEN3).input_ids) for k in (2, 3, 6)) / 3
+
+
+def test_the_full_rendering_is_counted_on_the_rows_counted_by_role(tmp_path, tok, tok_dir, monkeypatch):
+    """Encoding each conversation a second time only for stats would cost every row: the first batches only."""
+    from chatmask import audit, workers
+
+    monkeypatch.setattr(workers, "BATCH", 2)
+    monkeypatch.setattr(audit, "ROLE_ROWS", 1)  # the first batch of 2 is counted
+    data = _write(tmp_path, [conversation("qwen3", k) for k in (2, 3, 4, 5)])
+    s = prepare(data, DataConfig(tokenizer=tok_dir, template=QWEN3, max_length=None, turns="tree"), tmp_path / "o",
+                tokenizer=tok, progress=False).stats
+    assert s["turn_conversations"] == 4 and s["conversations_full_counted"] == 2
+    assert s["tokens_per_conversation_full"] == sum(
+        len(chatmask.encode(conversation("qwen3", k), tok, template=QWEN3).input_ids) for k in (2, 3)) / 2
+    assert "full rendering (its first 2)" in audit.turns_line(s)
 
 
 def test_train_on_tree_rows_equals_per_turn_rows(tmp_path, tok, tok_dir):

@@ -117,7 +117,7 @@ class Tally:
         self.control_rows = self.controls = 0
         self.first_control = None
         self.turns = [0, 0, 0, 0, 0]  # --turns: conversations, tokens full / per-turn / as written, trees fallen back
-        self.full_missing = 0  # conversations whose full rendering is no example (its tokens not counted)
+        self.full_counted = 0  # conversations whose full rendering was counted (the first ROLE_ROWS, one example)
 
     def drop(self, reason: str, message: str) -> None:
         self.dropped[reason] += 1
@@ -145,7 +145,7 @@ class Tally:
         if row.turns is not None:
             full, expanded, written, fell_back = row.turns
             self.turns = [a + b for a, b in zip(self.turns, (1, full or 0, expanded, written, fell_back))]
-            self.full_missing += full is None
+            self.full_counted += full is not None
         if row.by_role is not None:
             self.role_rows += 1
             self.by_role = [x + y for x, y in zip(self.by_role, row.by_role)]
@@ -203,9 +203,9 @@ class Tally:
         n, full, expanded, written, fell_back = self.turns
         if not n:
             return {}
-        return {"turn_conversations": n, "tokens_per_conversation_full": full / max(n - self.full_missing, 1),
+        return {"turn_conversations": n, "tokens_per_conversation_full": full / max(self.full_counted, 1),
                 "tokens_per_conversation_per_turn": expanded / n, "tokens_per_conversation_written": written / n,
-                "conversations_full_not_one_example": self.full_missing, "trees_fallen_back": fell_back}
+                "conversations_full_counted": self.full_counted, "trees_fallen_back": fell_back}
 
 
 # ---------------------------------------------------------------- in words
@@ -275,7 +275,9 @@ def turns_line(s: dict) -> str:
     """--turns: tokens per conversation for the full rendering, per-turn expansion and what was written."""
     full, per_turn, written = (s[f"tokens_per_conversation_{k}"] for k in ("full", "per_turn", "written"))
     back = s["trees_fallen_back"]
-    return (f"tokens per conversation ({s['turn_conversations']:,}): full rendering {full:,.0f}, per-turn examples "
+    counted = s["conversations_full_counted"]
+    of = f" (its first {counted:,})" if counted < s["turn_conversations"] else ""
+    return (f"tokens per conversation ({s['turn_conversations']:,}): full rendering{of} {full:,.0f}, per-turn examples "
             f"{per_turn:,.0f}, as written {written:,.0f} ({per_turn / max(written, 1):.2f}x fewer than per-turn)"
             + (f"; {back:,} conversation(s) the tree could not lay out trained as per-turn examples" if back else ""))
 

@@ -107,10 +107,9 @@ def set_recompute(model, on: bool, share: float = 1.0) -> None:
     marked = [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")]
     ids = {id(m) for m in marked}  # transformers marks the decoder stack too: its layers are those holding no other
     layers = [m for m in marked if not any(id(c) in ids for c in m.modules() if c is not m)]
-    k = math.ceil(len(layers) * share - 1e-9)
-    first = {id(m) for m in layers[:k]}
+    kept = {id(m) for m in layers[math.ceil(len(layers) * share - 1e-9):]}  # the layers that keep activations
     for m in marked:
-        m.gradient_checkpointing = on and (id(m) in first or id(m) not in {id(x) for x in layers})
+        m.gradient_checkpointing = on and id(m) not in kept
 
 
 def _mallopt(param: int, value: int) -> bool:

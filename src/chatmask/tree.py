@@ -95,15 +95,19 @@ def _ordered(kids: dict, trained) -> list[int]:
     return sorted(nodes, key=lambda c: not trained[c - 1])
 
 
-def positions(ends) -> list[int]:
-    """Each token's depth in the tree: its position id (its index in its own example)."""
-    out, path = [], []
-    for i, e in enumerate(ends):
+def _walk(ends):
+    """(i, the row indices of i's ancestors, root first) for each token of the row, in order."""
+    path: list[int] = []
+    for i in range(len(ends)):
         while path and ends[path[-1]] <= i:
             path.pop()
-        out.append(len(path))
+        yield i, path
         path.append(i)
-    return out
+
+
+def positions(ends) -> list[int]:
+    """Each token's depth in the tree: its position id (its index in its own example)."""
+    return [len(path) for _, path in _walk(ends)]
 
 
 def attends(ends):
@@ -120,19 +124,10 @@ def chains(ends) -> list[tuple[int, list[int]]]:
     each the child of the one before it, so token k of a chain attends to the ancestors and the chain's first
     k + 1 tokens. A new chain starts where a branch has ended (`after_leaf`). Attention per chain costs what
     the tree needs, not a dense mask's n^2."""
-    out, path, start, prefix = [], [], 0, []
-    for i in range(len(ends)):
-        if i and ends[i - 1] <= i:  # i opens a subtree after a finished one
-            out.append((i - start, prefix))
-            start = i
-        while path and ends[path[-1]] <= i:
-            path.pop()
-        if i == start:
-            prefix = list(path)
-        path.append(i)
-    if ends:
-        out.append((len(ends) - start, prefix))
-    return out
+    starts = [0, *after_leaf(ends)]
+    first = set(starts)
+    prefix = {i: list(path) for i, path in _walk(ends) if i in first}
+    return [(end - start, prefix[start]) for start, end in zip(starts, [*starts[1:], len(ends)])] if ends else []
 
 
 def after_leaf(ends) -> list[int]:
@@ -144,24 +139,18 @@ def after_leaf(ends) -> list[int]:
 def paths(ends) -> list[list[int]]:
     """Each leaf's path from the root, as row indices: the sequences the tree holds (its examples, or
     fewer where one example's tokens are all on another's path)."""
-    out, path = [], []
-    for i, e in enumerate(ends):
-        while path and ends[path[-1]] <= i:
-            path.pop()
-        path.append(i)
-        if e == i + 1:  # a leaf
-            out.append(list(path))
-    return out
+    return [[*path, i] for i, path in _walk(ends) if ends[i] == i + 1]
 
 
 # ---------------------------------------------------------------- a conversation's rows (prepare)
 
 
-def turn_rows(messages, source: str, tokenizer, cfg, stops) -> list:
+def turn_rows(messages, source: str, tokenizer, cfg, stops, count_full: bool = True) -> list:
     """A conversation under `cfg.turns` ("per-turn" or "tree") as [(Example, ends, counts)]: its per-turn
     examples (ends []), or one tree row where `lay_out` explains them. `counts` (on the first only): tokens of
-    the full rendering (None where it is not one example), of the per-turn examples, of the rows written, and
-    1 where a tree fell back to per-turn examples. Returns (not raises) the ChatmaskError `encode_turns` raises,
+    the full rendering (encoded again only where `count_full`: prepare counts the rows audit.role_counts counts;
+    None where not counted or not one example), of the per-turn examples, of the rows written, and 1 where a
+    tree fell back to per-turn examples. Returns (not raises) the ChatmaskError `encode_turns` raises,
     as `labels.encode_many` does."""
     from . import labels
     from .errors import ChatmaskError
@@ -172,10 +161,12 @@ def turn_rows(messages, source: str, tokenizer, cfg, stops) -> list:
         exs = labels.encode_turns(messages, tokenizer, **kw)
     except ChatmaskError as e:
         return e
+    full = None
     try:
-        full = len(labels.encode(messages, tokenizer, truncation=cfg.truncation, **kw).input_ids)
+        if count_full:
+            full = len(labels.encode(messages, tokenizer, truncation=cfg.truncation, **kw).input_ids)
     except ChatmaskError:
-        full = None
+        pass
     row = lay_out(exs) if cfg.turns == "tree" and len(exs) > 1 else None
     out = [(e, [], None) for e in exs] if row is None else [(_as_example(row, exs, source), row.ends, None)]
     for e, ends, _ in out:

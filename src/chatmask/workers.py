@@ -62,7 +62,7 @@ def _label_batch(batch, cfg: DataConfig, tok=None, by_role: bool = True) -> list
             truncation=cfg.truncation, end_of_turn=cfg.end_of_turn, stream=cfg.stream, stop_tokens=stops,
             control_tokens=cfg.control_tokens)]
     else:
-        encoded = [tree.turn_rows(m, s, tok, cfg, stops) for m, s in batch]
+        encoded = [tree.turn_rows(m, s, tok, cfg, stops, by_role) for m, s in batch]
     kept = [row for row, r in zip(batch, encoded) if not isinstance(r, ChatmaskError)]
     roles = iter(audit.role_counts(kept, tok, cfg.template, stops, cfg.end_of_turn, cfg.control_tokens) if by_role
                  else [None] * len(kept))
