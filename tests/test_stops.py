@@ -200,3 +200,65 @@ def test_check_names_the_stops_and_stats_can_fail_on_missing_ones(tmp_path, base
         assert "stops (what generation stops on): '</s>'" in out and "appended" in out
         assert cli.main(["stats", str(data), *args, "--quiet", "--fail-if", "rows_without_trained_stop>0"]) == 1
     assert "rows with an answer trained without its stop: 1" in capsys.readouterr().out
+
+
+AGENT = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "thinking": "I should look it up.",
+     "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": "sunny"},
+    {"role": "assistant", "content": "It is sunny.", "thinking": "The tool says sunny."},
+]
+
+
+def test_gpt_oss_tool_call_trains_through_its_call_stop_and_the_answer_after_it_from_its_channel(blank_tok,
+                                                                                                base_tok):
+    """The call turn ends with <|call|> (the model's stop before a tool result; the template's plain stand-in
+    for it is refused: a tool message needs a call before it). After the tool result the template drops the
+    call's analysis from the rendering, not from the prompt: the next answer still trains its <|channel|>."""
+    tok, stops = tokenizer("gpt-oss", "tokens+model", blank_tok, base_tok)
+    kw = dict(template=template("gpt-oss"), stop_tokens=stops)
+    call = ' to=functions.weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>'
+    assert texts(tok, chatmask.encode(AGENT, tok, **kw)) == [
+        call, "<|channel|>analysis<|message|>The tool says sunny.<|end|><|start|>assistant<|channel|>final"
+              "<|message|>It is sunny.<|return|>"]
+    turns = chatmask.encode_turns(AGENT, tok, **kw)
+    assert [texts(tok, e) for e in turns] == [
+        ["<|channel|>analysis<|message|>I should look it up.<|end|><|start|>assistant" + call],
+        ["<|channel|>analysis<|message|>The tool says sunny.<|end|><|start|>assistant<|channel|>final"
+         "<|message|>It is sunny.<|return|>"]]
+    assert tok.decode(turns[1].input_ids).count("I should look it up.") == 1  # the prompt as inference shows it
+
+
+# a tool-call turn written `...<|call|><|end|>`, a tool result only after a call (so a plain stand-in is refused)
+CALL_THEN_END = (
+    "{%- for m in messages -%}{%- if m.role == 'assistant' and m.tool_calls -%}"
+    "{{ '<|start|>assistant<|message|>' + m.tool_calls[0].function.name + (m.tool_calls[0].function.arguments"
+    " | tojson) + '<|call|><|end|>' }}{%- elif m.role == 'tool' -%}"
+    "{%- if not messages[loop.index0 - 1].tool_calls -%}{{ raise_exception('a tool result needs a call') }}"
+    "{%- endif -%}{{ '<|start|>tool<|message|>' + m.content + '<|end|>' }}"
+    "{%- else -%}{{ '<|start|>' + m.role + '<|message|>' + m.content + '<|end|>' }}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start|>assistant' }}{%- endif -%}"
+)
+
+
+def test_a_tool_call_turn_ends_at_the_first_stop_after_it(blank_tok, base_tok):
+    """Generation stops at the first stop the model writes: <|call|>, not the <|end|> the template adds."""
+    tok, _ = tokenizer("gpt-oss", "tokens", blank_tok, base_tok)
+    msgs = [{k: v for k, v in m.items() if k != "thinking"} for m in AGENT]
+    got = texts(tok, chatmask.encode(msgs, tok, template=CALL_THEN_END, stop_tokens=("<|end|>", "<|call|>")))
+    assert got == ['<|message|>weather{"city": "Paris"}<|call|>', "<|message|>It is sunny.<|end|>"]
+
+
+def test_nemotron_tool_call_trains_its_own_end_of_turn(blank_tok, base_tok):
+    """Nemotron writes a conversation's last tool call as a block of its own, `...</TOOLCALL><SPECIAL_12>`,
+    unlike an answer's `\n<SPECIAL_12>`: the call is located with its structure kept, not by a plain stand-in
+    that the template ends otherwise; earlier calls end like answers."""
+    tok, stops = tokenizer("nemotron-nano-v2", "tokens+model", blank_tok, base_tok)
+    msgs = [{k: v for k, v in m.items() if k != "thinking"} for m in AGENT]
+    msgs[1]["content"] = "Checking."
+    kw = dict(template=template("nemotron-nano-v2"), stop_tokens=stops)
+    call = '<TOOLCALL>[{"name": "weather", "arguments": {"city": "Paris"}}]</TOOLCALL>'
+    assert texts(tok, chatmask.encode(msgs, tok, **kw))[0] == f"Checking.\n{call}\n<SPECIAL_12>"
+    first = chatmask.encode_turns(msgs, tok, **kw)[0]
+    assert texts(tok, first)[0].endswith(f"\n<SPECIAL_11>Assistant\n{call}<SPECIAL_12>")

@@ -46,7 +46,7 @@ R1 = (
     "{%- if add_generation_prompt -%}{{ '<｜Assistant｜><think>\\n' }}{%- endif -%}"
 )
 # gpt-oss's shape: the analysis channel (`thinking`) only for the last answer, tool calls on a commentary channel
-# (ended with <|end|> here: a call turn that ends with <|call|> before a tool message is not located by spans.py)
+# ended with <|call|> (the model's stop before a tool result)
 GPT_OSS = (
     "{%- for m in messages -%}"
     "{%- if m.role == 'assistant' -%}"
@@ -54,7 +54,7 @@ GPT_OSS = (
     " + '<|end|>' }}{%- endif -%}"
     "{%- if m.tool_calls -%}{{ '<|start|>assistant<|channel|>commentary to=functions.'"
     " + m.tool_calls[0].function.name + '<|message|>' + m.content + (m.tool_calls[0].function.arguments | tojson)"
-    " + '<|end|>' }}"
+    " + '<|call|>' }}"
     "{%- else -%}{{ '<|start|>assistant<|channel|>final<|message|>' + m.content + '<|end|>' }}{%- endif -%}"
     "{%- elif m.role == 'tool' -%}{{ '<|start|>functions.lookup to=assistant<|message|>' + m.content + '<|end|>' }}"
     "{%- else -%}{{ '<|start|>' + m.role + '<|message|>' + m.content + '<|end|>' }}{%- endif -%}{%- endfor -%}"
@@ -76,8 +76,8 @@ def conversation(style: str, turns: int = 3) -> list[dict]:
                     "tool_calls": _call("lookup", a=k, b=k + 1)}
             if style == "qwen3":
                 call["content"] = "<think>\nI should look it up.\n</think>\n\n"
-            if style == "gpt-oss":
-                call.update(thinking="I should look it up.", content="Looking it up: ")
+            if style == "gpt-oss":  # its template takes the call's reasoning from `thinking` or `content`, not both
+                call.update(thinking="I should look it up.", content="")
             msgs += [call, {"role": "tool", "content": json.dumps({"sum": 2 * k + 1})}]
         thought = f"{k} and {k + 1} make {2 * k + 1}."
         answer = f"It is {2 * k + 1}."
@@ -104,7 +104,7 @@ def tok(bpe_tok):
     return t
 
 
-STOPS = {"gpt-oss": ("<|return|>", "<|end|>")}
+STOPS = {"gpt-oss": ("<|return|>", "<|end|>", "<|call|>")}
 
 
 def _turns(tok, style, k=3):
@@ -261,7 +261,9 @@ def test_train_on_tree_rows_equals_per_turn_rows(tmp_path, tok, tok_dir):
 
 # ---------------------------------------------------------------- the vendors' own templates (tests/data/templates)
 
-VENDOR = {"qwen3": "qwen3", "qwq-32b": "qwen3", "deepseek-r1-distill-qwen": "r1", "gpt-oss": "gpt-oss"}
+# template -> the conversation's style (tool calls as OpenAI's messages hold them; each template writes its own)
+VENDOR = {"qwen3": "qwen3", "qwq-32b": "qwen3", "deepseek-r1-distill-qwen": "qwen3", "gpt-oss": "gpt-oss",
+          "glm-4.6": "qwen3", "nemotron-nano-v2": "qwen3"}
 
 
 def _vendor(name, bpe_tok):
@@ -279,8 +281,7 @@ def _vendor(name, bpe_tok):
 def test_vendor_reasoning_templates_train_per_turn_losses_in_one_tree_row(bpe_tok, name):
     tok, template, stops = _vendor(name, bpe_tok)
     conv = conversation(VENDOR[name], 3)
-    if name != "qwen3":  # tool calls as Qwen3 writes them; the others' own tool formats are not used here
-        conv = [m for m in conv if m["role"] != "tool" and not m.get("tool_calls")]
+    assert any(m.get("tool_calls") for m in conv)
     kw = dict(template=template, stop_tokens=stops, control_tokens="parse")  # <think> is the model's own token
     exs = chatmask.encode_turns(conv, tok, **kw)
     assert not chatmask.encode(conv, tok, **kw).prefix_preserving

@@ -1,6 +1,7 @@
 """What ends an assistant turn: `analyse(renderer) -> Analysis`, each context's trained end of turn (its
 *stop*), read off renderings of the template with sentinel contents (`sentinels.render_sentinels`: an
-answer followed by a user, tool, system or assistant message, or last). Each rule is a function of its own.
+answer followed by a user, tool, system or assistant message, or last); and where a turn's trained text
+starts (`answer_start`). Each rule is a function of its own.
 
 The rule (README, "The stop"): the trained run after an answer ends with the first *stop* the template
 writes after it: the template's end-of-turn token, the tokenizer's eos, or a token of the model's own
@@ -286,3 +287,48 @@ def _stop_of(marker: str, model_stops, specials) -> str:
         if stripped.endswith(stop):
             return stop
     return next((token for token in specials if stripped.endswith(token)), stripped)
+
+
+# ---------------------------------------------------------------- where an answer starts
+
+
+def answer_start(r, G, R, content_start, before: str | None = None) -> tuple[int, bool]:
+    """Chars of template text between the end of a turn's generation prompt `G` and its content, and
+    whether the generation prompt is a prefix of the rendering. `before`: the rendering G prompts after."""
+    if G is None:
+        return 0, False
+    if not (len(G) <= content_start and R.startswith(G)):
+        opening = G[len(before):] if before is not None and G.startswith(before) else ""
+        return _reopened(r, opening, G, R, content_start), False
+    between = R[len(G) : content_start]
+    if r.gen_prompt_empty and not r.gen_always and (
+            any(c.isalnum() for c in between) or any(s in between for s in r.specials)):
+        return 0, False  # no generation prompt: this is the assistant header, never trained
+    return len(between), True
+
+
+def _reopened(r, opening: str, G: str, R: str, content_start: int) -> int:
+    """The head of a turn whose generation prompt is not a prefix of the rendering: the text after the
+    last `opening` (what the generation prompt adds) before the content, where it opens this turn (no end
+    of a turn between: gpt-oss's `<|channel|>final<|message|>` after a tool result, its call's analysis
+    dropped from the rendering but not from the prompt), else `_align_head`'s."""
+    at = R.rfind(opening, 0, content_start) if opening.strip() else -1
+    gap = R[at + len(opening) : content_start]
+    if at < 0 or len(gap) > 64 or any(m.strip() and m.strip() in gap for m in r.markers.values()):
+        return _align_head(r, G, R, content_start)
+    return len(gap)
+
+
+def _align_head(r, G: str, R: str, content_start: int) -> int:
+    """For a turn whose generation prompt is not a prefix of the rendering (the template rewrites earlier
+    text): the template text between the end of the assistant header and the content, found as the
+    whitespace or punctuation run before the content after which the rendering ends most like `G`."""
+    best, best_n = 0, 0
+    for b in range(min(content_start, 16) + 1):
+        gap = R[content_start - b : content_start]
+        if any(c.isalnum() for c in gap) or any(s in gap for s in r.specials):
+            break
+        n = len(common_suffix(G[-200:], R[max(0, content_start - b - 200) : content_start - b]))
+        if n > best_n:
+            best, best_n = b, n
+    return best

@@ -8,11 +8,16 @@ never tokenized. Also the text searches markers and spans share (special tokens,
 
 from __future__ import annotations
 
+import itertools
+import json
+import re
 from dataclasses import dataclass
 
 from .errors import TemplateError
 
 S0, S1 = "\ue000", "\ue001"
+TEXT_FIELDS = ("content", "thinking", "reasoning_content", "reasoning")
+"""The text fields of a message a template may render (besides tool calls)."""
 CONTEXTS = ("user", "tool", "system", "assistant")
 """What may follow an answer (besides nothing: the `last` context)."""
 
@@ -143,3 +148,59 @@ def render_sentinels(renderer, notes) -> Renderings | None:
     gen_prompt = _generation_prompt_after(renderer, base[:-1])[1]
     return Renderings(base, _tails(renderer, base, tag), with_answer.split(f"{S0}0{S1}", 1)[0], gen_after_answer,
                       gen_prompt, empty, always)
+
+
+# ---------------------------------------------------------------- where one message lies in a rendering
+
+
+def sentinel_message(message: dict, index: int) -> dict:
+    """The message with each text a template may render from it (its text fields, its tool calls' arguments)
+    replaced by a sentinel of its own, and its structure kept, so that the template takes the branch the
+    message takes (a tool call's header and end, a reasoning channel). Tool names stay: a template may write
+    them into the next message too (gpt-oss's tool header)."""
+    tags = (f"{S0}{index}{S1}" if k == 0 else f"{S0}{index}:{k}{S1}" for k in itertools.count())
+    out = dict(message)
+    for key in TEXT_FIELDS:
+        if isinstance(message.get(key), str) and message[key]:
+            out[key] = next(tags)
+    calls = []
+    for call in message.get("tool_calls") or []:
+        if not isinstance(call, dict):
+            return out
+        inner = "function" in call and isinstance(call["function"], dict)
+        function = dict(call["function"] if inner else call)
+        args = {"x": next(tags)}
+        function["arguments"] = json.dumps(args, ensure_ascii=False) if isinstance(
+            function.get("arguments"), str) else args
+        calls.append({**call, "function": function} if inner else function)
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+def diff_span(renderer, messages, rendering: str, index: int, source: str, structured: bool | None = None):
+    """(start, end) of what message `index` renders in `rendering`: render again with the message replaced by
+    a sentinel and take what differs. The sentinel is a plain message (structured=False), the message's own
+    structure with sentinel texts (True), or plain unless the template refuses it (None)."""
+    m = messages[index]
+    if structured is None:
+        try:
+            return diff_span(renderer, messages, rendering, index, source, False)
+        except TemplateError:
+            if not set(m) - {"role", "content"}:
+                raise
+        structured = True
+    alt = list(messages)
+    alt[index] = sentinel_message(m, index) if structured else {"role": m["role"], "content": f"{S0}{index}{S1}"}
+    R, A = rendering, renderer.training_text(alt, source=source)
+    found = [(t.start(), t.end()) for t in re.finditer(f"{S0}{index}(?::\\d+)?{S1}", A)]
+    if not found or len({A[a:b] for a, b in found}) < len(found):
+        raise TemplateError(
+            f"{source}, message {index + 1}: the template renders a {m['role']} message "
+            f"{'more than once' if found else 'nowhere'}; chatmask cannot label it", reason="template error")
+    p = common_prefix_len(R, A)
+    q = min(len(common_suffix(R, A)), min(len(R), len(A)) - p)
+    if not all(p <= a and b <= len(A) - q for a, b in found):
+        raise TemplateError(f"{source}, message {index + 1}: cannot locate it in the rendering",
+                            reason="template error")
+    return p, len(R) - q

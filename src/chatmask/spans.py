@@ -1,25 +1,25 @@
 """Render a conversation with its chat template and find each assistant answer's span in the text
-(what ends each turn is `markers.py`'s).
+(what ends each turn, and where its trained text starts, is `markers.py`'s).
 
 The spans come from the template itself: a conversation *shape* (its roles) is rendered once with
 sentinel contents and the skeleton cached (`Renderer.skeleton`); a row whose rendering is exactly its
 skeleton with the contents filled in is located by string comparison alone, any other row by rendering
-it with one message at a time replaced by a sentinel and diffing (`answer_regions`). Templates are
+it with one message at a time replaced by a sentinel and diffing (`answer_regions`; a tool call whose plain
+stand-in the template refuses or ends otherwise keeps its structure, `sentinels.sentinel_message`). Templates are
 rendered in transformers' immutable Jinja sandbox, exactly as `apply_chat_template` renders them.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import weakref
 from dataclasses import dataclass, field
 
 from . import templates
 from .errors import ChatmaskWarning, TemplateError, short
-from .markers import analyse
+from .markers import analyse, answer_start
 from .messages import normalize_messages
-from .sentinels import S0, S1, common_suffix
+from .sentinels import S0, S1, diff_span
 
 _PAD = " \n "  # around a sentinel, tells whether the template strips a message's content
 _SENTINEL_RE = re.compile(S0 + r"(\d+)" + S1)
@@ -165,7 +165,7 @@ class Renderer:
             if seen.get(i) != 1:
                 return None  # the template drops or repeats an answer: row-by-row path decides
             start, end = region[i]
-            h, preserving = self._answer_start(self._sentinel_render(roles[:i], True), S, start)
+            h, preserving = answer_start(self, self._sentinel_render(roles[:i], True), S, start)
             g = start - h  # end of the generation prompt in S: inside a template piece, or no fast path
             k = next((k for k, p0 in enumerate(sk.piece_starts)
                       if p0 <= g and (k == len(pieces) or g <= p0 + len(pieces[k][0]))), None)
@@ -199,33 +199,6 @@ class Renderer:
             return self.render(msgs[:i], True, source=source)
         except TemplateError:
             return None
-
-    def _answer_start(self, G, R, content_start) -> tuple[int, bool]:
-        """Chars of template text between the end of a turn's generation prompt `G` and its content, and
-        whether the generation prompt is a prefix of the rendering."""
-        if G is None:
-            return 0, False
-        if not (len(G) <= content_start and R.startswith(G)):
-            return self._align_head(G, R, content_start), False
-        between = R[len(G) : content_start]
-        if self.gen_prompt_empty and not self.gen_always and (
-                any(c.isalnum() for c in between) or any(s in between for s in self.specials)):
-            return 0, False  # no generation prompt: this is the assistant header, never trained
-        return len(between), True
-
-    def _align_head(self, G: str, R: str, content_start: int) -> int:
-        """For a turn whose generation prompt is not a prefix of the rendering (the template rewrites earlier
-        text): the template text between the end of the assistant header and the content, found as the
-        whitespace or punctuation run before the content after which the rendering ends most like `G`."""
-        best, best_n = 0, 0
-        for b in range(min(content_start, 16) + 1):
-            gap = R[content_start - b : content_start]
-            if any(c.isalnum() for c in gap) or any(s in gap for s in self.specials):
-                break
-            n = len(common_suffix(G[-200:], R[max(0, content_start - b - 200) : content_start - b]))
-            if n > best_n:
-                best, best_n = b, n
-        return best
 
 
 _renderers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -319,30 +292,6 @@ def _match_skeleton(r: Renderer, msgs, R):
     return sk, spans, starts
 
 
-def _diff_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
-    """Where message i's content (and whatever the template renders from the rest of that message) lies in
-    R: render with the message replaced by a plain sentinel message and take what differs."""
-    tag = f"{S0}{i}{S1}"
-    alt = list(msgs)
-    alt[i] = {"role": msgs[i]["role"], "content": tag}
-    A = r.training_text(alt, source=source)
-    if A.count(tag) != 1:
-        raise TemplateError(
-            f"{source}, message {i + 1}: the template renders a {msgs[i]['role']} message "
-            f"{'more than once' if A.count(tag) > 1 else 'nowhere'}; chatmask cannot label it",
-            reason="template error",
-        )
-    p = len(os.path.commonprefix([R, A]))
-    limit = min(len(R), len(A)) - p
-    q = 0
-    while q < limit and R[-1 - q] == A[-1 - q]:
-        q += 1
-    k = A.index(tag)
-    if not (p <= k and k + len(tag) <= len(A) - q):
-        raise TemplateError(f"{source}, message {i + 1}: cannot locate it in the rendering", reason="template error")
-    return p, len(R) - q
-
-
 def content_spans(messages, tokenizer, template=None, source="", stop_tokens=(),
                   end_of_turn=None) -> tuple[str, dict[int, tuple[int, int]]]:
     """The training text and the character span of each rendered message content in it (for audits: which
@@ -356,7 +305,7 @@ def content_spans(messages, tokenizer, template=None, source="", stop_tokens=(),
     spans = {}
     for i in range(len(msgs)):
         try:
-            spans[i] = _diff_span(r, msgs, R, i, source or "conversation")
+            spans[i] = diff_span(r, msgs, R, i, source or "conversation")
         except TemplateError:
             if msgs[i]["role"] == "assistant":
                 raise
@@ -369,19 +318,42 @@ def _turns_slow(r: Renderer, msgs, R, source) -> list[Turn]:
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        cstart, cend = _diff_span(r, msgs, R, i, source)
-        head, preserving = r._answer_start(r._generation_prompt(msgs, i, source), R, cstart)
-        m = r.marker_for(msgs[i + 1]["role"] if i + 1 < len(msgs) else None)
-        if not R.startswith(m, cend):
-            raise TemplateError(
-                f"{source}, message {i + 1}: the end-of-turn marker {m!r} does not follow this answer (found "
-                f"{short(R[cend:cend + len(m) + 10])}); the template ends this turn unlike the others",
-                reason="template error")
-        end = cend + len(m)
+        cstart, end = _answer_span(r, msgs, R, i, source)
+        G = r._generation_prompt(msgs, i, source)
+        before = r.render(msgs[:i], source=source) if G is not None else None
+        head, preserving = answer_start(r, G, R, cstart, before)
         if preserving:
             preserving = r.training_text(msgs[: i + 1], source=source).startswith(R[:end])
         turns.append(Turn(i, cstart - head, end, preserving))
     return turns
+
+
+def _answer_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
+    """(start of answer i's text, end of its turn): the plain sentinel's span and the end-of-turn marker after
+    it; for a message with more than a content (a tool call) whose plain stand-in the template refuses or ends
+    otherwise, the structured sentinel's span and the first marker or stop after it, before the next message."""
+    marker = r.marker_for(msgs[i + 1]["role"] if i + 1 < len(msgs) else None)
+    try:
+        cstart, cend = diff_span(r, msgs, R, i, source, False)
+        if R.startswith(marker, cend):
+            return cstart, cend + len(marker)
+        error = TemplateError(
+            f"{source}, message {i + 1}: the end-of-turn marker {marker!r} does not follow this answer (found "
+            f"{short(R[cend:cend + len(marker) + 10])}); the template ends this turn unlike the others",
+            reason="template error")
+    except TemplateError as e:
+        error = e
+    if not set(msgs[i]) - {"role", "content"}:
+        raise error
+    try:
+        cstart, cend = diff_span(r, msgs, R, i, source, True)
+        bound = diff_span(r, msgs, R, i + 1, source)[0] if i + 1 < len(msgs) else len(R)
+    except TemplateError:
+        raise error from None
+    ends = [(at, at + len(s)) for s in {marker, *r.stop_tokens} if s and (at := R.find(s, cend, bound)) >= 0]
+    if not ends:
+        raise error
+    return cstart, min(ends)[1]
 
 
 def answer_regions(r: Renderer, msgs, R, source="") -> list[Turn]:
