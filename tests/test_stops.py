@@ -262,3 +262,6 @@ def test_nemotron_tool_call_trains_its_own_end_of_turn(blank_tok, base_tok):
     assert texts(tok, chatmask.encode(msgs, tok, **kw))[0] == f"Checking.\n{call}\n<SPECIAL_12>"
     first = chatmask.encode_turns(msgs, tok, **kw)[0]
     assert texts(tok, first)[0].endswith(f"\n<SPECIAL_11>Assistant\n{call}<SPECIAL_12>")
+    # a call alone: its prompt opens <think> (inference), its rendering does not; trained from <TOOLCALL>
+    msgs[1]["content"] = ""
+    assert texts(tok, chatmask.encode_turns(msgs, tok, **kw)[0]) == [f"{call}<SPECIAL_12>"]

@@ -277,10 +277,30 @@ def _vendor(name, bpe_tok):
     return t, (folder / f"{name}.jinja").read_text(encoding="utf-8"), tuple(m["generation_stop"])
 
 
-@pytest.mark.parametrize("name", VENDOR)
+def _as_field(conv, key):
+    """The conversation with each answer's <think> block moved into the message field `key`."""
+    out = []
+    for m in conv:
+        if m["role"] == "assistant" and "</think>" in m.get("content", ""):
+            thought, answer = m["content"].split("</think>")
+            m = {**m, key: thought.replace("<think>", "").strip(), "content": answer.strip()}
+        out.append(m)
+    return out
+
+
+# the reasoning as datasets hold it in a message field, for the templates that read that field
+FIELD = {"qwen3-reasoning_content": ("qwen3", "reasoning_content"), "glm-4.6-reasoning_content": (
+    "glm-4.6", "reasoning_content")}
+
+
+@pytest.mark.parametrize("name", list(VENDOR) + list(FIELD))
 def test_vendor_reasoning_templates_train_per_turn_losses_in_one_tree_row(bpe_tok, name):
+    name, key = FIELD.get(name, (name, None))
     tok, template, stops = _vendor(name, bpe_tok)
     conv = conversation(VENDOR[name], 3)
+    if key:
+        conv = _as_field(conv, key)
+        assert not any("<think>" in m.get("content", "") for m in conv)
     assert any(m.get("tool_calls") for m in conv)
     kw = dict(template=template, stop_tokens=stops, control_tokens="parse")  # <think> is the model's own token
     exs = chatmask.encode_turns(conv, tok, **kw)
@@ -340,3 +360,14 @@ def test_tree_rows_are_the_same_with_two_processes(tmp_path, tok, tok_dir):
     prepare(data, DataConfig(**cfg, num_proc=2), tmp_path / "two", tokenizer=tok, progress=False)
     one, two = (datasets.load_from_disk(str(tmp_path / k)) for k in ("one", "two"))
     assert len(one) == 3 and one.to_dict() == two.to_dict()
+
+
+def test_a_reasoning_field_the_template_does_not_read_is_an_error_naming_the_message(bpe_tok, tmp_path):
+    """QwQ's template reads reasoning from the content only: a `reasoning_content` field would go untrained
+    without a word; it is an error naming the message and the fix, counted where rows may be skipped."""
+    tok, template, stops = _vendor("qwq-32b", bpe_tok)
+    conv = _as_field(conversation("qwen3", 2), "reasoning_content")
+    for encode in (chatmask.encode, chatmask.encode_turns):
+        with pytest.raises(chatmask.ConversationError, match=r"message \d+: its 'reasoning_content' is not in the "
+                                                             r"rendering.*<think>"):
+            encode(conv, tok, template=template, stop_tokens=stops, control_tokens="parse")

@@ -309,14 +309,19 @@ def answer_start(r, G, R, content_start, before: str | None = None) -> tuple[int
 
 def _reopened(r, opening: str, G: str, R: str, content_start: int) -> int:
     """The head of a turn whose generation prompt is not a prefix of the rendering: the text after the
-    last `opening` (what the generation prompt adds) before the content, where it opens this turn (no end
-    of a turn between: gpt-oss's `<|channel|>final<|message|>` after a tool result, its call's analysis
-    dropped from the rendering but not from the prompt), else `_align_head`'s."""
-    at = R.rfind(opening, 0, content_start) if opening.strip() else -1
-    gap = R[at + len(opening) : content_start]
-    if at < 0 or len(gap) > 64 or any(m.strip() and m.strip() in gap for m in r.markers.values()):
-        return _align_head(r, G, R, content_start)
-    return len(gap)
+    last `opening` (what the generation prompt adds; else its longest part up to a special token or a line
+    end, where the rendering opens this turn with less: Nemotron's `<think>` left out before a tool call)
+    before the content, where it opens this turn (no end of a turn between: gpt-oss's
+    `<|channel|>final<|message|>` after a tool result, its call's analysis dropped from the rendering but not
+    from the prompt), else `_align_head`'s."""
+    cuts = {len(opening)} | {i + 1 for i, c in enumerate(opening) if c == "\n"}
+    cuts |= {opening.find(s) + len(s) for s in r.specials if s in opening}
+    for cut in sorted(cuts, reverse=True):
+        at = R.rfind(opening[:cut], 0, content_start) if opening[:cut].strip() else -1
+        gap = R[at + cut : content_start]
+        if at >= 0 and len(gap) <= 200 and not any(m.strip() and m.strip() in gap for m in r.markers.values()):
+            return len(gap)
+    return _align_head(r, G, R, content_start)
 
 
 def _align_head(r, G: str, R: str, content_start: int) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from .errors import FIX_ROW, ConversationError, short
 
 ROLES = ("system", "user", "assistant", "tool")
+REASONING_FIELDS = ("thinking", "reasoning_content", "reasoning")
+"""The fields reasoning templates read an answer's reasoning from (gpt-oss, Qwen3 / GLM, others)."""
 
 
 def bad(source: str, what: str, reason: str, index: int | None = None) -> ConversationError:
@@ -72,6 +74,21 @@ def normalize_messages(messages, source: str = "") -> list[dict]:
             del d["content"]
         out.append(d)
     return out
+
+
+def check_reasoning_rendered(msgs, rendering: str, source: str) -> None:
+    """Raise if the last answer's reasoning field is nowhere in its rendering: the template does not read that
+    field, and the reasoning would silently go untrained (a template renders the last answer's reasoning
+    if it renders any)."""
+    last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i]["role"] == "assistant"), None)
+    for key in REASONING_FIELDS if last is not None else ():
+        text = msgs[last].get(key)
+        if isinstance(text, str) and text.strip() and text.strip()[:60] not in rendering:
+            raise bad(source, f"its {key!r} is not in the rendering: this chat template does not read {key!r}, "
+                      "so that reasoning would not be trained; put it where the template reads reasoning (e.g. "
+                      f"<think>...</think> at the start of the content), use a template that renders {key!r}, or drop "
+                      "the field to train the answers without it",
+                      "reasoning not rendered", last)
 
 
 def weights(messages) -> list[int]:

@@ -14,9 +14,10 @@ import re
 from dataclasses import dataclass
 
 from .errors import TemplateError
+from .messages import REASONING_FIELDS
 
 S0, S1 = "\ue000", "\ue001"
-TEXT_FIELDS = ("content", "thinking", "reasoning_content", "reasoning")
+TEXT_FIELDS = ("content",) + REASONING_FIELDS
 """The text fields of a message a template may render (besides tool calls)."""
 CONTEXTS = ("user", "tool", "system", "assistant")
 """What may follow an answer (besides nothing: the `last` context)."""
