@@ -265,3 +265,32 @@ def test_nemotron_tool_call_trains_its_own_end_of_turn(blank_tok, base_tok):
     # a call alone: its prompt opens <think> (inference), its rendering does not; trained from <TOOLCALL>
     msgs[1]["content"] = ""
     assert texts(tok, chatmask.encode_turns(msgs, tok, **kw)[0]) == [f"{call}<SPECIAL_12>"]
+
+
+# DeepSeek-V3.2's shape: the user message writes the assistant header, the generation prompt opens with a user
+# header of its own, and a tool result is closed after as many results as the call before it made
+DS32 = (
+    "{{ bos_token }}{%- if messages[0].role == 'system' -%}{{ messages[0].content }}{%- endif -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{{ '<|user|>' + m.content + '<|assistant|>' }}"
+    "{%- elif m.role == 'assistant' -%}{{ m.content }}{%- if m.tool_calls -%}{{ '\\n<calls>' }}"
+    "{%- for c in m.tool_calls -%}{{ '<call name=\"' + c.function.name + '\">' }}{%- for k, v in"
+    " c.function.arguments.items() -%}{{ '<arg name=\"' + k + '\">' + v + '</arg>' }}{%- endfor -%}"
+    "{{ '</call>' }}{%- endfor -%}{{ '</calls>' }}{%- endif -%}{{ eos_token }}"
+    "{%- elif m.role == 'tool' -%}{{ '<results>' + m.content }}"
+    "{%- if messages[loop.index0 - 1].tool_calls | length == 1 -%}{{ '</results>' }}{%- endif -%}"
+    "{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|user|>\\n<|assistant|>' }}{%- endif -%}"
+)
+
+
+def test_a_head_never_reaches_into_the_message_before_it(bpe_tok):
+    """The generation prompt (`<|user|>\\n<|assistant|>`) is not a prefix of the rendering, and its first
+    token occurs before the answer only as the user's own header: the user's text is never trained; a call
+    is trained from its first tag, not from where its arguments first differ from a stand-in's."""
+    tok = copy.deepcopy(bpe_tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
+    msgs = [{"role": "system", "content": "Be brief."}] + [
+        {k: v for k, v in m.items() if k != "thinking"} for m in AGENT]
+    msgs[2]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}
+    want = ['\n<calls><call name="weather"><arg name="city">Paris</arg></call></calls></s>', "It is sunny.</s>"]
+    assert texts(tok, chatmask.encode(msgs, tok, template=DS32)) == want
+    assert [texts(tok, e)[0] for e in chatmask.encode_turns(msgs, tok, template=DS32)] == want

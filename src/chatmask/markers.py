@@ -292,14 +292,15 @@ def _stop_of(marker: str, model_stops, specials) -> str:
 # ---------------------------------------------------------------- where an answer starts
 
 
-def answer_start(r, G, R, content_start, before: str | None = None) -> tuple[int, bool]:
+def answer_start(r, G, R, content_start, before: str | None = None, floor=None) -> tuple[int, bool]:
     """Chars of template text between the end of a turn's generation prompt `G` and its content, and
-    whether the generation prompt is a prefix of the rendering. `before`: the rendering G prompts after."""
+    whether the generation prompt is a prefix of the rendering. `before`: the rendering G prompts after;
+    `floor()`: where the message before this answer ends in R (the head never reaches into it)."""
     if G is None:
         return 0, False
     if not (len(G) <= content_start and R.startswith(G)):
-        opening = G[len(before):] if before is not None and G.startswith(before) else ""
-        return _reopened(r, opening, G, R, content_start), False
+        opening = G[len(before):] if before is not None and G.startswith(before) and floor else ""
+        return _reopened(r, opening, G, R, content_start, floor() if opening.strip() else 0), False
     between = R[len(G) : content_start]
     if r.gen_prompt_empty and not r.gen_always and (
             any(c.isalnum() for c in between) or any(s in between for s in r.specials)):
@@ -307,17 +308,17 @@ def answer_start(r, G, R, content_start, before: str | None = None) -> tuple[int
     return len(between), True
 
 
-def _reopened(r, opening: str, G: str, R: str, content_start: int) -> int:
+def _reopened(r, opening: str, G: str, R: str, content_start: int, floor: int) -> int:
     """The head of a turn whose generation prompt is not a prefix of the rendering: the text after the
     last `opening` (what the generation prompt adds; else its longest part up to a special token or a line
     end, where the rendering opens this turn with less: Nemotron's `<think>` left out before a tool call)
     before the content, where it opens this turn (no end of a turn between: gpt-oss's
     `<|channel|>final<|message|>` after a tool result, its call's analysis dropped from the rendering but not
-    from the prompt), else `_align_head`'s."""
+    from the prompt), found after `floor` (the message before ends there), else `_align_head`'s."""
     cuts = {len(opening)} | {i + 1 for i, c in enumerate(opening) if c == "\n"}
     cuts |= {opening.find(s) + len(s) for s in r.specials if s in opening}
     for cut in sorted(cuts, reverse=True):
-        at = R.rfind(opening[:cut], 0, content_start) if opening[:cut].strip() else -1
+        at = R.rfind(opening[:cut], floor, content_start) if opening[:cut].strip() else -1
         gap = R[at + cut : content_start]
         if at >= 0 and len(gap) <= 200 and not any(m.strip() and m.strip() in gap for m in r.markers.values()):
             return len(gap)

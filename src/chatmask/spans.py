@@ -321,7 +321,8 @@ def _turns_slow(r: Renderer, msgs, R, source) -> list[Turn]:
         cstart, end = _answer_span(r, msgs, R, i, source)
         G = r._generation_prompt(msgs, i, source)
         before = r.render(msgs[:i], source=source) if G is not None else None
-        head, preserving = answer_start(r, G, R, cstart, before)
+        floor = (lambda: diff_span(r, msgs, R, i - 1, source)[1]) if i else (lambda: 0)
+        head, preserving = answer_start(r, G, R, cstart, before, floor)
         if preserving:
             preserving = r.training_text(msgs[: i + 1], source=source).startswith(R[:end])
         turns.append(Turn(i, cstart - head, end, preserving))
@@ -332,11 +333,11 @@ def _answer_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
     """(start of answer i's text, end of its turn): the plain sentinel's span and the end-of-turn marker after
     it; for a message with more than a content (a tool call) whose plain stand-in the template refuses or ends
     otherwise, the structured sentinel's span and the first marker or stop after it, before the next message."""
-    marker = r.marker_for(msgs[i + 1]["role"] if i + 1 < len(msgs) else None)
+    marker, plain = r.marker_for(msgs[i + 1]["role"] if i + 1 < len(msgs) else None), len(R)
     try:
-        cstart, cend = diff_span(r, msgs, R, i, source, False)
+        plain, cend = diff_span(r, msgs, R, i, source, False)
         if R.startswith(marker, cend):
-            return cstart, cend + len(marker)
+            return plain, cend + len(marker)
         error = TemplateError(
             f"{source}, message {i + 1}: the end-of-turn marker {marker!r} does not follow this answer (found "
             f"{short(R[cend:cend + len(marker) + 10])}); the template ends this turn unlike the others",
@@ -348,6 +349,8 @@ def _answer_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
     try:
         cstart, cend = diff_span(r, msgs, R, i, source, True)
         bound = diff_span(r, msgs, R, i + 1, source)[0] if i + 1 < len(msgs) else len(R)
+        if plain < cstart and plain >= (diff_span(r, msgs, R, i - 1, source)[1] if i else 0):
+            cstart = plain  # the call's text starts where the plain stand-in's does (DSML's tag, not its arguments)
     except TemplateError:
         raise error from None
     ends = [(at, at + len(s)) for s in {marker, *r.stop_tokens} if s and (at := R.find(s, cend, bound)) >= 0]
