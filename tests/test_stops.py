@@ -294,3 +294,49 @@ def test_a_head_never_reaches_into_the_message_before_it(bpe_tok):
     want = ['\n<calls><call name="weather"><arg name="city">Paris</arg></call></calls></s>', "It is sunny.</s>"]
     assert texts(tok, chatmask.encode(msgs, tok, template=DS32)) == want
     assert [texts(tok, e)[0] for e in chatmask.encode_turns(msgs, tok, template=DS32)] == want
+
+
+AGENT_CHAT = [{"role": "system", "content": "Sys prompt text."}, {"role": "user", "content": "User asks one."},
+              {"role": "assistant", "content": "Answer one."}, {"role": "user", "content": "User asks two."},
+              {"role": "assistant", "content": "", "tool_calls": [
+                  {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+              {"role": "tool", "content": "Tool says rain."}, {"role": "assistant", "content": "Answer two."}]
+
+
+def _agent_rows(name):
+    """(the agent conversation as the template takes it: arguments as a dict, else as a JSON string, whether
+    the template renders the call); None where the template refuses both (roles it does not allow)."""
+    for args in ({"city": "Oslo"}, json.dumps({"city": "Oslo"})):
+        msgs = copy.deepcopy(AGENT_CHAT)
+        msgs[4]["tool_calls"][0]["function"]["arguments"] = args
+        try:
+            text = chatmask.labels.renderer(make_bpe_tokenizer(None), template(name)).render(msgs)
+            return msgs, "weather" in text
+        except chatmask.TemplateError:
+            continue
+    return None, False
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_every_real_template_trains_the_answers_and_tool_calls_and_nothing_else(name, blank_tok, base_tok):
+    """An agent conversation (system, answers, a tool call, its result) on every real template that takes
+    it: no trained run holds a character of a system, user or tool message; every answer is trained, and the
+    call's arguments; per-turn examples train their last answer only. A template that drops the call is an
+    error naming it, not an empty answer trained."""
+    msgs, renders_calls = _agent_rows(name)
+    if msgs is None:
+        pytest.skip(f"{name} refuses a tool call and its result")
+    tok, stops = tokenizer(name, "tokens+model", blank_tok, base_tok)
+    kw = dict(template=template(name), stop_tokens=stops)
+    if not renders_calls:
+        for encode in (chatmask.encode, chatmask.encode_turns):
+            with pytest.raises(chatmask.ConversationError, match="message 5: its tool call 'weather' is not in"):
+                encode(msgs, tok, **kw)
+        return
+    others = ("Sys prompt", "User asks", "Tool says")
+    full = "".join(texts(tok, chatmask.encode(msgs, tok, **kw)))
+    assert not [o for o in others if o in full], full
+    assert all(a in full for a in ("Answer one.", "Oslo", "Answer two.")), full
+    for e, want in zip(chatmask.encode_turns(msgs, tok, **kw), ("Answer one.", "Oslo", "Answer two.")):
+        trained = "".join(texts(tok, e))
+        assert want in trained and not [o for o in others if o in trained], trained

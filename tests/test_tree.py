@@ -4,6 +4,7 @@ templates that drop earlier turns' reasoning, with multi-turn reasoning and tool
 (packed per example, packed with a mask, padded)."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -302,6 +303,12 @@ def test_vendor_reasoning_templates_train_per_turn_losses_in_one_tree_row(bpe_to
         conv = _as_field(conv, key)
         assert not any("<think>" in m.get("content", "") for m in conv)
     assert any(m.get("tool_calls") for m in conv)
+    if name == "deepseek-r1-distill-qwen":  # its template renders calls only without content, arguments as
+        for m in conv:  # text, and ends the call block only after a second call
+            if m.get("tool_calls"):
+                args = json.dumps(m["tool_calls"][0]["function"]["arguments"])
+                m.update(content=None, tool_calls=[{"type": "function", "function": {"name": n, "arguments": args}}
+                                                   for n in ("lookup", "check")])
     kw = dict(template=template, stop_tokens=stops, control_tokens="parse")  # <think> is the model's own token
     exs = chatmask.encode_turns(conv, tok, **kw)
     assert not chatmask.encode(conv, tok, **kw).prefix_preserving
@@ -371,3 +378,16 @@ def test_a_reasoning_field_the_template_does_not_read_is_an_error_naming_the_mes
         with pytest.raises(chatmask.ConversationError, match=r"message \d+: its 'reasoning_content' is not in the "
                                                              r"rendering.*<think>"):
             encode(conv, tok, template=template, stop_tokens=stops, control_tokens="parse")
+
+
+def test_a_template_that_drops_the_last_answers_reasoning_too_says_so(bpe_tok):
+    """DeepSeek-R1-Distill's template strips the <think> block from every answer, the last included: no
+    reasoning is trained whatever the layout, and chatmask says so; Qwen3's keeps the last answer's."""
+    conv = conversation("qwen3", 2)
+    conv = [m for m in conv if m["role"] != "tool" and not m.get("tool_calls")]
+    for name, warns in (("deepseek-r1-distill-qwen", True), ("qwen3", False)):
+        tok, template, stops = _vendor(name, bpe_tok)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            chatmask.encode_turns(conv, tok, template=template, stop_tokens=stops, control_tokens="parse")
+        assert any("drops the <think> block of the last answer" in str(w.message) for w in seen) == warns, name

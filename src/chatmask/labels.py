@@ -33,7 +33,7 @@ from .assembly import assemble as _assemble, assemble_respelling as _assemble_re
 from .assembly import regions as _regions, segments as _segments  # noqa: F401 (tests)
 from .config import CONTROL_TOKENS, STREAMS, TRAIN_ON, TRUNCATION
 from .errors import ChatmaskError, ConfigError, ConversationError
-from .messages import check_reasoning_rendered, normalize_messages, weights as _weights
+from .messages import check_rendered, normalize_messages, weights as _weights
 from .spans import Renderer, Turn, answer_regions, content_spans, renderer, resolve_template
 from .template_checks import check_template
 from .tokens import Row, TextTokens, text_tokens
@@ -99,7 +99,7 @@ def _plan_row(r: Renderer, messages, source, train_on, control_tokens="text", tt
     if not any(m["role"] == "assistant" for m in msgs):
         raise ConversationError(f"{where}: no assistant turn", reason="no assistant turn")
     rendering = r.training_text(msgs, source=source)
-    check_reasoning_rendered(msgs, rendering, where)
+    check_rendered(msgs, rendering, where)
     turns = answer_regions(r, msgs, rendering, where)
     trained = _trained_turns(_weights(messages), turns, train_on, where)
     next_roles = [msgs[t.index + 1]["role"] if t.index + 1 < len(msgs) else None for t in turns]
@@ -263,7 +263,7 @@ def encode_turns(messages, tokenizer, *, max_length: int | None = None, template
 
     def turn_text(sub) -> tuple[str, int]:  # (the prompt as at inference + the turn's answer, the prompt's length)
         rendering = r.training_text(sub, source=source)
-        check_reasoning_rendered(sub, rendering, where)
+        check_rendered(sub, rendering, where)
         turn = answer_regions(r, sub, rendering, where)[-1]
         prompt = r.render(sub[:-1], True, source=source) if not r.gen_prompt_empty else rendering[: turn.start]
         if rendering.startswith(prompt) and len(prompt) <= turn.start:

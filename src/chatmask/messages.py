@@ -7,7 +7,7 @@ The ground floor: it imports nothing of chatmask but its errors.
 
 from __future__ import annotations
 
-from .errors import FIX_ROW, ConversationError, short
+from .errors import FIX_ROW, ChatmaskWarning, ConversationError, short
 
 ROLES = ("system", "user", "assistant", "tool")
 REASONING_FIELDS = ("thinking", "reasoning_content", "reasoning")
@@ -57,7 +57,8 @@ def check_message(m, i: int, source: str) -> dict:
 
 def normalize_messages(messages, source: str = "") -> list[dict]:
     """Check a conversation's shape (`check_message` on each) and return plain dicts as templates expect
-    them: content parts joined, `None` values and `weight` removed. Raises ConversationError."""
+    them: content parts joined, `None` values and `weight` removed, but a tool call's `content: None` kept (as
+    apply_chat_template passes it: DeepSeek-R1's template renders a call only then). Raises ConversationError."""
     where = source or "conversation"
     if not isinstance(messages, (list, tuple)):
         raise bad(where, f"messages must be a list of {{'role', 'content'}} dicts, found {short(messages)}",
@@ -70,16 +71,14 @@ def normalize_messages(messages, source: str = "") -> list[dict]:
         d.pop("weight", None)
         if isinstance(d["content"], (list, tuple)):
             d["content"] = "".join(p["text"] for p in d["content"])
-        elif d["content"] is None:
-            del d["content"]
         out.append(d)
     return out
 
 
-def check_reasoning_rendered(msgs, rendering: str, source: str) -> None:
-    """Raise if the last answer's reasoning field is nowhere in its rendering: the template does not read that
-    field, and the reasoning would silently go untrained (a template renders the last answer's reasoning
-    if it renders any)."""
+def check_rendered(msgs, rendering: str, source: str) -> None:
+    """Raise where the template leaves out what an answer holds, which would silently go untrained: the last
+    answer's reasoning field (a template renders the last answer's reasoning if it renders any), or any
+    answer's tool calls."""
     last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i]["role"] == "assistant"), None)
     for key in REASONING_FIELDS if last is not None else ():
         text = msgs[last].get(key)
@@ -87,8 +86,23 @@ def check_reasoning_rendered(msgs, rendering: str, source: str) -> None:
             raise bad(source, f"its {key!r} is not in the rendering: this chat template does not read {key!r}, "
                       "so that reasoning would not be trained; put it where the template reads reasoning (e.g. "
                       f"<think>...</think> at the start of the content), use a template that renders {key!r}, or drop "
-                      "the field to train the answers without it",
-                      "reasoning not rendered", last)
+                      "the field to train the answers without it", "reasoning not rendered", last)
+    content = msgs[last].get("content") if last is not None else None
+    thought = content.split("</think>")[0].replace("<think>", "").strip() if isinstance(content, str) and \
+        "</think>" in content else ""
+    if thought and thought[:60] not in rendering:
+        import warnings
+
+        warnings.warn("chat template: it drops the <think> block of the last answer too (DeepSeek-R1's does), so "
+                      "no answer's reasoning is trained, only what follows </think>; to train the reasoning, pass a "
+                      "template that keeps the last answer's (--template)", ChatmaskWarning, stacklevel=4)
+    for i, m in enumerate(msgs):
+        for call in m.get("tool_calls") or () if m["role"] == "assistant" else ():
+            name = (call.get("function") or call).get("name") if isinstance(call, dict) else None
+            if isinstance(name, str) and name and name not in rendering:
+                raise bad(source, f"its tool call {name!r} is not in the rendering: this chat template does not "
+                          "render tool calls, so the call would not be trained; use the model's template with "
+                          "tool support", "tool call not rendered", i)
 
 
 def weights(messages) -> list[int]:
