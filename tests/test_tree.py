@@ -226,6 +226,26 @@ def test_prepare_counts_tokens_per_conversation_and_writes_one_row(tmp_path, tok
         len(chatmask.encode(conversation("qwen3", k), tok, template=QWEN3).input_ids) for k in (2, 3, 6)) / 3
 
 
+def test_a_tree_longer_than_max_length_is_written_as_trees_that_fit(tmp_path, tok, tok_dir):
+    """--max-length bounds the rows written: a conversation whose tree passes it becomes several trees of
+    consecutive turns, each within it, training the same tokens as the per-turn rows."""
+    conv = conversation("qwen3", 6)
+    exs = _turns(tok, "qwen3", 6)
+    limit = max(len(e.input_ids) for e in exs) + 10
+    assert len(tree.lay_out(exs).input_ids) > limit  # the whole tree does not fit
+    data = _write(tmp_path, [conv])
+    cfg = DataConfig(tokenizer=tok_dir, template=QWEN3, max_length=limit)
+    got = {t: prepare(data, DataConfig(**{**cfg.__dict__, "turns": t}), tmp_path / t, tokenizer=tok,
+                      progress=False) for t in ("per-turn", "tree")}
+    ds = got["tree"].dataset()
+    assert 1 < len(ds) < len(exs) and any(ds["tree_ends"])
+    assert all(len(ids) <= limit for ids in ds["input_ids"])
+    assert got["tree"].stats["trained_tokens"] == got["per-turn"].stats["trained_tokens"]
+    paths = [[ids[i] for i in p] for ids, ends in zip(ds["input_ids"], ds["tree_ends"]) for p in tree.paths(ends)]
+    paths += [ids for ids, ends in zip(ds["input_ids"], ds["tree_ends"]) if not ends]
+    assert all(p in [e.input_ids for e in exs] for p in paths)  # each leaf's path a per-turn example
+
+
 def test_the_full_rendering_is_counted_on_the_rows_counted_by_role(tmp_path, tok, tok_dir, monkeypatch):
     """Encoding each conversation a second time only for stats would cost every row: the first batches only."""
     from chatmask import audit, workers

@@ -168,7 +168,8 @@ def turn_rows(messages, source: str, tokenizer, cfg, stops, count_full: bool = T
     except ChatmaskError:
         pass
     row = lay_out(exs) if cfg.turns == "tree" and len(exs) > 1 else None
-    out = [(e, [], None) for e in exs] if row is None else [(_as_example(row, exs, source), row.ends, None)]
+    groups = [(None, [e]) for e in exs] if row is None else _within(exs, row, cfg.max_length)
+    out = [(e[0], [], None) if r is None else (_as_example(r, e, source), r.ends, None) for r, e in groups]
     for e, ends, _ in out:
         e.labels = labels.apply_train_on(e.input_ids, e.labels, cfg.train_on)
         for i in after_leaf(ends):
@@ -177,6 +178,23 @@ def turn_rows(messages, source: str, tokenizer, cfg, stops, count_full: bool = T
     fell_back = int(cfg.turns == "tree" and len(exs) > 1 and row is None)
     out[0] = (*out[0][:2], (full, expanded, sum(len(e.input_ids) for e, _, _ in out), fell_back))
     return out
+
+
+def _within(exs, row: TreeRow, limit) -> list[tuple[TreeRow | None, list]]:
+    """[(tree row or None, its examples)]: the whole tree where it fits `limit` tokens, else consecutive examples
+    laid out together while their tree fits (each example, cut to the limit by encode_turns, fits alone)."""
+    if not limit or len(row.input_ids) <= limit:
+        return [(row, exs)]
+    groups, cur, tree = [], [], None
+    for e in exs:
+        trial = lay_out(cur + [e]) if cur else None
+        if trial is not None and len(trial.input_ids) <= limit:
+            cur, tree = cur + [e], trial
+            continue
+        if cur:
+            groups.append((tree, cur))
+        cur, tree = [e], None
+    return groups + [(tree, cur)]
 
 
 def _as_example(row: TreeRow, exs, source: str):
