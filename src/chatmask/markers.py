@@ -292,14 +292,15 @@ def _stop_of(marker: str, model_stops, specials) -> str:
 # ---------------------------------------------------------------- where an answer starts
 
 
-def answer_start(r, G, R, content_start, before: str | None = None, floor=None) -> tuple[int, bool]:
+def answer_start(r, G, R, content_start, before=None, floor=None) -> tuple[int, bool]:
     """Chars of template text between the end of a turn's generation prompt `G` and its content, and
-    whether the generation prompt is a prefix of the rendering. `before`: the rendering G prompts after;
+    whether the generation prompt is a prefix of the rendering. `before()`: the rendering G prompts after;
     `floor()`: where the message before this answer ends in R (the head never reaches into it)."""
     if G is None:
         return 0, False
     if not (len(G) <= content_start and R.startswith(G)):
-        opening = G[len(before):] if before is not None and G.startswith(before) and floor else ""
+        b = before() if before and floor else None
+        opening = G[len(b):] if b is not None and G.startswith(b) else ""
         return _reopened(r, opening, G, R, content_start, floor() if opening.strip() else 0), False
     between = R[len(G) : content_start]
     if r.gen_prompt_empty and not r.gen_always and (

@@ -194,9 +194,10 @@ class Renderer:
                 self._srenders[key] = None
         return self._srenders[key]
 
-    def _generation_prompt(self, msgs, i, source=""):
+    def _generation_prompt(self, msgs, i, source="", prompted=True):
+        """The rendering of msgs[:i], with the generation prompt (or without); None where the template raises."""
         try:
-            return self.render(msgs[:i], True, source=source)
+            return self.render(msgs[:i], prompted, source=source)
         except TemplateError:
             return None
 
@@ -320,13 +321,20 @@ def _turns_slow(r: Renderer, msgs, R, source) -> list[Turn]:
             continue
         cstart, end = _answer_span(r, msgs, R, i, source)
         G = r._generation_prompt(msgs, i, source)
-        before = r.render(msgs[:i], source=source) if G is not None else None
-        floor = (lambda: diff_span(r, msgs, R, i - 1, source)[1]) if i else (lambda: 0)
-        head, preserving = answer_start(r, G, R, cstart, before, floor)
+        head, preserving = answer_start(r, G, R, cstart, lambda: r._generation_prompt(msgs, i, source, False),
+                                        lambda: _end_of(r, msgs, R, i - 1, source, cstart))
         if preserving:
             preserving = r.training_text(msgs[: i + 1], source=source).startswith(R[:end])
         turns.append(Turn(i, cstart - head, end, preserving))
     return turns
+
+
+def _end_of(r: Renderer, msgs, R, j, source, unknown: int) -> int:
+    """Where message j's text ends in R (0 before the first message; `unknown` where it cannot be located)."""
+    try:
+        return diff_span(r, msgs, R, j, source)[1] if j >= 0 else 0
+    except TemplateError:
+        return unknown
 
 
 def _answer_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
@@ -349,7 +357,7 @@ def _answer_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
     try:
         cstart, cend = diff_span(r, msgs, R, i, source, True)
         bound = diff_span(r, msgs, R, i + 1, source)[0] if i + 1 < len(msgs) else len(R)
-        if plain < cstart and plain >= (diff_span(r, msgs, R, i - 1, source)[1] if i else 0):
+        if plain < cstart and plain >= _end_of(r, msgs, R, i - 1, source, len(R)):
             cstart = plain  # the call's text starts where the plain stand-in's does (DSML's tag, not its arguments)
     except TemplateError:
         raise error from None
