@@ -101,8 +101,9 @@ def check_rendered(msgs, rendering: str, source: str) -> None:
             name = (call.get("function") or call).get("name") if isinstance(call, dict) else None
             if isinstance(name, str) and name and name not in rendering:
                 raise bad(source, f"its tool call {name!r} is not in the rendering: this chat template does not "
-                          "render tool calls, so the call would not be trained; use the model's template with "
-                          "tool support", "tool call not rendered", i)
+                          "render it (some render no tool calls, gpt-oss's only a message's first), so it would "
+                          "not be trained; use the model's template with tool support, one call a message",
+                          "tool call not rendered", i)
 
 
 def weights(messages) -> list[int]:
