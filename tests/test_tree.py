@@ -400,6 +400,15 @@ def test_a_reasoning_field_the_template_does_not_read_is_an_error_naming_the_mes
             encode(conv, tok, template=template, stop_tokens=stops, control_tokens="parse")
 
 
+def test_an_answer_before_a_later_user_message_may_lose_its_reasoning_field_by_the_templates_rule(bpe_tok):
+    """Qwen3 renders reasoning only after the last user message: a row ending with a user message loses the
+    last answer's `reasoning_content` by that rule (what --turns is for), not because the field is unread."""
+    tok, template, stops = _vendor("qwen3", bpe_tok)
+    conv = _as_field(conversation("qwen3", 2), "reasoning_content") + [{"role": "user", "content": "And then?"}]
+    ex = chatmask.encode(conv, tok, template=template, stop_tokens=stops, control_tokens="parse")
+    assert ex.num_trained > 0
+
+
 def test_a_template_that_drops_the_last_answers_reasoning_too_says_so(bpe_tok):
     """DeepSeek-R1-Distill's template strips the <think> block from every answer, the last included: no
     reasoning is trained whatever the layout, and chatmask says so; Qwen3's keeps the last answer's."""

@@ -76,10 +76,10 @@ def normalize_messages(messages, source: str = "") -> list[dict]:
 
 
 def check_rendered(msgs, rendering: str, source: str) -> None:
-    """Raise where the template leaves out what an answer holds, which would silently go untrained: the last
-    answer's reasoning field (a template renders the last answer's reasoning if it renders any), or any
-    answer's tool calls."""
-    last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i]["role"] == "assistant"), None)
+    """Raise where the template leaves out what an answer holds, which would silently go untrained: a last
+    message's reasoning field (a template renders the last answer's reasoning if it renders any; an answer
+    before a later user message may lose it by the template's rule), or any answer's tool calls."""
+    last = len(msgs) - 1 if msgs and msgs[-1]["role"] == "assistant" else None
     for key in REASONING_FIELDS if last is not None else ():
         text = msgs[last].get(key)
         if isinstance(text, str) and text.strip() and text.strip()[:60] not in rendering:
