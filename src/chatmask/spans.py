@@ -11,6 +11,7 @@ rendered in transformers' immutable Jinja sandbox, exactly as `apply_chat_templa
 
 from __future__ import annotations
 
+import functools
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -314,36 +315,38 @@ def content_spans(messages, tokenizer, template=None, source="", stop_tokens=(),
 
 
 def _turns_slow(r: Renderer, msgs, R, source) -> list[Turn]:
-    """Answer regions found turn by turn: render with that answer replaced by a sentinel and diff."""
+    """Answer regions found turn by turn: render with that answer replaced by a sentinel and diff (each
+    message's span diffed once a row: `span`)."""
     turns = []
+    span = functools.cache(lambda j, structured=None: diff_span(r, msgs, R, j, source, structured))
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        cstart, end = _answer_span(r, msgs, R, i, source)
+        cstart, end = _answer_span(r, msgs, R, i, source, span)
         G = r._generation_prompt(msgs, i, source)
         head, preserving = answer_start(r, G, R, cstart, lambda: r._generation_prompt(msgs, i, source, False),
-                                        lambda: _end_of(r, msgs, R, i - 1, source, cstart))
+                                        lambda: _end_of(span, i - 1, cstart))
         if preserving:
             preserving = r.training_text(msgs[: i + 1], source=source).startswith(R[:end])
         turns.append(Turn(i, cstart - head, end, preserving))
     return turns
 
 
-def _end_of(r: Renderer, msgs, R, j, source, unknown: int) -> int:
-    """Where message j's text ends in R (0 before the first message; `unknown` where it cannot be located)."""
+def _end_of(span, j, unknown: int) -> int:
+    """Where message j's text ends (0 before the first message; `unknown` where it cannot be located)."""
     try:
-        return diff_span(r, msgs, R, j, source)[1] if j >= 0 else 0
+        return span(j)[1] if j >= 0 else 0
     except TemplateError:
         return unknown
 
 
-def _answer_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
+def _answer_span(r: Renderer, msgs, R, i, source, span) -> tuple[int, int]:
     """(start of answer i's text, end of its turn): the plain sentinel's span and the end-of-turn marker after
     it; for a message with more than a content (a tool call) whose plain stand-in the template refuses or ends
     otherwise, the structured sentinel's span and the first marker or stop after it, before the next message."""
     marker, plain = r.marker_for(msgs[i + 1]["role"] if i + 1 < len(msgs) else None), len(R)
     try:
-        plain, cend = diff_span(r, msgs, R, i, source, False)
+        plain, cend = span(i, False)
         if R.startswith(marker, cend):
             return plain, cend + len(marker)
         error = TemplateError(
@@ -355,9 +358,9 @@ def _answer_span(r: Renderer, msgs, R, i, source) -> tuple[int, int]:
     if not set(msgs[i]) - {"role", "content"}:
         raise error
     try:
-        cstart, cend = diff_span(r, msgs, R, i, source, True)
-        bound = diff_span(r, msgs, R, i + 1, source)[0] if i + 1 < len(msgs) else len(R)
-        if plain < cstart and plain >= _end_of(r, msgs, R, i - 1, source, len(R)):
+        cstart, cend = span(i, True)
+        bound = span(i + 1)[0] if i + 1 < len(msgs) else len(R)
+        if plain < cstart and plain >= _end_of(span, i - 1, len(R)):
             cstart = plain  # the call's text starts where the plain stand-in's does (DSML's tag, not its arguments)
     except TemplateError:
         raise error from None
