@@ -99,7 +99,8 @@ def _plan_row(r: Renderer, messages, source, train_on, control_tokens="text", tt
     if not any(m["role"] == "assistant" for m in msgs):
         raise ConversationError(f"{where}: no assistant turn", reason="no assistant turn")
     rendering = r.training_text(msgs, source=source)
-    check_rendered(msgs, rendering, where)
+    if check_rendered(msgs, rendering, where):
+        r.warn_dropped_reasoning()
     turns = answer_regions(r, msgs, rendering, where)
     trained = _trained_turns(_weights(messages), turns, train_on, where)
     next_roles = [msgs[t.index + 1]["role"] if t.index + 1 < len(msgs) else None for t in turns]
@@ -263,7 +264,8 @@ def encode_turns(messages, tokenizer, *, max_length: int | None = None, template
 
     def turn_text(sub) -> tuple[str, int]:  # (the prompt as at inference + the turn's answer, the prompt's length)
         rendering = r.training_text(sub, source=source)
-        check_rendered(sub, rendering, where)
+        if check_rendered(sub, rendering, where):
+            r.warn_dropped_reasoning()
         turn = answer_regions(r, sub, rendering, where)[-1]
         prompt = r.render(sub[:-1], True, source=source) if not r.gen_prompt_empty else rendering[: turn.start]
         if rendering.startswith(prompt) and len(prompt) <= turn.start:

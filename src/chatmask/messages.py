@@ -7,7 +7,7 @@ The ground floor: it imports nothing of chatmask but its errors.
 
 from __future__ import annotations
 
-from .errors import FIX_ROW, ChatmaskWarning, ConversationError, short
+from .errors import FIX_ROW, ConversationError, short
 
 ROLES = ("system", "user", "assistant", "tool")
 REASONING_FIELDS = ("thinking", "reasoning_content", "reasoning")
@@ -75,10 +75,11 @@ def normalize_messages(messages, source: str = "") -> list[dict]:
     return out
 
 
-def check_rendered(msgs, rendering: str, source: str) -> None:
+def check_rendered(msgs, rendering: str, source: str) -> bool:
     """Raise where the template leaves out what an answer holds, which would silently go untrained: a last
     message's reasoning field (a template renders the last answer's reasoning if it renders any; an answer
-    before a later user message may lose it by the template's rule), or any answer's tool calls."""
+    before a later user message may lose it by the template's rule), or any answer's tool calls. True where
+    the template drops the last answer's <think> block from its content (the caller warns once)."""
     last = len(msgs) - 1 if msgs and msgs[-1]["role"] == "assistant" else None
     for key in REASONING_FIELDS if last is not None else ():
         text = msgs[last].get(key)
@@ -90,12 +91,7 @@ def check_rendered(msgs, rendering: str, source: str) -> None:
     content = msgs[last].get("content") if last is not None else None
     thought = content.split("</think>")[0].replace("<think>", "").strip() if isinstance(content, str) and \
         "</think>" in content else ""
-    if thought and thought[:60] not in rendering:
-        import warnings
-
-        warnings.warn("chat template: it drops the <think> block of the last answer too (DeepSeek-R1's does), so "
-                      "no answer's reasoning is trained, only what follows </think>; to train the reasoning, pass a "
-                      "template that keeps the last answer's (--template)", ChatmaskWarning, stacklevel=4)
+    dropped = bool(thought) and thought[:60] not in rendering
     for i, m in enumerate(msgs):
         for call in m.get("tool_calls") or () if m["role"] == "assistant" else ():
             name = (call.get("function") or call).get("name") if isinstance(call, dict) else None
@@ -104,6 +100,7 @@ def check_rendered(msgs, rendering: str, source: str) -> None:
                           "render it (some render no tool calls, gpt-oss's only a message's first), so it would "
                           "not be trained; use the model's template with tool support, one call a message",
                           "tool call not rendered", i)
+    return dropped
 
 
 def weights(messages) -> list[int]:

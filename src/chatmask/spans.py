@@ -70,7 +70,7 @@ class Renderer:
         self.append, self.stops, self.headers, self.unstopped = a.append, a.stops, a.headers, a.unstopped
         # the marker after an answer followed by a user message (else the last one): what `check` shows
         self.marker = self.markers.get("user", self.markers.get("last", ""))
-        self.warned = False
+        self.warned = self.warned_reasoning = False
 
     def context(self, next_role: str | None) -> str:
         """The context of an answer followed by a `next_role` message (None: the last message), as `markers`
@@ -107,6 +107,16 @@ class Renderer:
             warnings.warn(f"chat template: no stop ends an answer {where}: such answers are trained without one "
                           "(counted in rows_without_trained_stop); pass --stop-tokens with the model's stop list, or "
                           "add the template's tokens (chatmask.add_template_tokens)", ChatmaskWarning, stacklevel=3)
+
+    def warn_dropped_reasoning(self) -> None:
+        """Say once that the template strips the <think> block from the last answer too."""
+        if not self.warned_reasoning:
+            self.warned_reasoning = True
+            import warnings
+
+            warnings.warn("chat template: it drops the <think> block of the last answer too (DeepSeek-R1's does), "
+                          "so no answer's reasoning is trained, only what follows </think>; to train the reasoning, "
+                          "pass a template that keeps the last answer's (--template)", ChatmaskWarning, stacklevel=4)
 
     # -- rendering
     def render(self, messages, add_generation_prompt=False, source="") -> str:
